@@ -1,0 +1,119 @@
+"""Objects that cross the server -> engine boundary and come back.
+
+The server builds an `EngineRequest` (already validated and tokenized) and reads back an
+async stream of `RequestOutput`. Nothing here imports mlx, fastapi or pydantic.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. Defaults follow the OpenAI API where it has one."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # 1.0 is off
+    top_k: int = 0  # 0 is off
+    min_p: float = 0.0  # 0.0 is off
+    repetition_penalty: float = 1.0  # 1.0 is off (multiplicative, as in vLLM/HF)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, bias) pairs
+    stop: tuple[str, ...] = ()  # stop strings; never emitted, even in part
+    stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the model's EOS ids
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0  # how many alternatives per position (needs logprobs)
+    n: int = 1  # choices that share the prompt's prefill
+    seed: Optional[int] = None  # a seeded choice gives the same tokens whatever the batch holds
+
+
+@dataclass
+class EngineRequest:
+    """A validated, tokenized request. `model` names a served base model; `adapter` a LoRA adapter."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    model: str = ""
+    adapter: Optional[str] = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and, when asked for, the top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class RequestTimes:
+    """Engine-side timestamps (time.monotonic()) so metrics see real queue and prefill time."""
+
+    arrival: float = 0.0
+    first_scheduled: Optional[float] = None
+    first_token: Optional[float] = None
+    finished: Optional[float] = None
+
+
+@dataclass
+class RequestOutput:
+    """One increment of one choice of a request.
+
+    `text` and `token_ids` are the new pieces since the last output of this choice (deltas).
+    `finish_reason` is set on the last output of a choice: "stop", "length" or "abort".
+    `finished` is True on the very last output of the whole request (all n choices done);
+    `usage` and `times` are filled on that one.
+    """
+
+    request_id: str
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[TokenLogprob]] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[object] = None  # the stop string or stop token id that ended the choice
+    finished: bool = False
+    usage: Optional[Usage] = None
+    times: Optional[RequestTimes] = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /health and /metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # 0..1 of the KV budget
+    kv_bytes_used: int = 0
+    kv_bytes_budget: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # prompt tokens found
+    num_preemptions: int = 0
+    steps: int = 0
