@@ -165,17 +165,9 @@ class BatchSampler:
     def sample(self, logits: mx.array, slots: Union[Sequence[int], np.ndarray, mx.array]) -> SampleOutput:
         """Next token for each row. `logits` [B, V] (any float dtype) in the order of `slots`.
         Advances the rows' step counters and penalty counts (lazily, no sync)."""
-        idx = np.asarray(slots, dtype=np.int64).reshape(-1)
-        if logits.ndim != 2 or logits.shape[0] != idx.size:
-            raise ValueError(f"logits must be [B, V] with B == len(slots) == {idx.size}, got {logits.shape}")
-        if logits.shape[1] != self.vocab_size:
-            raise ValueError(f"logits vocabulary {logits.shape[1]} != sampler's {self.vocab_size}")
-        if not self._active[idx].all():
-            raise ValueError(f"slots {idx[~self._active[idx]].tolist()} have no row (call add_row)")
-
+        idx = self._batch_index(logits, slots)
         raw = logits.astype(mx.float32)
-        processed = self._apply_bias(raw, idx)
-        processed = self._apply_penalties(processed, idx)
+        processed = self._apply_penalties(self._apply_bias(raw, idx), idx)
 
         greedy = self._greedy[idx]
         if greedy.all():
@@ -197,6 +189,26 @@ class BatchSampler:
             # Scatter-add the sampled tokens; rows without penalties get counts too (unused).
             self._generated_counts = self._generated_counts.at[mx.array(idx), token_ids].add(1.0)
         return out
+
+    def process_logits(self, logits: mx.array, slots: Union[Sequence[int], np.ndarray, mx.array]) -> mx.array:
+        """The logits after logit_bias and penalties (float32), as `sample` sees them before
+        temperature and truncation. Does not advance anything."""
+        idx = self._batch_index(logits, slots)
+        return self._apply_penalties(self._apply_bias(logits.astype(mx.float32), idx), idx)
+
+    def _batch_index(self, logits: mx.array, slots) -> np.ndarray:
+        idx = np.asarray(slots, dtype=np.int64).reshape(-1)
+        if logits.ndim != 2 or logits.shape[0] != idx.size:
+            raise ValueError(f"logits must be [B, V] with B == len(slots) == {idx.size}, got {logits.shape}")
+        if logits.shape[1] != self.vocab_size:
+            raise ValueError(f"logits vocabulary {logits.shape[1]} != sampler's {self.vocab_size}")
+        if idx.size and not (0 <= idx.min() and idx.max() < self.max_slots):
+            raise ValueError(f"slots must be in 0..{self.max_slots - 1}, got {idx.tolist()}")
+        if not self._active[idx].all():
+            raise ValueError(f"slots {idx[~self._active[idx]].tolist()} have no row (call add_row)")
+        if np.unique(idx).size != idx.size:
+            raise ValueError(f"slots repeat within one batch: {idx.tolist()}")
+        return idx
 
     def _apply_bias(self, logits: mx.array, idx: np.ndarray) -> mx.array:
         if not self._bias:
