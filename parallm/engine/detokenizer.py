@@ -64,11 +64,15 @@ def render_bytes(data: bytes) -> str:
 class TokenDecoder:
     """Per-tokenizer decoding data: the byte table when the tokenizer is byte-level BPE."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, strategy: str = "auto"):
+        """strategy: "auto" (byte table when the tokenizer is byte-level BPE, else window) or
+        "window" (always decode through the tokenizer)."""
+        if strategy not in ("auto", "window"):
+            raise ValueError(f"strategy must be 'auto' or 'window', got {strategy!r}")
         self.tokenizer = _unwrap(tokenizer)
         self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
         self.token_bytes: Optional[list[bytes]] = None
-        if _is_byte_level(self.tokenizer):
+        if strategy == "auto" and _is_byte_level(self.tokenizer):
             self.token_bytes = self._build_byte_table()
 
     @classmethod

@@ -88,6 +88,11 @@ class StopMatcher:
         return self._stopped is not None
 
     @property
+    def stop(self) -> Optional[str]:
+        """The stop string that ended the text, or None."""
+        return self._stopped
+
+    @property
     def held_text(self) -> str:
         return self._held
 
