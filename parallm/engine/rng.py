@@ -56,7 +56,7 @@ def _fmix32(h: mx.array) -> mx.array:
     return h ^ (h >> 16)
 
 
-def _uniform_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
+def uniform_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
     """u[b, v] in (0, 1), float32, from keys [B, 2] uint32 and vocab_ids [V] uint32."""
     k1 = keys[:, 0:1]
     k2 = keys[:, 1:2]
@@ -66,8 +66,8 @@ def _uniform_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
     return ((h >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def _gumbel_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
-    u = _uniform_from_keys(keys, vocab_ids)
+def gumbel_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
+    u = uniform_from_keys(keys, vocab_ids)
     return -mx.log(-mx.log(u))
 
 
@@ -79,14 +79,14 @@ class CounterNoise:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self._vocab_ids = mx.arange(vocab_size, dtype=mx.uint32)
-        self._uniform = mx.compile(_uniform_from_keys)
-        self._gumbel = mx.compile(_gumbel_from_keys)
+        self.vocab_ids = mx.arange(vocab_size, dtype=mx.uint32)
+        self._uniform = mx.compile(uniform_from_keys)
+        self._gumbel = mx.compile(gumbel_from_keys)
 
     def uniform(self, keys: np.ndarray) -> mx.array:
         """[B, V] float32 uniforms in (0, 1) for host keys [B, 2] uint32."""
-        return self._uniform(mx.array(keys, dtype=mx.uint32), self._vocab_ids)
+        return self._uniform(mx.array(keys, dtype=mx.uint32), self.vocab_ids)
 
     def gumbel(self, keys: np.ndarray) -> mx.array:
         """[B, V] float32 standard Gumbel noise for host keys [B, 2] uint32."""
-        return self._gumbel(mx.array(keys, dtype=mx.uint32), self._vocab_ids)
+        return self._gumbel(mx.array(keys, dtype=mx.uint32), self.vocab_ids)

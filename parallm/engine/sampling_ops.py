@@ -1,0 +1,77 @@
+"""The batched array functions behind BatchSampler, fused with mx.compile.
+
+All take per-row parameters as [B, 1] columns so that every row gets its own value in one op.
+Thresholds are in the space of the processed logits x (before temperature): scaling by a
+positive 1/T keeps order, so top_k and min_p thresholds need no scaled copy of x.
+
+`SamplingKernels` holds the compiled versions (one per sampler, no module-level state).
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+
+from parallm.engine.rng import gumbel_from_keys
+
+_SIGN = 0x80000000
+_ALL = 0xFFFFFFFF
+_NEG_INF = float("-inf")
+TOP_P_BISECTION_STEPS = 32  # one per bit of the float32 key: the threshold found is exact
+
+
+def apply_penalties(x, counts, seen_in_prompt, repetition, frequency, presence):
+    """HF/vLLM repetition penalty on tokens seen in prompt or output; OpenAI frequency and
+    presence penalties on tokens seen in the output. Neutral values (1, 0, 0) leave x as is."""
+    seen = mx.logical_or(seen_in_prompt, counts > 0)
+    x = mx.where(seen, mx.where(x > 0, x / repetition, x * repetition), x)
+    return x - frequency * counts - presence * (counts > 0).astype(x.dtype)
+
+
+def _ordered_key(f: mx.array) -> mx.array:
+    """float32 -> uint32 whose unsigned order is the float order (NaN aside)."""
+    b = f.view(mx.uint32)
+    return mx.where((b >> 31) == 1, b ^ _ALL, b | _SIGN)
+
+
+def _from_ordered_key(u: mx.array) -> mx.array:
+    b = mx.where((u >> 31) == 1, u ^ _SIGN, u ^ _ALL)
+    return b.view(mx.float32)
+
+
+def top_p_threshold(x, inv_temperature, floor, top_p):
+    """Per row, the largest t such that the tokens with x >= t (among those with x >= floor)
+    carry at least top_p of the temperature-scaled probability mass.
+
+    Keeping x >= t is the nucleus of vLLM/HF (the token that crosses top_p is kept; ties at
+    the threshold are all kept). Found by bisection on the float's ordered bit pattern, so no
+    sort: 32 masked sums over [B, V], each a cheap compare-and-add, instead of a [B, V] sort.
+    """
+    row_max = mx.max(x, axis=-1, keepdims=True)
+    probs = mx.where(x >= floor, mx.exp((x - row_max) * inv_temperature), 0.0)
+    target = top_p * mx.sum(probs, axis=-1, keepdims=True)
+    # Invariant: mass(x >= key lo) >= target and mass(x >= key hi) < target. Every key in
+    # [key(-inf), key(row_max)] is a real (non-NaN) float, so comparisons stay meaningful.
+    lo = mx.broadcast_to(_ordered_key(mx.array(_NEG_INF, mx.float32)), row_max.shape)
+    hi = _ordered_key(row_max) + 1
+    for _ in range(TOP_P_BISECTION_STEPS):
+        mid = lo + ((hi - lo) >> 1)
+        mass = mx.sum(mx.where(x >= _from_ordered_key(mid), probs, 0.0), axis=-1, keepdims=True)
+        ok = mass >= target
+        lo = mx.where(ok, mid, lo)
+        hi = mx.where(ok, hi, mid)
+    return _from_ordered_key(lo)
+
+
+def gumbel_argmax(x, inv_temperature, threshold, keys, vocab_ids):
+    """Gumbel-max draw from softmax(x / T) restricted to x >= threshold."""
+    noise = gumbel_from_keys(keys, vocab_ids)
+    score = mx.where(x >= threshold, x * inv_temperature + noise, _NEG_INF)
+    return mx.argmax(score, axis=-1)
+
+
+class SamplingKernels:
+    """Compiled forms of the functions above (compiled per instance; retraced per shape)."""
+
+    def __init__(self):
+        self.apply_penalties = mx.compile(apply_penalties)
+        self.top_p_threshold = mx.compile(top_p_threshold)
+        self.gumbel_argmax = mx.compile(gumbel_argmax)
