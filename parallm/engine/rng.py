@@ -80,6 +80,9 @@ class CounterNoise:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self.vocab_ids = mx.arange(vocab_size, dtype=mx.uint32)
+        # Materialise now: a lazy array made on the thread that builds the engine cannot be
+        # evaluated on the worker thread ("There is no Stream(cpu, 0) in current thread").
+        mx.eval(self.vocab_ids)
         self._uniform = mx.compile(uniform_from_keys)
         self._gumbel = mx.compile(gumbel_from_keys)
 

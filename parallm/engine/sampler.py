@@ -132,11 +132,19 @@ class BatchSampler:
         if self._generated_counts is None:
             self._generated_counts = mx.zeros((self.max_slots, self.vocab_size), mx.float32)
             self._prompt_seen = mx.zeros((self.max_slots, self.vocab_size), mx.bool_)
-        counts = np.bincount(np.asarray(generated, np.int64), minlength=self.vocab_size)
+        prompt_ids = np.asarray(prompt, np.int64)
+        generated_ids = np.asarray(generated, np.int64)
+        for name, ids in (("prompt", prompt_ids), ("generated", generated_ids)):
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise ValueError(f"{name} token ids must be in 0..{self.vocab_size - 1}")
+        counts = np.bincount(generated_ids, minlength=self.vocab_size)
         seen = np.zeros(self.vocab_size, bool)
-        seen[np.asarray(prompt, np.int64)] = True
-        self._generated_counts[slot] = mx.array(counts[: self.vocab_size].astype(np.float32))
+        seen[prompt_ids] = True
+        self._generated_counts[slot] = mx.array(counts.astype(np.float32))
         self._prompt_seen[slot] = mx.array(seen)
+        # Evaluate here so that no lazy graph made on this thread is left for the sampling
+        # thread (MLX streams are per thread); joins are rare next to steps.
+        mx.eval(self._generated_counts, self._prompt_seen)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_slots:

@@ -75,3 +75,14 @@ class SamplingKernels:
         self.apply_penalties = mx.compile(apply_penalties)
         self.top_p_threshold = mx.compile(top_p_threshold)
         self.gumbel_argmax = mx.compile(gumbel_argmax)
+
+
+def top_p_threshold_by_sort(x, inv_temperature, floor, top_p):
+    """Same result as top_p_threshold, through one [B, V] sort (faster where sort is fast)."""
+    desc = -mx.sort(-x, axis=-1)
+    row_max = desc[:, :1]
+    probs = mx.where(desc >= floor, mx.exp((desc - row_max) * inv_temperature), 0.0)
+    total = mx.sum(probs, axis=-1, keepdims=True)
+    mass_before = mx.cumsum(probs, axis=-1) - probs
+    count = mx.maximum(mx.sum(mass_before < top_p * total, axis=-1, keepdims=True), 1)
+    return mx.take_along_axis(desc, count - 1, axis=-1)

@@ -303,3 +303,24 @@ def test_bfloat16_logits_and_large_vocab_top_k():
     ranked = np.argsort(-np.array(logits.astype(mx.float32)), -1)
     assert ids[0] in ranked[0, :50] and ids[2] in ranked[2, :40]
     assert ids[1] == ranked[1, 0]
+
+
+def test_built_on_one_thread_sampled_on_another():
+    """The engine builds its sampler on the main thread and samples on its worker thread."""
+    import threading
+    s = BatchSampler(4, V)
+    s.add_row(0, SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.2, logprobs=True), [1, 2], seed=1)
+    s.add_row(1, SamplingParams(temperature=0.0), [3], seed=None)
+    result = {}
+
+    def worker():
+        try:
+            result["tokens"] = [tokens(s, random_logits(2, seed=i), [0, 1]) for i in range(3)]
+        except Exception as exc:  # surfaced below with its message
+            result["error"] = exc
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert "error" not in result, result.get("error")
+    assert len(result["tokens"]) == 3
