@@ -54,7 +54,9 @@ def top_p_threshold(x, inv_temperature, floor, top_p):
     hi = _ordered_key(row_max) + 1
     for _ in range(TOP_P_BISECTION_STEPS):
         mid = lo + ((hi - lo) >> 1)
-        mass = mx.sum(mx.where(x >= _from_ordered_key(mid), probs, 0.0), axis=-1, keepdims=True)
+        # multiply by the mask rather than mx.where: the same sum, 2-3x faster on the CPU backend
+        above = (x >= _from_ordered_key(mid)).astype(probs.dtype)
+        mass = mx.sum(probs * above, axis=-1, keepdims=True)
         ok = mass >= target
         lo = mx.where(ok, mid, lo)
         hi = mx.where(ok, hi, mid)
