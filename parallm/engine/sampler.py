@@ -32,6 +32,9 @@ from parallm.engine.sampling_ops import SamplingKernels
 from parallm.engine.types import SamplingParams
 
 _NEG_INF = float("-inf")
+# As vLLM: below this a temperature is greedy (1/T would overflow float32 and sampling at it is
+# argmax up to rounding anyway).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -96,8 +99,9 @@ class BatchSampler:
         self._check_slot(slot)
         self._validate(params)
         self._active[slot] = True
-        self._greedy[slot] = params.temperature == 0.0
-        self._temperature[slot] = 1.0 if params.temperature == 0.0 else params.temperature
+        greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
+        self._greedy[slot] = greedy
+        self._temperature[slot] = 1.0 if greedy else params.temperature
         self._top_p[slot] = params.top_p
         self._top_k[slot] = params.top_k if 0 < params.top_k < self.vocab_size else 0
         self._min_p[slot] = params.min_p

@@ -52,6 +52,7 @@ def test_greedy_is_argmax():
     SamplingParams(temperature=1.5, top_p=1e-6),
     SamplingParams(temperature=1.0, min_p=1.0),
     SamplingParams(temperature=1e-4),
+    SamplingParams(temperature=1e-40),  # treated as greedy: 1/T would overflow
 ])
 def test_degenerate_truncation_equals_greedy(params):
     s = BatchSampler(16, V)
