@@ -359,3 +359,31 @@ def test_min_p_applies_after_temperature():
     target = tempered * np.array([1, 1, 1, 0, 0])
     counts = draw_many(SamplingParams(temperature=2.0, min_p=0.55), logits, n_rows=400, steps=6)
     assert chi_square(counts, target / target.sum()) < chi_square_bound(2)
+
+
+def test_fused_and_unfused_gumbel_kernels_agree():
+    """GPUs run the fused draw, the CPU the unfused one: the same tokens either way."""
+    from parallm.engine.rng import row_keys
+    from parallm.engine.sampling_ops import SamplingKernels
+    b, v = 64, 1000
+    x = mx.array(random_logits(b, v, seed=8))
+    inv_t = mx.array(np.linspace(0.5, 2.0, b, dtype=np.float32))[:, None]
+    thr = mx.array(np.where(np.arange(b) % 2 == 0, -np.inf, 0.0).astype(np.float32))[:, None]
+    keys = mx.array(row_keys(np.arange(b, dtype=np.uint32), np.ones(b, np.uint32), np.arange(b)))
+    vocab_ids = mx.arange(v, dtype=mx.uint32)
+    fused = SamplingKernels(fuse_gumbel=True).gumbel_argmax(x, inv_t, thr, keys, vocab_ids)
+    plain = SamplingKernels(fuse_gumbel=False).gumbel_argmax(x, inv_t, thr, keys, vocab_ids)
+    np.testing.assert_array_equal(np.array(fused), np.array(plain))
+
+
+def test_counter_uniforms_look_uniform_and_independent_across_rows():
+    from parallm.engine.rng import CounterNoise, row_keys
+    noise = CounterNoise(4096)
+    keys = row_keys(np.array([1, 1, 2], np.uint32), np.zeros(3, np.uint32), np.array([0, 1, 0]))
+    u = np.array(noise.uniform(keys))
+    assert u.min() > 0 and u.max() < 1
+    for row in u:
+        counts = np.histogram(row, bins=16, range=(0, 1))[0]
+        assert chi_square(counts, np.full(16, 1 / 16)) < chi_square_bound(15)
+    # consecutive steps of one seed, and neighbouring seeds, are uncorrelated
+    assert abs(np.corrcoef(u[0], u[1])[0, 1]) < 0.1 and abs(np.corrcoef(u[0], u[2])[0, 1]) < 0.1
