@@ -6,7 +6,8 @@ work for the whole batch in one graph. Both run in this process, interleaved, on
 
     python loadtests/bench_sampler.py [--vocab 49152] [--batches 1,32,128] [--repeats 20]
 
-Prints the median milliseconds per step for each and the ratio (mlx-lm / parallm, >1 = faster).
+Prints the median milliseconds per step for each and the ratio (mlx-lm / parallm, >1 = faster),
+for the default exact top_p and for the opt-in top_p_candidates=1024 lookup.
 Also prints mlx-lm's sampler on the whole batch with ONE parameter set (what batching costs when
 every row must share its parameters) as a second reference.
 """
@@ -24,10 +25,12 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from parallm.engine.sampler import BatchSampler
 from parallm.engine.types import SamplingParams
 
+TOP_P_CANDIDATES = 1024  # the opt-in nucleus lookup (BatchSampler(top_p_candidates=...))
+
 # A realistic mix of what clients send; rows cycle through it.
 PARAM_MIX = [
-    SamplingParams(temperature=0.0),
     SamplingParams(temperature=0.7, top_p=0.9),
+    SamplingParams(temperature=0.0),
     SamplingParams(temperature=1.0, top_k=40),
     SamplingParams(temperature=0.8, min_p=0.05),
     SamplingParams(temperature=0.7, top_p=0.95, repetition_penalty=1.1),
@@ -85,17 +88,22 @@ def bench(batch: int, vocab: int, repeats: int) -> dict:
     prompts = [rng.integers(0, vocab, 64).tolist() for _ in range(batch)]
     params = [PARAM_MIX[i % len(PARAM_MIX)] for i in range(batch)]
     ours = BatchSampler(max_slots=max(batch, 8), vocab_size=vocab)
+    ours_cand = BatchSampler(max_slots=max(batch, 8), vocab_size=vocab, top_p_candidates=TOP_P_CANDIDATES)
     for slot, (p, prompt) in enumerate(zip(params, prompts)):
         ours.add_row(slot, p, prompt, seed=slot)
+        ours_cand.add_row(slot, p, prompt, seed=slot)
     slots = list(range(batch))
     theirs = [mlx_lm_row(p, prompt) for p, prompt in zip(params, prompts)]
     uniform = make_sampler(temp=0.7, top_p=0.9)
     logit_sets = [mx.array(rng.standard_normal((batch, vocab)).astype(np.float32) * 3) for _ in range(4)]
     mx.eval(*logit_sets)
 
-    def run_ours(logits):
-        out = ours.sample(logits, slots)
+    def run_ours(logits, sampler=ours):
+        out = sampler.sample(logits, slots)
         mx.eval([a for a in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs) if a is not None])
+
+    def run_ours_cand(logits):
+        run_ours(logits, ours_cand)
 
     def run_theirs(logits):
         mx.eval(mlx_lm_step(theirs, logits))
@@ -104,11 +112,13 @@ def bench(batch: int, vocab: int, repeats: int) -> dict:
         mx.eval(uniform(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
 
     for i in range(3):  # warm up: compile and allocate
-        run_ours(logit_sets[i % 4]); run_theirs(logit_sets[i % 4]); run_uniform(logit_sets[i % 4])
-    times = {"parallm": [], "mlx_lm_per_row": [], "mlx_lm_uniform": []}
+        for fn in (run_ours, run_ours_cand, run_theirs, run_uniform):
+            fn(logit_sets[i % 4])
+    times = {"parallm": [], "parallm_cand": [], "mlx_lm_per_row": [], "mlx_lm_uniform": []}
     for i in range(repeats):  # interleaved so that machine noise hits all alike
         logits = logit_sets[i % 4]
         times["parallm"].append(timed(lambda: run_ours(logits)))
+        times["parallm_cand"].append(timed(lambda: run_ours_cand(logits)))
         times["mlx_lm_per_row"].append(timed(lambda: run_theirs(logits)))
         times["mlx_lm_uniform"].append(timed(lambda: run_uniform(logits)))
     return {k: statistics.median(v) for k, v in times.items()}
@@ -122,11 +132,14 @@ def main() -> None:
     args = ap.parse_args()
     print(f"device={mx.default_device()} mlx={mx.__version__} vocab={args.vocab} "
           f"param mix={len(PARAM_MIX)} kinds, median of {args.repeats} interleaved steps")
-    print(f"{'B':>5} {'parallm ms':>11} {'mlx-lm per-row ms':>18} {'ratio':>7} {'mlx-lm 1-param batch ms':>24}")
+    print(f"{'B':>5} {'parallm ms':>11} {'mlx-lm per-row ms':>18} {'ratio':>7} "
+          f"{'parallm top_p_cand ms':>22} {'ratio':>7} {'mlx-lm 1-param batch ms':>24}")
     for batch in [int(b) for b in args.batches.split(",")]:
         r = bench(batch, args.vocab, args.repeats)
-        print(f"{batch:>5} {r['parallm']:>11.2f} {r['mlx_lm_per_row']:>18.2f} "
-              f"{r['mlx_lm_per_row'] / r['parallm']:>6.2f}x {r['mlx_lm_uniform']:>24.2f}", flush=True)
+        base = r["mlx_lm_per_row"]
+        print(f"{batch:>5} {r['parallm']:>11.2f} {base:>18.2f} {base / r['parallm']:>6.2f}x "
+              f"{r['parallm_cand']:>22.2f} {base / r['parallm_cand']:>6.2f}x {r['mlx_lm_uniform']:>24.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -60,11 +60,19 @@ def choice_seed(seed: int, index: int) -> int:
 class BatchSampler:
     """Per-row sampling for up to `max_slots` rows over a vocabulary of `vocab_size` tokens."""
 
-    def __init__(self, max_slots: int, vocab_size: int):
+    def __init__(self, max_slots: int, vocab_size: int, *, top_p_candidates: Optional[int] = None):
+        """top_p_candidates: None (default) computes every nucleus exactly. An int K looks the
+        nucleus up among the K most likely tokens only: several times cheaper on the CPU backend,
+        exact whenever those K tokens hold top_p of the mass, and otherwise a nucleus capped at
+        K tokens (nearly flat distributions only). docs/sampling.md has the figures."""
         if max_slots < 1 or vocab_size < 1:
             raise ValueError(f"max_slots and vocab_size must be >= 1, got {max_slots}, {vocab_size}")
+        if top_p_candidates is not None and top_p_candidates < 1:
+            raise ValueError(f"top_p_candidates must be None or >= 1, got {top_p_candidates}")
         self.max_slots = max_slots
         self.vocab_size = vocab_size
+        self.top_p_candidates = (None if top_p_candidates is None or top_p_candidates >= vocab_size
+                                 else top_p_candidates)
         self._noise = CounterNoise(vocab_size)
         self._kernels = SamplingKernels()
         s = max_slots
@@ -273,9 +281,12 @@ class BatchSampler:
         nucleus = _Rows(top_p < 1.0)
         if nucleus.count:
             floor = mx.full((nucleus.count, 1), _NEG_INF) if thr is None else nucleus.take(thr)
-            thr_p = self._kernels.top_p_threshold(
-                nucleus.take(x), _column(1.0 / temperature[nucleus.rows]), floor,
-                _column(top_p[nucleus.rows]))
+            args = (nucleus.take(x), _column(1.0 / temperature[nucleus.rows]), floor,
+                    _column(top_p[nucleus.rows]))
+            if self.top_p_candidates is None:
+                thr_p = self._kernels.top_p_threshold(*args)
+            else:
+                thr_p = self._kernels.top_p_threshold_in_candidates(*args, self.top_p_candidates)
             thr = _maximum(thr, nucleus.expand(thr_p, _NEG_INF))
         if thr is None:
             thr = mx.full((slots.size, 1), _NEG_INF)

@@ -387,3 +387,33 @@ def test_counter_uniforms_look_uniform_and_independent_across_rows():
         assert chi_square(counts, np.full(16, 1 / 16)) < chi_square_bound(15)
     # consecutive steps of one seed, and neighbouring seeds, are uncorrelated
     assert abs(np.corrcoef(u[0], u[1])[0, 1]) < 0.1 and abs(np.corrcoef(u[0], u[2])[0, 1]) < 0.1
+
+
+def test_top_p_candidates_exact_when_covered_and_capped_when_flat():
+    from parallm.engine.sampling_ops import top_p_threshold, top_p_threshold_in_candidates
+    rng = np.random.default_rng(5)
+    peaked = rng.standard_normal((4, 2000)).astype(np.float32) * 4
+    inv_t = mx.array(np.array([[1.0], [1.5], [0.8], [1.0]], np.float32))
+    floor = mx.full((4, 1), -np.inf)
+    top_p = mx.array(np.array([[0.9], [0.5], [0.95], [0.7]], np.float32))
+    exact = np.array(top_p_threshold(mx.array(peaked), inv_t, floor, top_p))
+    cands = np.array(top_p_threshold_in_candidates(mx.array(peaked), inv_t, floor, top_p, 256))
+    np.testing.assert_array_equal(exact, cands)
+
+    flat = rng.standard_normal((1, 2000)).astype(np.float32) * 1e-3
+    one = mx.ones((1, 1))
+    args = (mx.array(flat), one, mx.full((1, 1), -np.inf), mx.full((1, 1), 0.9))
+    capped = np.array(top_p_threshold_in_candidates(*args, 16))
+    assert (flat >= capped).sum() == 16  # the nucleus (~1800 tokens) is capped at 16
+    assert (flat >= np.array(top_p_threshold(*args))).sum() > 1500
+
+
+def test_sampler_with_top_p_candidates_matches_exact_on_peaked_rows():
+    logits = random_logits(6, seed=21, scale=4.0)
+    draws = []
+    for candidates in (None, 32):
+        s = BatchSampler(6, V, top_p_candidates=candidates)
+        for slot in range(6):
+            s.add_row(slot, SamplingParams(temperature=0.8, top_p=0.8), [], seed=slot)
+        draws.append([tokens(s, logits, list(range(6))) for _ in range(5)])
+    assert draws[0] == draws[1]
