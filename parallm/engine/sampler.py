@@ -106,6 +106,10 @@ class BatchSampler:
         from there, so a seeded row gives the same tokens as if it had never been preempted."""
         self._check_slot(slot)
         self._validate(params)
+        for name, ids in (("prompt_token_ids", prompt_token_ids), ("generated_token_ids", generated_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} has ids {bad[:5]} outside 0..{self.vocab_size - 1}")
         self._active[slot] = True
         greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
         self._greedy[slot] = greedy
@@ -144,11 +148,8 @@ class BatchSampler:
         if self._generated_counts is None:
             self._generated_counts = mx.zeros((self.max_slots, self.vocab_size), mx.float32)
             self._prompt_seen = mx.zeros((self.max_slots, self.vocab_size), mx.bool_)
-        prompt_ids = np.asarray(prompt, np.int64)
+        prompt_ids = np.asarray(prompt, np.int64)  # ids checked by add_row
         generated_ids = np.asarray(generated, np.int64)
-        for name, ids in (("prompt", prompt_ids), ("generated", generated_ids)):
-            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-                raise ValueError(f"{name} token ids must be in 0..{self.vocab_size - 1}")
         counts = np.bincount(generated_ids, minlength=self.vocab_size)
         seen = np.zeros(self.vocab_size, bool)
         seen[prompt_ids] = True
@@ -191,6 +192,8 @@ class BatchSampler:
         Advances the rows' step counters and penalty counts (lazily, no sync).
         `logprobs`/`top_*` entries of rows that did not ask for logprobs are unspecified."""
         idx = self._batch_index(logits, slots)
+        if idx.size == 0:
+            return SampleOutput(token_ids=mx.zeros((0,), mx.int32), logprobs=None)
         raw = logits.astype(mx.float32)
         processed = self._apply_penalties(self._apply_bias(raw, idx), idx)
 

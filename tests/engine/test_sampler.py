@@ -285,7 +285,12 @@ def test_bad_parameters_and_slots_are_rejected_with_clear_errors():
         s.add_row(0, SamplingParams(logit_bias=((V, 1.0),)), [], seed=None)
     with pytest.raises(ValueError, match="slot 5"):
         s.add_row(5, SamplingParams(), [], seed=None)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        s.add_row(0, SamplingParams(repetition_penalty=1.2), [1, V + 3], seed=None)
+    with pytest.raises(ValueError, match="no row"):  # a rejected row leaves nothing behind
+        s.sample(mx.array(random_logits(1)), [0])
     s.add_row(0, SamplingParams(), [], seed=None)
+    assert s.sample(mx.zeros((0, V)), []).token_ids.shape == (0,)
     with pytest.raises(ValueError, match="no row"):
         s.sample(mx.array(random_logits(2)), [0, 1])
     with pytest.raises(ValueError, match=r"\[B, V\]"):
