@@ -96,6 +96,7 @@ class BatchSampler:
         # penalties keep stale history: harmless because their penalty parameters are neutral.
         self._generated_counts: Optional[mx.array] = None  # [S, V] float32
         self._prompt_seen: Optional[mx.array] = None  # [S, V] bool
+        self._pending_history: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot -> (counts, seen)
 
     # ---- rows joining and leaving (Python per row is fine here) ---------------------------
 
@@ -139,25 +140,34 @@ class BatchSampler:
 
     def remove_row(self, slot: int) -> None:
         self._check_slot(slot)
+        self._pending_history.pop(slot, None)
         self._active[slot] = False
         self._uses_penalty[slot] = False
         self._wants_logprobs[slot] = False
         self._bias.pop(slot, None)
 
     def _set_history(self, slot: int, prompt: Sequence[int], generated: Sequence[int]) -> None:
+        """Queue the row's penalty history on the host; `_apply_pending_history` writes it into
+        the device tables on the sampling thread. So add_row never waits for a step in flight
+        and never leaves a lazy graph for another thread (MLX streams are per thread)."""
+        counts = np.bincount(np.asarray(generated, np.int64), minlength=self.vocab_size)  # ids checked
+        seen = np.zeros(self.vocab_size, bool)
+        seen[np.asarray(prompt, np.int64)] = True
+        self._pending_history[slot] = (counts.astype(np.float32), seen)
+
+    def _apply_pending_history(self) -> None:
+        if not self._pending_history:
+            return
         if self._generated_counts is None:
             self._generated_counts = mx.zeros((self.max_slots, self.vocab_size), mx.float32)
             self._prompt_seen = mx.zeros((self.max_slots, self.vocab_size), mx.bool_)
-        prompt_ids = np.asarray(prompt, np.int64)  # ids checked by add_row
-        generated_ids = np.asarray(generated, np.int64)
-        counts = np.bincount(generated_ids, minlength=self.vocab_size)
-        seen = np.zeros(self.vocab_size, bool)
-        seen[prompt_ids] = True
-        self._generated_counts[slot] = mx.array(counts.astype(np.float32))
-        self._prompt_seen[slot] = mx.array(seen)
-        # Evaluate here so that no lazy graph made on this thread is left for the sampling
-        # thread (MLX streams are per thread); joins are rare next to steps.
-        mx.eval(self._generated_counts, self._prompt_seen)
+        slots = list(self._pending_history)
+        rows = mx.array(np.array(slots, np.int32))
+        counts = mx.array(np.stack([self._pending_history[s][0] for s in slots]))
+        seen = mx.array(np.stack([self._pending_history[s][1] for s in slots]))
+        self._generated_counts[rows] = counts
+        self._prompt_seen[rows] = seen
+        self._pending_history.clear()
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_slots:
@@ -256,6 +266,7 @@ class BatchSampler:
         users = _Rows(self._uses_penalty[idx])
         if not users.count:
             return logits
+        self._apply_pending_history()
         slots = idx[users.rows]
         history = mx.array(slots)
         before = users.take(logits)
