@@ -17,6 +17,8 @@ SAMPLES = [
     "  leading spaces,\ttabs\nnew lines\n\n  and   runs   of spaces  ",
     "Mixed: Ελληνικά, русский, עברית, العربية, हिन्दी 123 4567.",
     "<|im_start|>assistant\nSpecial tokens inside text<|im_end|>",
+    " a leading space is kept, as decode keeps it",
+    "control bytes \x00 \x01 \x7f survive",
 ]
 
 
