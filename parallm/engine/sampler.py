@@ -223,7 +223,7 @@ class BatchSampler:
         self._step[idx] += 1
         penalised = _Rows(self._uses_penalty[idx])
         if penalised.count:
-            rows = mx.array(idx[penalised.rows])
+            rows = mx.array(idx[penalised.rows].astype(np.int32))
             self._generated_counts = self._generated_counts.at[rows, penalised.take(token_ids)].add(1.0)
         return out
 
@@ -268,7 +268,7 @@ class BatchSampler:
             return logits
         self._apply_pending_history()
         slots = idx[users.rows]
-        history = mx.array(slots)
+        history = mx.array(slots.astype(np.int32))
         before = users.take(logits)
         after = self._kernels.apply_penalties(
             before, self._generated_counts[history], self._prompt_seen[history],
