@@ -124,12 +124,38 @@ def bench(batch: int, vocab: int, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def bench_top_p_kernels(vocab: int, repeats: int) -> None:
+    """The three nucleus-threshold kernels alone, for 1..32 top_p rows."""
+    from parallm.engine import sampling_ops as ops
+    bisect = mx.compile(ops.top_p_threshold)
+    by_sort = mx.compile(ops.top_p_threshold_by_sort)
+    print(f"top-p kernels, ms per call: {'rows':>5} {'bisection':>10} {'sort':>8} {'candidates 1024':>16}")
+    for rows in (1, 4, 12, 32):
+        rng = np.random.default_rng(rows)
+        x = mx.array(rng.standard_normal((rows, vocab)).astype(np.float32) * 3)
+        args = (x, mx.full((rows, 1), 1.0 / 0.7), mx.full((rows, 1), float("-inf")), mx.full((rows, 1), 0.9))
+        kernels = {"bisection": lambda: bisect(*args), "sort": lambda: by_sort(*args),
+                   "candidates": lambda: ops.top_p_threshold_in_candidates(*args, TOP_P_CANDIDATES)}
+        times = {name: [] for name in kernels}
+        for fn in kernels.values():
+            mx.eval(fn())
+        for _ in range(repeats):
+            for name, fn in kernels.items():
+                times[name].append(timed(lambda: mx.eval(fn())))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{'':28s}{rows:>5} {med['bisection']:>10.1f} {med['sort']:>8.1f} {med['candidates']:>16.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--batches", default="1,32,128")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--top-p-kernels", action="store_true", help="time the nucleus kernels alone instead")
     args = ap.parse_args()
+    if args.top_p_kernels:
+        bench_top_p_kernels(args.vocab, args.repeats)
+        return
     print(f"device={mx.default_device()} mlx={mx.__version__} vocab={args.vocab} "
           f"param mix={len(PARAM_MIX)} kinds, median of {args.repeats} interleaved steps")
     print(f"{'B':>5} {'parallm ms':>11} {'mlx-lm per-row ms':>18} {'ratio':>7} "
