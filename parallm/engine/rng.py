@@ -7,7 +7,7 @@ holds, whatever slot it sits in, and on every backend (only integer and elementw
 
 The hash is two rounds of murmur3's 32-bit finalizer (xor-shift-multiply), keyed per row. The
 per-row keys are mixed on the host with numpy (B values, cheap); the per-element work is one
-fused elementwise kernel (`mx.compile`).
+fused elementwise kernel (`mx.compile`). sampling_ops.gumbel_argmax turns it into a draw.
 """
 from __future__ import annotations
 
@@ -66,13 +66,8 @@ def uniform_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
     return ((h >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def gumbel_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
-    u = uniform_from_keys(keys, vocab_ids)
-    return -mx.log(-mx.log(u))
-
-
 class CounterNoise:
-    """Holds the compiled noise kernels and the [V] index vector for one vocabulary size.
+    """Holds the [V] index vector for one vocabulary size and a compiled uniform kernel.
 
     Owned by one BatchSampler (no module-level state); compiled functions retrace per batch shape.
     """
@@ -84,12 +79,7 @@ class CounterNoise:
         # evaluated on the worker thread ("There is no Stream(cpu, 0) in current thread").
         mx.eval(self.vocab_ids)
         self._uniform = mx.compile(uniform_from_keys)
-        self._gumbel = mx.compile(gumbel_from_keys)
 
     def uniform(self, keys: np.ndarray) -> mx.array:
         """[B, V] float32 uniforms in (0, 1) for host keys [B, 2] uint32."""
         return self._uniform(mx.array(keys, dtype=mx.uint32), self.vocab_ids)
-
-    def gumbel(self, keys: np.ndarray) -> mx.array:
-        """[B, V] float32 standard Gumbel noise for host keys [B, 2] uint32."""
-        return self._gumbel(mx.array(keys, dtype=mx.uint32), self.vocab_ids)
