@@ -28,9 +28,17 @@ class Row:
     generated_tokens: int
 
 
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "tiny": (64, 2, 4, 2, 128, 32000),  # for measuring per-step overhead, not model speed
+    "135m": (576, 30, 9, 3, 1536, 49152),
+    "1b": (2048, 16, 32, 8, 8192, 128256),
+    "8b": (4096, 32, 32, 8, 14336, 128256),
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model spec for parallm.models.load (default model if unset)")
-    p.add_argument("--random-llama", choices=["135m", "1b", "8b"], default=None,
+    p.add_argument("--random-llama", choices=sorted(SHAPES), default=None,
                    help="instead of --model: a random-weight Llama of this shape (no download)")
     p.add_argument("--dtype", default="float32", help="dtype for --random-llama")
     p.add_argument("--device", default="auto")
@@ -45,11 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results here as JSON")
 
 
-SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
-    "135m": (576, 30, 9, 3, 1536, 49152),
-    "1b": (2048, 16, 32, 8, 8192, 128256),
-    "8b": (4096, 32, 32, 8, 14336, 128256),
-}
 
 
 @dataclass

@@ -35,7 +35,7 @@ class SchedulerConfig:
     kv_budget_tokens: int = 1 << 20  # KV positions all running sequences may hold together
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: membership tests must not compare token lists
 class Sequence:
     """One choice of one request. `seq_id` is "<request_id>/<index>"."""
 
@@ -51,6 +51,7 @@ class Sequence:
     slot: Optional[int] = None
     leader: Optional["Sequence"] = None  # n > 1: the choice whose prompt K/V this one copies
     finished: bool = False
+    is_running: bool = False  # in Scheduler.running (holds a slot)
 
     @property
     def num_tokens(self) -> int:
@@ -145,8 +146,9 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """A sequence is done (stop, length or abort): free its slot, forget it."""
         seq.finished = True
-        if seq in self.running:
+        if seq.is_running:
             self.running.remove(seq)
+            seq.is_running = False
             self._release_slot(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
@@ -191,14 +193,14 @@ class Scheduler:
 
         # 1. decode rows of running sequences (oldest first)
         for seq in list(self.running):
-            if seq.finished or seq not in self.running or token_budget <= 0:
+            if not seq.is_running or token_budget <= 0:
                 continue
             if seq.num_tokens - seq.num_computed == 1 and reserve(seq, 1):
                 decode[seq.seq_id] = self._decode_row(seq)
                 token_budget -= 1
         # 2. prefill chunks of running sequences
         for seq in list(self.running):
-            if seq not in self.running or token_budget <= 0:
+            if not seq.is_running or token_budget <= 0:
                 continue
             remaining = seq.num_tokens - seq.num_computed
             if remaining > 1:
@@ -224,6 +226,7 @@ class Scheduler:
             if copy_from is None and reused:
                 seq.num_cached = reused
             self.running.append(seq)
+            seq.is_running = True
             kv_used += cost
             new_rows.append(NewRow(seq.seq_id, slot, seq.prompt_ids, list(seq.output_ids),
                                    seq.params, seq.index, seq.adapter, copy_from, reused))
@@ -292,7 +295,7 @@ class Scheduler:
     def _leader_pending(self, seq: Sequence) -> bool:
         """True while the leader is running but has not computed its prompt's K/V yet."""
         lead = seq.leader
-        return (not lead.finished and lead in self.running
+        return (lead.is_running
                 and lead.num_computed < len(lead.prompt_ids) - 1)
 
     def _reusable_prefix(self, seq: Sequence) -> tuple[int, Optional[int]]:
@@ -300,7 +303,7 @@ class Scheduler:
         cache). At least the last token is always left to compute: it yields the logits."""
         limit = seq.num_tokens - 1
         lead = seq.leader
-        if (lead is not None and lead in self.running and not seq.output_ids
+        if (lead is not None and lead.is_running and not seq.output_ids
                 and lead.num_computed >= len(seq.prompt_ids) - 1):
             return len(seq.prompt_ids) - 1, lead.slot
         if self.prefix_index is None or limit <= 0:
@@ -313,6 +316,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.is_running = False
         self._release_slot(seq)
         seq.num_computed = 0
         self.waiting.appendleft(seq)
