@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-max", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--build-ahead-max-kv-mb", type=float, default=None,
+                   help="EngineConfig.build_ahead_max_kv_bytes in MiB (default: the engine's default)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
 
 
@@ -120,14 +122,16 @@ def run_mlx_lm(model, prompts: list[list[int]], gen: list[int]) -> tuple[float, 
     return elapsed, generated
 
 
-def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_tokens: int) -> tuple[float, int]:
+def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_tokens: int,
+                build_ahead_mb=None) -> tuple[float, int]:
     import mlx.core as mx
 
     from parallm.engine.engine import Engine, EngineConfig
     from parallm.engine.types import EngineRequest, SamplingParams
 
+    extra = {} if build_ahead_mb is None else {"build_ahead_max_kv_bytes": int(build_ahead_mb * 2**20)}
     engine = Engine(loaded, EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=max_batched_tokens,
-                                         prefix_cache_bytes=0))
+                                         prefix_cache_bytes=0, **extra))
     t0 = time.perf_counter()
     for i, (p, g) in enumerate(zip(prompts, gen)):
         engine.add_request(EngineRequest(f"b{i}", p, SamplingParams(max_tokens=g, temperature=0.0, ignore_eos=True)))
@@ -159,7 +163,7 @@ def measure(args) -> list[Row]:
             t, n_base = run_mlx_lm(loaded.model, prompts, gens)
             best_base = min(best_base, t)
             mx.clear_cache()
-            t, n_ours = run_parallm(loaded, prompts, gens, args.max_batched_tokens)
+            t, n_ours = run_parallm(loaded, prompts, gens, args.max_batched_tokens, args.build_ahead_max_kv_mb)
             best_ours = min(best_ours, t)
             mx.clear_cache()
             if n_base != n_ours:
