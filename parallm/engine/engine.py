@@ -32,8 +32,9 @@ class EngineConfig:
     overlap: bool = True  # process step t's outputs while step t+1 runs on the device
     # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
     # step t+1 writes (the pending step still references it, so it cannot be updated in place).
-    # Below this many KV bytes that copy is cheaper than the idle gap of building after t ends.
-    build_ahead_max_kv_bytes: int = 32 << 20
+    # Above this many KV bytes the engine waits for step t first. None = by device: on a GPU the
+    # copy is cheaper than the idle gap (measured, BENCHMARKS.md), on the CPU it is not (32 MiB).
+    build_ahead_max_kv_bytes: Optional[int] = None
 
 
 @dataclass
@@ -75,6 +76,11 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._steps = 0
         self._in_flight: Optional[tuple[SchedulerOutput, LaunchedStep]] = None
+        self._build_ahead_limit = config.build_ahead_max_kv_bytes
+        if self._build_ahead_limit is None:
+            import mlx.core as mx
+
+            self._build_ahead_limit = (1 << 62) if mx.default_device() == mx.gpu else 32 << 20
 
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:
@@ -138,7 +144,7 @@ class Engine:
         "update" processes the previous step's results while this one computes."""
         previous, self._in_flight = self._in_flight, None
         previous_result = None
-        if previous is not None and self.runner.cache.nbytes > self.config.build_ahead_max_kv_bytes:
+        if previous is not None and self.runner.cache.nbytes > self._build_ahead_limit:
             previous_result = self.runner.complete(previous[1])  # wait, so K/V update in place
         sched = self.scheduler.schedule()
         launched = self.runner.launch(sched)
