@@ -105,6 +105,7 @@ def bench_decode(batches: list[int], steps: int, rounds: int) -> dict:
         for b in batches:
             for name, lm in variants.items():
                 rates[(name, b)].append(decode_rate(lm, b, steps))
+                print(f"  ... {name}, batch {b}: {rates[(name, b)][-1]:.1f} tok/s", flush=True)
     print(f"\n(b) decode, default model, {steps} steps per run, {rounds} alternating runs (median tok/s)")
     print(f"  {'batch':>5}  " + "  ".join(f"{name:>22}" for name in variants) + "   ratio")
     out = {}
