@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 import httpx
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # `python -m parallm` runs this checkout's code
 MAX_REQUESTS_PER_LEVEL = 2000
 WORDS = ("time year people way day man thing woman life child world school state family student group "
          "country problem hand part place case week company system program question work government number "
@@ -282,14 +283,14 @@ def running_server(name: str, cmd: list[str], url: str, startup_timeout: float):
     log_path = OUT_DIR / f"{name}.log"
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         try:
             deadline = time.monotonic() + startup_timeout
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start within {startup_timeout}s; see {log_path}")
@@ -336,6 +337,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model", help="model dir for --compare (an mlx-lm dir both servers can load)")
     p.add_argument("--parallm-args", default="", help="extra arguments for `parallm serve` in --compare mode")
     p.add_argument("--mlx-args", default="", help="extra arguments for mlx_lm.server in --compare mode")
+    p.add_argument("--mlx-blas", choices=("parallm", "wheel"), default="parallm",
+                   help="BLAS for mlx_lm.server on Linux CPU: parallm's preloaded OpenBLAS (fair) or the wheel's")
     p.add_argument("--concurrency", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--requests-per-client", type=int, default=2, help="requests per level = this x concurrency")
     p.add_argument("--num-requests", type=int, default=0, help="fixed requests per level (overrides the above)")
@@ -361,7 +364,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         pcmd = [sys.executable, "-m", "parallm", "serve", "--model", args.model, "--served-model-name", "bench",
                 "--port", str(pport), "--max-num-seqs", str(max(max_conc, 1)), "--max-queue", str(4 * max_conc),
                 *args.parallm_args.split()]
-        mcmd = [sys.executable, "-m", "mlx_lm.server", "--model", args.model, "--port", str(mport),
+        # By default mlx_lm.server gets the same optimized BLAS that parallm preloads on Linux (importing
+        # parallm loads it before mlx), so the comparison is of the servers, not of the BLAS.
+        launcher = (["-c", "import parallm, runpy; runpy.run_module('mlx_lm.server', run_name='__main__')"]
+                    if args.mlx_blas == "parallm" else ["-m", "mlx_lm.server"])
+        mcmd = [sys.executable, *launcher, "--model", args.model, "--port", str(mport),
                 "--host", "127.0.0.1", *args.mlx_args.split()]
         targets = [("parallm", purl, "bench"), ("mlx_lm", murl, "default_model")]
         with running_server("parallm", pcmd, purl, args.startup_timeout), \
