@@ -1,12 +1,11 @@
 """The real openai client against a live server on 127.0.0.1."""
 from __future__ import annotations
 
-import json
-
 import httpx
 import openai
 import pytest
 
+from parallm.server.protocol import ChatCompletionChunk
 from tests.server.conftest import real_engine, start_server
 
 MODEL = "tiny"  # the tiny random Llama of tests/conftest.py; context 2048
@@ -72,7 +71,9 @@ def test_stream_ends_with_done(server):
         assert r.headers["content-type"].startswith("text/event-stream")
         data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
-    assert all(json.loads(d)["object"] == "chat.completion.chunk" for d in data[:-1])
+    chunks = [ChatCompletionChunk.model_validate_json(d) for d in data[:-1]]  # the documented shape
+    assert all(c.object == "chat.completion.chunk" and c.model == MODEL for c in chunks)
+    assert len({c.id for c in chunks}) == 1
 
 
 def test_completions_string_list_and_token_ids(client, hf_tokenizer):
