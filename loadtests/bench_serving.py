@@ -359,8 +359,8 @@ def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[
     return levels
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options, also for `parallm bench serving`."""
     p.add_argument("--url", help="base URL of a running OpenAI-compatible server (no /v1)")
     p.add_argument("--model-name", help="model name to send (default: the first of GET /v1/models)")
     p.add_argument("--compare", action="store_true", help="start parallm and mlx_lm.server on --model and compare")
@@ -383,14 +383,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     p.add_argument("--out", default=None, help="JSON result path (default loadtests/out/bench_serving-<time>.json)")
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
+
+
+def _usage_error(message: str) -> int:
+    print(f"bench_serving: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     stem = f"bench_serving-{time.strftime('%Y%m%d-%H%M%S')}"
     loop = asyncio.new_event_loop()
     out_json = Path(args.out) if args.out else OUT_DIR / f"{stem}.json"
 
     if args.compare:
         if not args.model:
-            p.error("--compare needs --model DIR")
+            return _usage_error("--compare needs --model DIR")
         pport, mport = free_port(), free_port()
         purl, murl = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{mport}"
         max_conc = max(args.concurrency)
@@ -414,9 +427,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         commands = {"parallm": pcmd, "mlx_lm": mcmd}
     else:
         if not args.url:
-            p.error("give --url (a running server) or --compare --model DIR")
+            return _usage_error("give --url (a running server) or --compare --model DIR")
         if not is_loopback(args.url) and not args.allow_remote:
-            p.error(f"{args.url} is not a loopback address; pass --allow-remote to load-test another machine")
+            return _usage_error(f"{args.url} is not a loopback address; pass --allow-remote to load-test another machine")
         url = args.url.rstrip("/")
         model = args.model_name or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         loop.run_until_complete(warm_up("server", url, model, args.endpoint))
