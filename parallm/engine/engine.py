@@ -32,8 +32,9 @@ class EngineConfig:
     overlap: bool = True  # process step t's outputs while step t+1 runs on the device
     # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
     # step t+1 writes (the pending step still references it, so it cannot be updated in place).
-    # Above this many KV bytes the engine waits for step t first. None = by device: on a GPU the
-    # copy is cheaper than the idle gap (measured, BENCHMARKS.md), on the CPU it is not (32 MiB).
+    # Above this many KV bytes the engine waits for step t first. None = by device: 6 GiB on a GPU
+    # (the copy costs ~2x the KV bytes of bandwidth per step, the gap a fixed time; BENCHMARKS.md),
+    # 32 MiB on the CPU, where copies are slow.
     build_ahead_max_kv_bytes: Optional[int] = None
 
 
@@ -80,7 +81,7 @@ class Engine:
         if self._build_ahead_limit is None:
             import mlx.core as mx
 
-            self._build_ahead_limit = (1 << 62) if mx.default_device() == mx.gpu else 32 << 20
+            self._build_ahead_limit = (6 << 30) if mx.default_device() == mx.gpu else 32 << 20
 
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:
