@@ -245,3 +245,9 @@ class ServingMetrics:
         model = self.sources.model_name()
         self.http_requests.labels(model, method, route, str(status)).inc()
         self.http_latency.labels(model, method, route).observe(seconds)
+
+
+def primary_model_name(engine) -> str:
+    """The label value for engine-wide series: the first served base model ("" before any)."""
+    names = engine.model_names()
+    return names[0] if names else ""
