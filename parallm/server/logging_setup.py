@@ -8,7 +8,6 @@ drops it at the source, so no formatter has to remember to).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -28,25 +27,12 @@ _HANDLER_NAME = "parallm-handler"
 
 @dataclass(frozen=True)
 class LogSettings:
+    """From ServerSettings.log_format / log_level (`parallm serve --log-format json --log-level
+    info`, or PARALLM_LOG_FORMAT...). --log-prompts is not here: it acts where the prompt is
+    dropped, in request_context (install_observability(..., log_prompts=...))."""
+
     format: str = "text"
     level: str = "info"
-    log_prompts: bool = False
-
-
-def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("logging")
-    group.add_argument("--log-format", choices=LOG_FORMATS, default="text",
-                       help="text: human-readable lines (default); json: one JSON object per line")
-    group.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    group.add_argument("--log-prompts", action="store_true",
-                       help="include prompt text in access-log lines (off by default: prompts "
-                            "may hold private data)")
-
-
-def settings_from_args(args: argparse.Namespace) -> LogSettings:
-    return LogSettings(format=getattr(args, "log_format", "text"),
-                       level=getattr(args, "log_level", "info"),
-                       log_prompts=bool(getattr(args, "log_prompts", False)))
 
 
 class RequestIdFilter(logging.Filter):

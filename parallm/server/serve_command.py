@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"parallm serve: {e}", file=sys.stderr)
         return 2
     from parallm.server.logging_setup import LogSettings, configure_logging
-    configure_logging(LogSettings(format=settings.log_format, level=settings.log_level,
-                                  log_prompts=settings.log_prompts))
+    configure_logging(LogSettings(format=settings.log_format, level=settings.log_level))
     try:
         engine = build_engine(settings)
     except Exception as e:  # a model that cannot load: say which and why, exit non-zero

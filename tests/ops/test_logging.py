@@ -10,7 +10,7 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from parallm.server.logging_setup import LogSettings, add_logging_arguments, configure_logging, settings_from_args
+from parallm.server.logging_setup import LogSettings, configure_logging
 from parallm.server.request_context import sanitize_request_id
 
 from .conftest import MODEL, build_app
@@ -142,13 +142,19 @@ def test_configure_twice_does_not_duplicate_lines(log_stream):
     assert [e["message"] for e in json_lines(stream)].count("once") == 1
 
 
-def test_cli_arguments_and_bad_values():
+def test_serve_flags_reach_the_settings():
+    from parallm.server.config import ConfigError, load_settings
+    from parallm.server.serve_command import add_arguments
+
     parser = argparse.ArgumentParser()
-    add_logging_arguments(parser)
-    settings = settings_from_args(parser.parse_args(["--log-format", "json", "--log-prompts"]))
-    assert settings == LogSettings(format="json", level="info", log_prompts=True)
-    assert settings_from_args(parser.parse_args([])) == LogSettings()
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--log-format", "xml"])
+    add_arguments(parser)
+    args = parser.parse_args(["--log-format", "json", "--log-prompts"])
+    settings = load_settings({k: v for k, v in vars(args).items() if k != "config"}, environ={})
+    assert (settings.log_format, settings.log_prompts) == ("json", True)
+    plain = load_settings({}, environ={})
+    assert (plain.log_format, plain.log_prompts) == ("text", False)
+    assert load_settings({}, environ={"PARALLM_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ConfigError, match="use text or json"):
+        load_settings({"log_format": "xml"}, environ={})
     with pytest.raises(ValueError, match="accepted: text, json"):
         configure_logging(LogSettings(format="xml"))
