@@ -95,9 +95,11 @@ def new_request_id() -> str:
 def route_template(scope: dict) -> str:
     """The matched route's path template (`/v1/models/{model}`), never the raw path: raw paths
     would give one metric series per distinct URL. Starlette's router stores the matched route in
-    the scope it was given, which is the dict the middleware holds."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
+    the scope it was given, which is the dict the middleware holds. Requests answered before
+    routing (401 bad key, 413 body too large, 503 draining) and unknown paths have no route:
+    they share UNMATCHED_ROUTE, told apart by their status. (Matching the path against the app's
+    routes here would need FastAPI's private included-router internals, which change by version.)"""
+    path = getattr(scope.get("route"), "path", None)
     if isinstance(path, str) and path:
         return path
     return UNMATCHED_ROUTE

@@ -163,3 +163,23 @@ def test_parallm_serve_exits_0_on_sigterm(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, output
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(e.get("request_id") == "svc-1" and e.get("logger") == "parallm.access" for e in lines), output
+
+
+def test_requests_refused_before_routing_are_counted_with_their_status(tiny_loaded):
+    """401 (API key) and 413 (body limit) are answered by middleware before the router runs: they
+    are counted under `<unmatched>` with their status, and carry a request id."""
+    from parallm.engine.async_engine import AsyncEngine
+    from parallm.server.app import create_app
+    from parallm.server.config import ServerSettings
+
+    app = create_app(AsyncEngine(tiny_loaded), ServerSettings(api_key="k" * 20, max_body_bytes=1024))
+    with TestClient(app) as client:
+        denied = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+        too_big = client.post("/v1/completions", headers={"Authorization": "Bearer " + "k" * 20},
+                              content=b"x" * 5000)
+        s = samples(client.get("/metrics").text)
+    assert denied.status_code == 401 and denied.headers["x-request-id"]
+    assert too_big.status_code == 413 and too_big.headers["x-request-id"]
+    m = {"model_name": "tiny"}
+    assert get(s, "parallm:http_requests_total", method="POST", route="<unmatched>", status="401", **m) == 1
+    assert get(s, "parallm:http_requests_total", method="POST", route="<unmatched>", status="413", **m) == 1
