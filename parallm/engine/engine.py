@@ -14,6 +14,7 @@ from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.kv_cache import probe_kv_shape
 from parallm.engine.model_runner import ModelRunner
 from parallm.engine.prefix_cache import PrefixCache
+from parallm.engine.sampler import BatchSampler
 from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutput, Sequence,
                                       SampledToken)
 from parallm.engine.types import (EngineRequest, EngineStats, RequestOutput, RequestTimes,
@@ -62,8 +63,8 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, budget_tokens),
             self.prefix_cache)
         if sampler is None:
-            sampler = _default_sampler(config.max_num_seqs, loaded)
-        self.runner = ModelRunner(loaded.model, self.kv_shape, config.max_num_seqs, sampler=sampler,
+            sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))
+        self.runner = ModelRunner(loaded.model, self.kv_shape, config.max_num_seqs, sampler,
                                   prefix_cache=self.prefix_cache, adapters=adapters)
         self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
         self._requests: dict[str, _Request] = {}
@@ -87,6 +88,11 @@ class Engine:
             if self.adapters is None or not self.adapters.has_adapter(req.adapter):
                 known = list(self.adapters.names()) if hasattr(self.adapters, "names") else []
                 raise UnknownModel(req.adapter, known)
+        check = getattr(self.runner.sampler, "validate_params", None) or self.runner.sampler._validate
+        try:
+            check(p)
+        except ValueError as e:
+            raise InvalidRequest(f"Invalid sampling parameters: {e}.") from None
         if req.request_id in self._requests:
             raise InvalidRequest(f"request_id {req.request_id!r} is already running.", param="request_id")
 
@@ -184,14 +190,6 @@ class Engine:
     def kv_bytes_allocated(self) -> int:
         """Bytes the slot buffers hold right now (0 when idle)."""
         return self.runner.cache.nbytes
-
-
-def _default_sampler(max_slots: int, loaded: Any):
-    try:
-        from parallm.engine.sampler import BatchSampler  # the sampling teammate's
-    except ImportError:
-        return None
-    return BatchSampler(max_slots, _vocab_size(loaded))
 
 
 def _vocab_size(loaded: Any) -> int:

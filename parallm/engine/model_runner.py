@@ -18,31 +18,31 @@ import mlx.core as mx
 
 from parallm.engine.kv_cache import BatchedKVCache, KVShape, PassLayout
 from parallm.engine.prefix_cache import PrefixCache
-from parallm.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
-from parallm.engine.types import SamplingParams
+from parallm.engine.scheduler import PrefillChunk, RunnerOutput, SampledToken, SchedulerOutput
+from parallm.engine.sampler import BatchSampler, choice_seed
 
 KV_LEN_STEP = 32  # attention length is rounded up to this (fewer distinct shapes)
+PAD_TOLERANCE = 0.75  # a prefill pass takes chunks at least this fraction of its longest one
 
 
-class _GreedySampler:
-    """Stand-in until parallm.engine.sampler lands: argmax, per-row state-free."""
-
-    def add_row(self, slot: int, params: SamplingParams, prompt_ids: list[int], seed: Optional[int]) -> None:
-        pass
-
-    def remove_row(self, slot: int) -> None:
-        pass
-
-    def sample(self, logits: mx.array, slots: list[int]) -> mx.array:
-        return mx.argmax(logits, axis=-1)
+def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Split prefill chunks into passes of similar length: a pass is right-padded to its longest
+    chunk, so mixing a 16-token chunk with a 128-token one would compute 112 padding tokens."""
+    groups: list[list[PrefillChunk]] = []
+    for c in sorted(chunks, key=lambda c: -len(c.token_ids)):
+        if groups and len(c.token_ids) >= PAD_TOLERANCE * len(groups[-1][0].token_ids):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    return [sorted(g, key=lambda c: c.slot) for g in groups]
 
 
 class ModelRunner:
-    def __init__(self, model, kv_shape: KVShape, max_slots: int, *, sampler: Any = None,
+    def __init__(self, model, kv_shape: KVShape, max_slots: int, sampler: BatchSampler, *,
                  prefix_cache: Optional[PrefixCache] = None, adapters: Any = None):
         self.model = model
         self.cache = BatchedKVCache(kv_shape, max_slots)
-        self.sampler = sampler if sampler is not None else _GreedySampler()
+        self.sampler = sampler
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # optional: .bind_rows(list of adapter ids per batch row)
         self._rows: dict[int, tuple[list[int], Optional[str]]] = {}  # slot -> (prompt ids, adapter)
@@ -55,8 +55,8 @@ class ModelRunner:
                 self.cache.free_slot(slot)
         for row in out.new_rows:
             self._admit(row)
-        if out.prefill:
-            self._prefill(out)
+        for group in _length_groups(out.prefill):
+            self._prefill(group)
         sampled: dict[str, SampledToken] = {}
         if out.decode:
             sampled = self._decode(out)
@@ -74,15 +74,16 @@ class ModelRunner:
             keys, values = self.prefix_cache.load(row.prompt_ids, row.adapter, n)
             cache.write_rows(row.slot, keys, values, n)
         self._rows[row.slot] = (row.prompt_ids, row.adapter)
-        self.sampler.add_row(row.slot, row.params, row.prompt_ids, row.seed)
+        p = row.params
+        seed = None if p.seed is None else choice_seed(p.seed, row.choice_index)
+        self.sampler.add_row(row.slot, p, row.prompt_ids, seed, row.generated_ids)
 
     def _bind_adapters(self, slots: list[Optional[int]]) -> None:
         if self.adapters is not None:
             self.adapters.bind_rows([self._rows[s][1] if s in self._rows else None for s in slots])
 
     # ---- passes ------------------------------------------------------------------------------
-    def _prefill(self, out: SchedulerOutput) -> None:
-        chunks = out.prefill
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
         width = max(len(c.token_ids) for c in chunks)
         tokens = mx.array([c.token_ids + [0] * (width - len(c.token_ids)) for c in chunks], dtype=mx.int32)
         offsets = [c.offset for c in chunks]
@@ -124,8 +125,20 @@ class ModelRunner:
         slots = [d.slot for d in out.decode]
         if len(slots) < num_rows:
             logits = logits[mx.array(slots, dtype=mx.int32)]
-        token_ids = self.sampler.sample(logits, slots)
-        mx.eval(token_ids, cache.keys, cache.values)
+        sample = self.sampler.sample(logits, slots)
+        mx.eval(sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs,
+                cache.keys, cache.values)
         cache.end_pass({d.slot: d.offset + 1 for d in out.decode})
-        ids = token_ids.tolist()
-        return {d.seq_id: SampledToken(token_id=t) for d, t in zip(out.decode, ids)}
+        return _sampled_tokens(out.decode, sample)
+
+
+def _sampled_tokens(rows, sample) -> dict[str, SampledToken]:
+    ids = sample.token_ids.tolist()
+    logprobs = sample.logprobs.tolist() if sample.logprobs is not None else [None] * len(ids)
+    top_ids = sample.top_ids.tolist() if sample.top_ids is not None else None
+    top_lps = sample.top_logprobs.tolist() if sample.top_logprobs is not None else None
+    result = {}
+    for b, (row, token_id, lp) in enumerate(zip(rows, ids, logprobs)):
+        top = list(zip(top_ids[b], top_lps[b])) if top_ids is not None else None
+        result[row.seq_id] = SampledToken(token_id, lp, top)
+    return result

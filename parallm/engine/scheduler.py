@@ -70,9 +70,10 @@ class NewRow:
 
     seq_id: str
     slot: int
-    prompt_ids: list[int]  # tokens the sampler sees as context (prompt, plus outputs after preemption)
+    prompt_ids: list[int]  # the prompt (prefix-cache key, sampler penalty context)
+    generated_ids: list[int]  # tokens generated before a preemption (empty for a fresh row)
     params: SamplingParams
-    seed: Optional[int]  # the choice's own seed (request seed + choice index), None if unseeded
+    choice_index: int  # which of the request's n choices (the sampler derives its seed from it)
     adapter: Optional[str]
     copy_from_slot: Optional[int] = None  # n > 1: copy the leader's prompt K/V from this slot
     prefix_tokens: int = 0  # K/V for this many leading tokens come from the prefix cache (or leader)
@@ -224,8 +225,8 @@ class Scheduler:
                 seq.num_cached = reused
             self.running.append(seq)
             kv_used += cost
-            new_rows.append(NewRow(seq.seq_id, slot, seq.tokens_between(0, seq.num_tokens),
-                                   seq.params, _choice_seed(seq), seq.adapter, copy_from, reused))
+            new_rows.append(NewRow(seq.seq_id, slot, seq.prompt_ids, list(seq.output_ids),
+                                   seq.params, seq.index, seq.adapter, copy_from, reused))
             if chunk > 0:
                 token_budget -= self._schedule_chunk(seq, chunk, prefill, decode, token_budget)
             else:
@@ -328,6 +329,3 @@ def _chunk_cost(chunk: int, remaining: int, token_budget: int) -> int:
     """KV tokens a prefill chunk takes, plus its last token when that decodes in the same step."""
     return chunk + (1 if chunk == remaining - 1 and token_budget > chunk else 0)
 
-
-def _choice_seed(seq: Sequence) -> Optional[int]:
-    return None if seq.params.seed is None else seq.params.seed + seq.index

@@ -1,8 +1,6 @@
 """Engine behaviour against mlx-lm's single-sequence generation on a tiny random Llama."""
 from __future__ import annotations
 
-import importlib.util
-
 import mlx.core as mx
 import pytest
 
@@ -168,8 +166,6 @@ def test_stop_string_spanning_tokens(tiny_loaded):
     assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop
 
 
-@pytest.mark.skipif(importlib.util.find_spec("parallm.engine.sampler") is None,
-                    reason="needs the sampling teammate's parallm.engine.sampler")
 def test_seeded_sample_same_alone_and_in_busy_batch(tiny_loaded):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     prompt = make_prompt(77, 9)
@@ -181,3 +177,21 @@ def test_seeded_sample_same_alone_and_in_busy_batch(tiny_loaded):
     busy = run_to_completion(busy_engine, {0: others[:3], 2: [EngineRequest("x", prompt, params)] + others[3:]})
     assert tokens_of(alone["x"]) == tokens_of(busy["x"])
     assert len(tokens_of(alone["x"])) == 12
+
+
+def test_logprobs_reach_the_outputs(tiny_loaded):
+    engine = Engine(tiny_loaded, EngineConfig())
+    prompt = make_prompt(4, 6)
+    outs = run_to_completion(engine, {0: [greedy_request("l", prompt, 3, logprobs=True, top_logprobs=2)]})["l"]
+    lps = [lp for o in outs for lp in (o.logprobs or [])]
+    assert [lp.token_id for lp in lps] == reference_greedy(tiny_loaded, prompt, 3)
+    for lp in lps:
+        assert lp.logprob <= 0 and len(lp.top) == 2 and lp.top[0].token_id == lp.token_id
+
+
+def test_invalid_sampling_params_are_typed_errors(tiny_loaded):
+    from parallm.engine.errors import InvalidRequest
+
+    engine = Engine(tiny_loaded, EngineConfig())
+    with pytest.raises(InvalidRequest, match="top_p"):
+        engine.validate(EngineRequest("bad", [1, 2], SamplingParams(top_p=0.0)))

@@ -74,6 +74,9 @@ class FakeEngine:
                 async for out in self._run(request, abort, times):
                     yield out
         finally:
+            # A consumer that stops iterating (aclose/cancel) aborts the request, as in the engine.
+            if rid not in self.finished and rid not in self.aborted:
+                self.aborted.append(rid)
             self.waiting.discard(rid)
             self.running.discard(rid)
             self._abort_events.pop(rid, None)
