@@ -18,7 +18,10 @@ from parallm.engine.protocol import EngineClient
 from parallm.server.admission import Admission
 from parallm.server.config import ServerSettings
 from parallm.server.errors import install_error_handlers
+from parallm.server.http_metrics import install_observability
+from parallm.server.metrics import MetricsSources, ServingMetrics, primary_model_name
 from parallm.server.middleware import ApiKeyAuth, BodySizeLimit, DrainingGate
+from parallm.server.observed_engine import ObservedEngine
 from parallm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from parallm.server.serving import OpenAIServing
 
@@ -78,7 +81,10 @@ def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence
     app.state.engine = engine
     app.state.settings = settings
     app.state.admission = admission
-    app.state.serving = OpenAIServing(engine, admission)
+    # Metrics (ops): teammates may add sources later, e.g. app.state.metrics.sources.fine_tuning_jobs.
+    app.state.metrics = ServingMetrics(MetricsSources(model_name=lambda: primary_model_name(engine),
+                                                      engine_stats=engine.stats))
+    app.state.serving = OpenAIServing(ObservedEngine(engine, app.state.metrics), admission)
     app.state.started_at = time.monotonic()
     install_error_handlers(app)
     app.include_router(openai_router)
@@ -89,4 +95,6 @@ def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
     app.add_middleware(DrainingGate, is_draining=lambda: admission.draining)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: request id + access log; plus /metrics (no API key, like vLLM's) and HTTP metrics.
+    install_observability(app, app.state.metrics, log_prompts=settings.log_prompts)
     return app

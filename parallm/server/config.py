@@ -34,6 +34,8 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after: float = 1.0  # seconds suggested to clients that get a 429
     log_level: str = "info"
+    log_format: str = "text"  # text | json (one JSON object per line)
+    log_prompts: bool = False  # put prompt text in access-log lines (off: prompts may be private)
 
     def __post_init__(self):
         checks = {
@@ -48,6 +50,8 @@ class ServerSettings:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError("invalid settings: " + ", ".join(f"{b}={getattr(self, b)!r}" for b in bad))
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format={self.log_format!r}: use text or json")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"device={self.device!r}: use auto, cpu or gpu")
 

@@ -70,6 +70,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
+    # log_config=None / access_log=False: logging_setup.configure_logging owns the handlers, and
+    # our access log (with request id, route and tokens) replaces uvicorn's.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            log_config=None, access_log=False,
                             timeout_graceful_shutdown=_AFTER_ABORT_GRACE_S, backlog=2048)
     DrainingServer(config, app, drain_timeout).run()

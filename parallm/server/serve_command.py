@@ -25,7 +25,10 @@ _OPTIONS = {
     "drain_timeout": (float, "seconds requests in flight may take to finish after SIGTERM (default 30)"),
     "max_body_bytes": (int, "largest request body accepted, in bytes (default 8 MiB)"),
     "log_level": (str, "debug | info | warning | error (default info)"),
+    "log_format": (str, "text | json: human-readable lines (default) or one JSON object per line"),
 }
+# Flags without a value; each maps onto the ServerSettings field of the same name.
+_FLAGS = {"log_prompts": "include prompt text in access-log lines (off by default: prompts may be private)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, help_text) in _OPTIONS.items():
         # default=None everywhere: None means "not given", so the env var and the file can fill it.
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+    for name, help_text in _FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
+                            default=None, help=help_text)
 
 
 def build_engine(settings: ServerSettings):
@@ -58,13 +64,14 @@ def engine_config(settings: ServerSettings, config_class):
 
 
 def run(args: argparse.Namespace) -> int:
-    cli = {name: getattr(args, name, None) for name in _OPTIONS}
+    cli = {name: getattr(args, name, None) for name in [*_OPTIONS, *_FLAGS]}
     try:
         settings = load_settings(cli, config_file=args.config)
     except ConfigError as e:
         print(f"parallm serve: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from parallm.server.logging_setup import LogSettings, configure_logging
+    configure_logging(LogSettings(format=settings.log_format, level=settings.log_level))
     from parallm.models import ModelLoadError
 
     try:
