@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+NOISE = 0.1  # std of the noise added to lora_b (and lora_a)
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
@@ -29,8 +31,8 @@ def write_adapter_dir(base_dir: Path, out: Path, *, seed: int, rank: int = 4, sc
 
     def randomise(p):
         # lora_a [in, r] ~ U(+-1/sqrt(in)) like mlx-lm's init; lora_b [r, out] and m get noise.
-        return p + 0.02 * mx.random.normal(p.shape).astype(p.dtype) if p.ndim == 2 else \
-            p * (1.0 + 0.2 * mx.random.uniform(shape=p.shape)).astype(p.dtype)
+        return p + NOISE * mx.random.normal(p.shape).astype(p.dtype) if p.ndim == 2 else \
+            p * (0.25 + 1.5 * mx.random.uniform(shape=p.shape)).astype(p.dtype)
 
     trainable = dict(tree_flatten(model.trainable_parameters()))
     assert trainable, "linear_to_lora_layers made nothing trainable"
