@@ -99,6 +99,10 @@ class Engine:
     def add_request(self, req: EngineRequest) -> None:
         """Queue a validated request (call validate() first)."""
         p = req.sampling
+        if req.adapter is not None and hasattr(self.adapters, "acquire"):
+            # Held until the request's last choice closes (finish or abort): an unload meanwhile
+            # only stops new requests (AdapterManager's reference count).
+            self.adapters.acquire(req.adapter)
         seqs, choices = [], []
         for i in range(p.n):
             seq = Sequence(f"{req.request_id}/{i}", req.request_id, i, list(req.prompt_token_ids), p,
@@ -167,6 +171,8 @@ class Engine:
                               max(s.num_cached for s in state.seqs))
             out.times = state.times
             del self._requests[seq.request_id]
+            if state.request.adapter is not None and hasattr(self.adapters, "release"):
+                self.adapters.release(state.request.adapter)
         return out
 
     def _logprobs(self, seq: Sequence, sampled: SampledToken) -> Optional[list[TokenLogprob]]:
