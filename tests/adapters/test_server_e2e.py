@@ -121,3 +121,29 @@ def test_unload_while_streaming(server, tiny_model_dir, make_adapter):
             time.sleep(0.05)
         assert manager.list() == []  # freed after the last request
         assert "x" not in {m["id"] for m in c.get("/v1/models").json()["data"]}
+
+
+def test_reloaded_name_does_not_reuse_old_prefix_kv(server, tiny_model_dir, make_adapter):
+    """The prefix cache is keyed per load: adapter 'x' unloaded and loaded again from other weights
+    gives the new adapter's output for a prompt whose prefix was cached under the old one."""
+    url, _ = server
+    old_dir, new_dir = make_adapter("old", seed=1), make_adapter("new", seed=2)
+    long_prompt = PROMPT * 5  # 40 tokens: two full prefix-cache blocks
+    body = {"model": "x", "prompt": long_prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+
+    def ref(adapter_dir):
+        from mlx_lm import load as mlx_load
+        from mlx_lm.tuner.utils import load_adapters
+        model, tok = mlx_load(str(tiny_model_dir))
+        load_adapters(model, str(adapter_dir))
+        return tok.decode(greedy(model, [long_prompt], steps=4)[0][0])
+
+    with httpx.Client(base_url=url, timeout=120) as c:
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "old"}).status_code == 200
+        first = c.post("/v1/completions", json=body)
+        assert first.json()["choices"][0]["text"] == ref(old_dir)
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200
+        assert c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "new"}).status_code == 200
+        second = c.post("/v1/completions", json=body)
+        assert second.json()["choices"][0]["text"] == ref(new_dir)
+        assert second.json()["choices"][0]["text"] != first.json()["choices"][0]["text"]
