@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import mlx.nn as nn
 
 from parallm.engine.errors import InvalidRequest, UnknownModel
-from parallm.models.adapters import AdapterError, AdapterWeights, read_adapter, resolve_under
+from parallm.models.adapters import AdapterError, AdapterWeights, check_adapter, read_adapter_files, resolve_under
 from parallm.models.lora import (NO_ADAPTER_SLOT, LoRARowBinding, install_adapter, multi_lora_layers,
                                  uninstall_adapter)
 
@@ -106,7 +106,8 @@ class AdapterManager:
         self._adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
         self._reserved_names = reserved_names
         self._max_adapters = max_adapters
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the books below; never held across model work
+        self._model_lock = threading.Lock()  # held while layers are swapped in/out or inspected
         self._entries: dict[str, _Entry] = {}  # every adapter holding a slot, unloading ones included
         self._free_slots: list[int] = []
         self._next_slot = NO_ADAPTER_SLOT + 1
@@ -128,7 +129,9 @@ class AdapterManager:
                                    "adapters directory (--adapters-dir).", "path_not_allowed")
             else:
                 adapter_dir = resolve_under(self._adapters_dir, str(path))
-            weights = read_adapter(adapter_dir, self._model)  # slow part, outside the lock
+            files = read_adapter_files(adapter_dir)  # slow file I/O: no lock held
+            with self._model_lock:  # the worker may be swapping layers in right now
+                weights = check_adapter(files, self._model)
         except AdapterError as e:
             raise AdapterLoadFailed(e) from None
         with self._lock:
@@ -202,10 +205,11 @@ class AdapterManager:
                 if not self._pending:
                     return
                 op = self._pending.popleft()
-            if isinstance(op, _Install):
-                self._binding = install_adapter(self._model, op.slot, op.weights.layers)
-            else:
-                uninstall_adapter(self._model, op.slot)
+            with self._model_lock:
+                if isinstance(op, _Install):
+                    self._binding = install_adapter(self._model, op.slot, op.weights.layers)
+                else:
+                    uninstall_adapter(self._model, op.slot)
 
     def bind_rows(self, adapter_per_row: Sequence[Optional[str]]) -> None:
         """Before a forward: tell every adapted layer which adapter each batch row uses (a key from
@@ -275,4 +279,5 @@ class AdapterManager:
 
     def wrapped_layer_count(self) -> int:
         """How many linears of the model carry a MultiLoRALinear (for tests and `info`)."""
-        return len(multi_lora_layers(self._model))
+        with self._model_lock:
+            return len(multi_lora_layers(self._model))

@@ -150,9 +150,17 @@ def _allowed_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Mo
     return {p: modules[p] for p in paths if isinstance(modules.get(p), linear_types)}
 
 
-def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> AdapterWeights:
-    """Read an mlx-lm adapter directory and check every tensor against `model` (the base model,
-    with or without MultiLoRALinear layers attached). Nothing in the model changes."""
+@dataclass
+class AdapterFiles:
+    """An adapter directory read from disk, not yet checked against a model."""
+
+    path: Path
+    config: AdapterConfig
+    tensors: dict[str, mx.array]
+
+
+def read_adapter_files(adapter_dir: str | os.PathLike) -> AdapterFiles:
+    """Read and parse the two files (the slow part; touches no model)."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     weights_path = adapter_dir / WEIGHTS_FILE
@@ -160,11 +168,23 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> AdapterWei
         raise AdapterError(f"{str(weights_path)!r} is missing.", "adapter_not_found")
     try:
         tensors = mx.load(str(weights_path))
+        mx.eval(list(tensors.values()))  # read now, not lazily on the engine's thread
     except Exception as e:  # mlx raises RuntimeError/ValueError with a parser message
         raise AdapterError(f"{str(weights_path)!r} is not a readable safetensors file: {e}") from None
     if not isinstance(tensors, dict) or not tensors:
         raise AdapterError(f"{str(weights_path)!r} holds no tensors.")
+    return AdapterFiles(path=adapter_dir, config=config, tensors=tensors)
 
+
+def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> AdapterWeights:
+    """Read an mlx-lm adapter directory and check every tensor against `model` (the base model,
+    with or without MultiLoRALinear layers attached). Nothing in the model changes."""
+    return check_adapter(read_adapter_files(adapter_dir), model)
+
+
+def check_adapter(files: AdapterFiles, model: nn.Module) -> AdapterWeights:
+    """Match the tensors to the model's linears (fast; reads the model's structure only)."""
+    adapter_dir, config, tensors = files.path, files.config, files.tensors
     targets = _allowed_targets(model, config)
     grouped: dict[str, dict[str, mx.array]] = {}
     problems = []
@@ -202,5 +222,4 @@ def read_adapter(adapter_dir: str | os.PathLike, model: nn.Module) -> AdapterWei
         code = "adapter_shape_mismatch" if any("shape" in p or "no linear" in p for p in problems) else "adapter_invalid"
         raise AdapterError(f"The adapter at {str(adapter_dir)!r} does not fit the base model:\n  "
                            + "\n  ".join(shown), code)
-    mx.eval([t for w in layers.values() for t in (w.a, w.b) + ((w.magnitude,) if w.magnitude is not None else ())])
     return AdapterWeights(path=adapter_dir, config=config, layers=layers)
