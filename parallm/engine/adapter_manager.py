@@ -281,3 +281,31 @@ class AdapterManager:
         """How many linears of the model carry a MultiLoRALinear (for tests and `info`)."""
         with self._model_lock:
             return len(multi_lora_layers(self._model))
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One `--adapter NAME=PATH` from the command line or config file."""
+
+    name: str
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> "AdapterSpec":
+        name, sep, path = text.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--adapter takes NAME=PATH (an mlx-lm adapter directory), got {text!r}")
+        return cls(name.strip(), path.strip())
+
+
+def build_adapter_manager(base_name: str, model: nn.Module, *, adapters_dir: Optional[str | Path] = None,
+                          startup: Iterable[AdapterSpec] = (),
+                          reserved_names: Callable[[], Iterable[str]] = lambda: ()) -> AdapterManager:
+    """The manager `parallm serve` attaches to a model's engine: run-time loads confined to
+    `adapters_dir` (None disables them), startup adapters loaded from anywhere (the operator
+    chose them). Raises AdapterLoadFailed / AdapterNameInvalid for a bad startup adapter."""
+    manager = AdapterManager(base_name, model, adapters_dir=adapters_dir, reserved_names=reserved_names)
+    for spec in startup:
+        manager.load(spec.name, spec.path, trusted=True)
+    manager.apply_pending()  # nothing runs yet: install now so the first step pays nothing
+    return manager

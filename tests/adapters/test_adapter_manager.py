@@ -207,3 +207,17 @@ def test_unknown_unload_is_404(manager):
     with pytest.raises(UnknownModel) as e:
         manager.unload("ghost")
     assert e.value.status == 404
+
+
+def test_startup_specs(base, make_adapter, tmp_path):
+    from parallm.engine.adapter_manager import AdapterSpec, build_adapter_manager
+
+    d = make_adapter("x", seed=1)
+    assert AdapterSpec.parse(f"sql={d}") == AdapterSpec("sql", str(d))
+    for bad in ("noequals", "=path", "name="):
+        with pytest.raises(ValueError, match="NAME=PATH"):
+            AdapterSpec.parse(bad)
+    manager = build_adapter_manager("tiny", base, startup=[AdapterSpec("sql", str(d))])
+    assert manager.names() == ["sql"] and manager.wrapped_layer_count() > 0
+    with pytest.raises(AdapterLoadFailed):  # no adapters dir: no run-time loads
+        manager.load("other", str(d))
