@@ -18,10 +18,10 @@ def write_adapter_dir(base_dir: Path, out: Path, *, seed: int, rank: int = 4, sc
     trainable tensors (B non-zero, so the adapter changes the output) and save them as
     `mlx_lm lora --train` does: adapters.safetensors of the trainable parameters and
     adapter_config.json of the run's arguments."""
-    from mlx_lm import load
+    from mlx_lm.utils import load_model
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    model, _ = load(str(base_dir))
+    model, _ = load_model(Path(base_dir))
     model.freeze()
     params = {"rank": rank, "dropout": 0.0, "scale": scale}
     if keys is not None:

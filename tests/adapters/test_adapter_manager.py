@@ -2,12 +2,14 @@
 reuse, and every failure leaving the manager unchanged."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import os
 
 import mlx.core as mx
 import pytest
-from mlx_lm import load
+from mlx_lm.utils import load_model
 from mlx_lm.models.cache import make_prompt_cache
 
 from parallm.engine.adapter_manager import AdapterLoadFailed, AdapterManager, AdapterNameInvalid
@@ -19,7 +21,7 @@ from .test_lora import PROMPTS, greedy, reference
 
 @pytest.fixture
 def base(tiny_model_dir):
-    model, _ = load(str(tiny_model_dir))
+    model, _ = load_model(Path(tiny_model_dir))
     return model
 
 

@@ -2,10 +2,12 @@
 adapter loaded alone (mlx_lm.tuner.utils.load_adapters), for LoRA and DoRA."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx_lm import load
+from mlx_lm.utils import load_model
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tuner.utils import load_adapters
 
@@ -35,7 +37,7 @@ def greedy(model, prompts, steps=STEPS, before_forward=None):
 
 
 def reference(model_dir, adapter_dir, prompt):
-    model, _ = load(str(model_dir))
+    model, _ = load_model(Path(model_dir))
     if adapter_dir is not None:
         load_adapters(model, str(adapter_dir))
     return greedy(model, [prompt])
@@ -47,7 +49,7 @@ def test_mixed_batch_matches_mlx_lm_per_row(tiny_model_dir, make_adapter, dora):
     # Y: a different rank and different targets, so padding to max rank and sparse layers are exercised.
     y_dir = make_adapter("y", seed=2, rank=8, num_layers=1, keys=["self_attn.q_proj", "mlp.down_proj"])
 
-    model, _ = load(str(tiny_model_dir))
+    model, _ = load_model(Path(tiny_model_dir))
     binding = install_adapter(model, 1, read_adapter(x_dir, model).layers)
     install_adapter(model, 2, read_adapter(y_dir, model).layers)
     slots_per_row = [1, 2, 0]
@@ -72,7 +74,7 @@ def test_mixed_batch_matches_mlx_lm_per_row(tiny_model_dir, make_adapter, dora):
 
 
 def test_no_adapter_rows_skip_lora_and_match_base(tiny_model_dir, make_adapter):
-    model, _ = load(str(tiny_model_dir))
+    model, _ = load_model(Path(tiny_model_dir))
     binding = install_adapter(model, 1, read_adapter(make_adapter("x", seed=3), model).layers)
     toks, logits = greedy(model, PROMPTS[:2], before_forward=lambda: binding.bind([0, 0]))
     assert binding.slots is None  # nothing bound: every layer is a plain base call
@@ -83,7 +85,7 @@ def test_no_adapter_rows_skip_lora_and_match_base(tiny_model_dir, make_adapter):
 
 
 def test_uninstall_frees_slot_and_restores_base(tiny_model_dir, make_adapter):
-    model, _ = load(str(tiny_model_dir))
+    model, _ = load_model(Path(tiny_model_dir))
     binding = install_adapter(model, 1, read_adapter(make_adapter("x", seed=4), model).layers)
     layers = multi_lora_layers(model)
     assert layers and all(isinstance(m, MultiLoRALinear) for m in layers.values())
@@ -94,7 +96,7 @@ def test_uninstall_frees_slot_and_restores_base(tiny_model_dir, make_adapter):
 
 
 def test_bound_rows_must_match_batch(tiny_model_dir, make_adapter):
-    model, _ = load(str(tiny_model_dir))
+    model, _ = load_model(Path(tiny_model_dir))
     binding = install_adapter(model, 1, read_adapter(make_adapter("x", seed=5), model).layers)
     binding.bind([1, 0, 1])
     with pytest.raises(ValueError, match="batch of 3"):
@@ -104,12 +106,12 @@ def test_bound_rows_must_match_batch(tiny_model_dir, make_adapter):
 def test_quantized_base(tiny_model_dir, make_adapter):
     """A QuantizedLinear base (QLoRA-style) gives mlx-lm's result on the same quantized model."""
     x_dir = make_adapter("x", seed=6)
-    model, _ = load(str(tiny_model_dir))
+    model, _ = load_model(Path(tiny_model_dir))
     nn.quantize(model, group_size=32, bits=4)
     binding = install_adapter(model, 1, read_adapter(x_dir, model).layers)
     toks, logits = greedy(model, PROMPTS[:2], before_forward=lambda: binding.bind([1, 0]))
 
-    ref, _ = load(str(tiny_model_dir))
+    ref, _ = load_model(Path(tiny_model_dir))
     nn.quantize(ref, group_size=32, bits=4)
     load_adapters(ref, str(x_dir))
     ref_toks, ref_logits = greedy(ref, [PROMPTS[0]])

@@ -2,10 +2,12 @@
 failure a 4xx that leaves the served adapters unchanged."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from mlx_lm import load
+from mlx_lm.utils import load_model
 
 from parallm.engine.adapter_manager import AdapterManager
 from parallm.models.registry import ModelRegistry
@@ -16,7 +18,7 @@ from .test_registry import FakeLoaded, FakeMemory
 
 @pytest.fixture
 def setup(tiny_model_dir, tmp_path, make_adapter):
-    model, _ = load(str(tiny_model_dir))
+    model, _ = load_model(Path(tiny_model_dir))
     registry = ModelRegistry(lambda spec, name=None: FakeLoaded(name or spec, FakeMemory(1000), source=f"/m/{spec}"))
     registry.add(FakeLoaded("tiny", FakeMemory(5000), context_length=2048, source=str(tiny_model_dir)))
     (tmp_path / "adapters").mkdir(exist_ok=True)
