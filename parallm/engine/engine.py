@@ -12,7 +12,7 @@ from typing import Any, Optional
 from parallm.engine.choice_output import ChoiceOutput
 from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.kv_cache import probe_kv_shape
-from parallm.engine.model_runner import ModelRunner
+from parallm.engine.model_runner import LaunchedStep, ModelRunner
 from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.sampler import BatchSampler
 from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutput, Sequence,
@@ -29,6 +29,12 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 << 20  # 0 turns the prefix cache off
     prefix_block_size: int = 16
     max_queue: int = 1024  # waiting requests before QueueFull (AsyncEngine)
+    overlap: bool = True  # process step t's outputs while step t+1 runs on the device
+    # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
+    # step t+1 writes (the pending step still references it, so it cannot be updated in place).
+    # Above this many KV bytes the engine waits for step t first. None = by device: on a GPU the
+    # copy is cheaper than the idle gap (measured, BENCHMARKS.md), on the CPU it is not (32 MiB).
+    build_ahead_max_kv_bytes: Optional[int] = None
 
 
 @dataclass
@@ -69,6 +75,12 @@ class Engine:
         self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
         self._requests: dict[str, _Request] = {}
         self._steps = 0
+        self._in_flight: Optional[tuple[SchedulerOutput, LaunchedStep]] = None
+        self._build_ahead_limit = config.build_ahead_max_kv_bytes
+        if self._build_ahead_limit is None:
+            import mlx.core as mx
+
+            self._build_ahead_limit = (1 << 62) if mx.default_device() == mx.gpu else 32 << 20
 
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:
@@ -130,21 +142,35 @@ class Engine:
         return outs
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or self.scheduler.has_work()
+        return bool(self._requests) or self.scheduler.has_work() or self._in_flight is not None
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> StepResult:
+        """schedule -> run -> update. With `overlap`, "run" launches this step on the device and
+        "update" processes the previous step's results while this one computes."""
+        previous, self._in_flight = self._in_flight, None
+        previous_result = None
+        if previous is not None and self.runner.cache.nbytes > self._build_ahead_limit:
+            previous_result = self.runner.complete(previous[1])  # wait, so K/V update in place
         sched = self.scheduler.schedule()
-        ran = self.runner.run(sched)
-        outputs = self._update(sched, self.scheduler.update(sched, ran))
+        launched = self.runner.launch(sched)
+        outputs = []
+        if previous is not None:  # step t's outputs, while step t+1 computes
+            done, step = previous
+            result = previous_result or self.runner.complete(step)
+            outputs = self._update(done, self.scheduler.update(done, result))
+        if self.config.overlap and not sched.is_empty:
+            self._in_flight = (sched, launched)
+        else:  # no overlap (or nothing launched): finish this step now
+            outputs += self._update(sched, self.scheduler.update(sched, self.runner.complete(launched)))
         self._steps += 1
         return StepResult(outputs, sched.num_batched_tokens)
 
     def _update(self, sched: SchedulerOutput, new_tokens: list[tuple[Sequence, SampledToken]]) -> list[RequestOutput]:
         now = time.monotonic()
         for row in sched.new_rows:
-            state = self._requests[row.seq_id.rsplit("/", 1)[0]]
-            if state.times.first_scheduled is None:
+            state = self._requests.get(row.seq_id.rsplit("/", 1)[0])
+            if state is not None and state.times.first_scheduled is None:
                 state.times.first_scheduled = now
         outs: list[RequestOutput] = []
         for seq, sampled in new_tokens:

@@ -26,8 +26,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model_dir: Path) -> tuple[dict, dict]:
-    """(GGUF-named float32 numpy tensors, config) from an mlx-lm llama directory."""
+def gguf_tensors(model_dir: Path, permute_qk: bool = True) -> tuple[dict, dict]:
+    """(GGUF-named float32 numpy tensors, config) from an mlx-lm llama (or qwen2) directory.
+    llama.cpp permutes q/k rows for llama only (permute_qk)."""
     import mlx.core as mx
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -43,12 +44,12 @@ def gguf_tensors(model_dir: Path) -> tuple[dict, dict]:
             out["output.weight"] = v
         else:
             _, _, layer, rest = name.split(".", 3)
-            module = rest.rsplit(".", 1)[0]
-            if module == "self_attn.q_proj":
+            module, suffix = rest.rsplit(".", 1)
+            if permute_qk and module == "self_attn.q_proj":
                 v = llama_cpp_permute(v, config["num_attention_heads"])
-            elif module == "self_attn.k_proj":
+            elif permute_qk and module == "self_attn.k_proj":
                 v = llama_cpp_permute(v, config["num_key_value_heads"])
-            out[f"blk.{layer}.{LAYER_NAMES[module]}.weight"] = v
+            out[f"blk.{layer}.{LAYER_NAMES[module]}.{suffix}"] = v
     return out, config
 
 

@@ -118,3 +118,32 @@ def test_quantized_gguf_matches_dequantized_reference(kind, tiny_model_dir, tmp_
     assert bits == {8 if kind == "Q8_0" else 4}
     assert kept.memory.weight_bytes < lm.memory.weight_bytes / 3
     np.testing.assert_allclose(logits_of(kept.model), want, rtol=2e-2, atol=2e-2)
+
+
+def test_qwen2_gguf_matches_safetensors(tmp_path):
+    """qwen2 GGUFs: q/k/v biases, and no q/k permutation (llama.cpp permutes for llama only)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models import qwen2
+
+    from parallm.models import load
+
+    config = dict(model_type="qwen2", vocab_size=49152, hidden_size=64, num_hidden_layers=2,
+                  intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=True)
+    mx.random.seed(7)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    model.update(nn.utils.tree_map(lambda p: p * 4 if p.ndim == 1 else p, model.parameters()))
+    model_dir = tmp_path / "qwen"
+    model_dir.mkdir()
+    mx.save_safetensors(str(model_dir / "model.safetensors"), dict(nn.utils.tree_flatten(model.parameters())))
+    (model_dir / "config.json").write_text(json.dumps(config))
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, model_dir / f.name)
+
+    tensors, _ = gguf_tensors(model_dir, permute_qk=False)
+    assert "blk.0.attn_q.bias" in tensors
+    path = save_with_mlx(tmp_path / "qwen.gguf", tensors, gguf_metadata(config, TOKENIZER_DIR, arch="qwen2"))
+    lm = load(str(path), device="cpu")
+    assert lm.config["model_type"] == "qwen2" and lm.context_length == 4096
+    np.testing.assert_allclose(logits_of(lm.model), reference_logits(model_dir), rtol=1e-4, atol=1e-4)

@@ -6,6 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import TOKENIZER_DIR
+from models_gguf_helpers import gguf_metadata, gguf_tensors, save_with_mlx
+
 
 
 def test_loads_a_tiny_mlx_lm_dir(tiny_model_dir):
@@ -60,6 +63,7 @@ def test_quantized_mlx_dir_is_dequantized_on_cpu_unless_kept(tiny_model_dir, tmp
 
 def test_repo_id_loads_from_the_hf_cache_offline(tiny_model_dir, tmp_path, monkeypatch):
     """A repo id resolves through huggingface_hub's cache; with HF_HUB_OFFLINE nothing is fetched."""
+    import mlx.core as mx
     from huggingface_hub import constants
 
     from parallm.models import ModelLoadError, load
@@ -75,6 +79,14 @@ def test_repo_id_loads_from_the_hf_cache_offline(tiny_model_dir, tmp_path, monke
 
     lm = load("tiny-org/tiny-llama", device="cpu")
     assert lm.name == "tiny-org/tiny-llama" and commit in lm.source
+
+    # org/name/file.gguf: one GGUF file of a cached repo
+    tensors, config = gguf_tensors(tiny_model_dir)
+    save_with_mlx(repo / "snapshots" / commit / "tiny-f32.gguf", tensors, gguf_metadata(config, TOKENIZER_DIR))
+    gguf = load("tiny-org/tiny-llama/tiny-f32.gguf", device="cpu")
+    assert gguf.name == "tiny-f32" and gguf.source.endswith("tiny-f32.gguf")
+    tokens = mx.array([[1, 2, 3, 4]])
+    np.testing.assert_allclose(np.array(gguf.model(tokens)), np.array(lm.model(tokens)), rtol=1e-4, atol=1e-4)
 
     with pytest.raises(ModelLoadError, match="not in the local cache"):
         load("tiny-org/not-downloaded", device="cpu")
