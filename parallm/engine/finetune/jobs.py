@@ -75,7 +75,7 @@ class JobService:
     def _training_file(self, file_id: str, param: str):
         if not isinstance(file_id, str) or not file_id:
             raise InvalidRequest(f"{param} must be a file id from POST /v1/files.", param=param)
-        record = self.files.get(file_id) if is_valid_id(file_id, "file") else None
+        record = self.store.get_file(file_id) if is_valid_id(file_id, "file") else None
         if record is None:
             raise NotFound("file", file_id, param=param)
         if record.purpose != FINE_TUNE_PURPOSE:
