@@ -1,0 +1,187 @@
+"""AsyncEngine: the EngineClient the server talks to.
+
+One worker thread owns the Engine (and so the model); the asyncio loop never runs MLX. Requests
+and aborts go to the worker through a thread-safe inbox and are applied between steps; outputs
+come back per request on an asyncio.Queue, fed with loop.call_soon_threadsafe.
+
+Invariants
+- Every queued request ends with exactly one item that closes its stream: a RequestOutput with
+  finished=True, or an exception (EngineDead when the worker crashed, none is left hanging).
+- validate() raises typed errors before anything is queued.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from parallm.engine.engine import Engine, EngineConfig
+from parallm.engine.errors import EngineDead, EngineDraining, QueueFull, UnknownModel
+from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
+
+
+@dataclass
+class _Add:
+    request: EngineRequest
+    out: asyncio.Queue
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, loaded: Any, config: EngineConfig = EngineConfig(), *, sampler: Any = None,
+                 adapters: Any = None, engine: Optional[Engine] = None):
+        self.engine = engine or Engine(loaded, config, sampler=sampler, adapters=adapters)
+        self.config = self.engine.config
+        self._name = getattr(loaded, "name", "") or "default"
+        self._inbox: "queue.Queue[object]" = queue.Queue()
+        self._streams: dict[str, asyncio.Queue] = {}  # owned by the worker once queued
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._draining = False
+        self._dead: Optional[BaseException] = None
+        self._num_queued = 0  # requests in the inbox or waiting in the scheduler
+        self._stats = EngineStats()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._worker, name="parallm-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        self._draining = True
+        if self._thread is None:
+            return
+        deadline = self._loop.time() + drain_timeout
+        while self._streams and self._loop.time() < deadline and self._dead is None:
+            await asyncio.sleep(0.01)
+        for request_id in list(self._streams):
+            self._inbox.put(_Abort(request_id))
+        while self._streams and self._dead is None and self._thread.is_alive():
+            await asyncio.sleep(0.005)
+        self._stop.set()
+        self._inbox.put(None)  # wake the worker
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+
+    # ---- EngineClient ------------------------------------------------------------------------
+    def validate(self, request: EngineRequest) -> None:
+        if self._dead is not None:
+            raise EngineDead(f"The engine worker died: {self._dead!r}")
+        if self._draining:
+            raise EngineDraining()
+        if request.model and request.model not in self.model_names():
+            raise UnknownModel(request.model, self.model_names())
+        self.engine.validate(request)
+        if request.request_id in self._streams:
+            from parallm.engine.errors import InvalidRequest
+            raise InvalidRequest(f"request_id {request.request_id!r} is already running.", param="request_id")
+        if self._num_queued >= self.config.max_queue:
+            raise QueueFull(self.config.max_queue)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        self.validate(request)
+        if self._thread is None:
+            await self.start()
+        out: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = out
+        self._num_queued += 1
+        self._inbox.put(_Add(request, out))
+        if self._dead is not None and self._streams.pop(request.request_id, None) is not None:
+            raise EngineDead(f"The engine worker died: {self._dead!r}")
+        finished = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the consumer went away (disconnect, cancel, aclose)
+                self._inbox.put(_Abort(request.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def model_names(self) -> list[str]:
+        return [self._name]
+
+    def tokenizer(self, model: str) -> Any:
+        return self.engine.tokenizer
+
+    def context_length(self, model: str) -> int:
+        return self.engine.loaded.context_length
+
+    # ---- the worker thread -------------------------------------------------------------------
+    def _worker(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not self.engine.has_unfinished())
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished():
+                    result = self.engine.step()
+                    self._emit(result.outputs)
+                self._stats = self.engine.stats()
+                self._num_queued = self._stats.num_waiting + self._inbox.qsize()
+        except BaseException as e:  # noqa: BLE001 - every stream must hear about it
+            self._dead = e
+            self._fail_all(e)
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            if isinstance(item, _Add):
+                try:
+                    self.engine.validate(item.request)
+                    self.engine.add_request(item.request)
+                except Exception as e:  # noqa: BLE001 - typed errors go back to the caller
+                    self._deliver(item.request.request_id, e)
+            elif isinstance(item, _Abort):
+                self._emit(self.engine.abort(item.request_id))
+                # a request aborted before it reached the engine still needs its stream closed
+                if item.request_id in self._streams and item.request_id not in self.engine._requests:
+                    self._emit([RequestOutput(item.request_id, finish_reason="abort", finished=True)])
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        for o in outputs:
+            self._deliver(o.request_id, o)
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        closes = isinstance(item, BaseException) or getattr(item, "finished", False)
+        stream = self._streams.pop(request_id, None) if closes else self._streams.get(request_id)
+        if stream is not None:
+            self._loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDead(f"The engine worker died: {error!r}"))
+        while True:  # requests still in the inbox
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Add):
+                self._deliver(item.request.request_id, EngineDead(f"The engine worker died: {error!r}"))

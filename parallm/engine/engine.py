@@ -1,0 +1,199 @@
+"""Engine: the synchronous core. It owns the model; `step()` is schedule -> run -> update.
+
+Everything else (adding requests, aborts, adapter swaps) happens between steps, on the thread
+that calls step(). AsyncEngine wraps this for asyncio.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from parallm.engine.choice_output import ChoiceOutput
+from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
+from parallm.engine.kv_cache import probe_kv_shape
+from parallm.engine.model_runner import ModelRunner
+from parallm.engine.prefix_cache import PrefixCache
+from parallm.engine.sampler import BatchSampler
+from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutput, Sequence,
+                                      SampledToken)
+from parallm.engine.types import (EngineRequest, EngineStats, RequestOutput, RequestTimes,
+                                  TokenLogprob, TopLogprob, Usage)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # rows decoding together (slots)
+    max_num_batched_tokens: int = 512  # tokens per step; bounds a step's latency (chunked prefill)
+    kv_budget_bytes: int = 2 << 30  # KV of all running sequences; beyond it the newest is preempted
+    prefix_cache_bytes: int = 256 << 20  # 0 turns the prefix cache off
+    prefix_block_size: int = 16
+    max_queue: int = 1024  # waiting requests before QueueFull (AsyncEngine)
+
+
+@dataclass
+class _Request:
+    request: EngineRequest
+    seqs: list[Sequence]
+    choices: list[ChoiceOutput]
+    times: RequestTimes
+    num_done: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class StepResult:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, loaded: Any, config: EngineConfig = EngineConfig(), *, sampler: Any = None,
+                 adapters: Any = None):
+        """`loaded` is LoadedModel-like: .model, .tokenizer, .context_length, .name."""
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.adapters = adapters
+        self.kv_shape = probe_kv_shape(loaded.model)
+        budget_tokens = config.kv_budget_bytes // self.kv_shape.bytes_per_token
+        self.prefix_cache = (PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
+                             if config.prefix_cache_bytes > 0 else None)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, budget_tokens),
+            self.prefix_cache)
+        if sampler is None:
+            sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))
+        self.runner = ModelRunner(loaded.model, self.kv_shape, config.max_num_seqs, sampler,
+                                  prefix_cache=self.prefix_cache, adapters=adapters)
+        self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
+        self._requests: dict[str, _Request] = {}
+        self._steps = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+    def validate(self, req: EngineRequest) -> None:
+        p = req.sampling
+        if not req.prompt_token_ids:
+            raise InvalidRequest("The prompt is empty; send at least one token.", param="prompt")
+        if p.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {p.max_tokens}.", param="max_tokens")
+        if not 1 <= p.n <= self.config.max_num_seqs:
+            raise InvalidRequest(f"n must be between 1 and {self.config.max_num_seqs}, got {p.n}.", param="n")
+        total = len(req.prompt_token_ids) + p.max_tokens
+        if total > self.loaded.context_length:
+            raise PromptTooLong(len(req.prompt_token_ids), p.max_tokens, self.loaded.context_length)
+        if total > self.scheduler.config.kv_budget_tokens:
+            raise PromptTooLong(len(req.prompt_token_ids), p.max_tokens, self.scheduler.config.kv_budget_tokens)
+        if req.adapter is not None:
+            if self.adapters is None or not self.adapters.has_adapter(req.adapter):
+                known = list(self.adapters.names()) if hasattr(self.adapters, "names") else []
+                raise UnknownModel(req.adapter, known)
+        check = getattr(self.runner.sampler, "validate_params", None) or self.runner.sampler._validate
+        try:
+            check(p)
+        except ValueError as e:
+            raise InvalidRequest(f"Invalid sampling parameters: {e}.") from None
+        if req.request_id in self._requests:
+            raise InvalidRequest(f"request_id {req.request_id!r} is already running.", param="request_id")
+
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a validated request (call validate() first)."""
+        p = req.sampling
+        seqs, choices = [], []
+        for i in range(p.n):
+            seq = Sequence(f"{req.request_id}/{i}", req.request_id, i, list(req.prompt_token_ids), p,
+                           req.adapter, leader=seqs[0] if seqs else None)
+            seqs.append(seq)
+            choices.append(ChoiceOutput(p, self.tokenizer, self._eos_ids))
+            self.scheduler.add(seq)
+        self._requests[req.request_id] = _Request(req, seqs, choices, RequestTimes(arrival=req.arrival_time))
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Free the request's rows (the runner frees them at the next step). Returns the final
+        outputs (finish_reason "abort") for choices that had not finished."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return []
+        self.scheduler.abort_request(request_id)
+        outs = []
+        for seq, choice in zip(state.seqs, state.choices):
+            if choice.finish_reason is None:
+                choice.finish_reason = "abort"
+                outs.append(self._close_choice(state, seq, RequestOutput(request_id, seq.index,
+                                                                         finish_reason="abort")))
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or self.scheduler.has_work()
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        sched = self.scheduler.schedule()
+        ran = self.runner.run(sched)
+        outputs = self._update(sched, self.scheduler.update(sched, ran))
+        self._steps += 1
+        return StepResult(outputs, sched.num_batched_tokens)
+
+    def _update(self, sched: SchedulerOutput, new_tokens: list[tuple[Sequence, SampledToken]]) -> list[RequestOutput]:
+        now = time.monotonic()
+        for row in sched.new_rows:
+            state = self._requests[row.seq_id.rsplit("/", 1)[0]]
+            if state.times.first_scheduled is None:
+                state.times.first_scheduled = now
+        outs: list[RequestOutput] = []
+        for seq, sampled in new_tokens:
+            state = self._requests.get(seq.request_id)
+            if state is None:
+                continue
+            if state.times.first_token is None:
+                state.times.first_token = now
+            choice = state.choices[seq.index]
+            delta = choice.add(sampled.token_id)
+            state.completion_tokens += 1
+            out = RequestOutput(seq.request_id, seq.index, delta.text, [sampled.token_id],
+                                self._logprobs(seq, sampled), delta.finish_reason, delta.stop_reason)
+            if delta.finish_reason is not None:
+                self.scheduler.finish(seq)
+                out = self._close_choice(state, seq, out)
+            outs.append(out)
+        return outs
+
+    def _close_choice(self, state: _Request, seq: Sequence, out: RequestOutput) -> RequestOutput:
+        state.num_done += 1
+        if state.num_done == len(state.seqs):
+            state.times.finished = time.monotonic()
+            out.finished = True
+            out.usage = Usage(len(state.request.prompt_token_ids), state.completion_tokens,
+                              max(s.num_cached for s in state.seqs))
+            out.times = state.times
+            del self._requests[seq.request_id]
+        return out
+
+    def _logprobs(self, seq: Sequence, sampled: SampledToken) -> Optional[list[TokenLogprob]]:
+        if not seq.params.logprobs or sampled.logprob is None:
+            return None
+        tok = self.tokenizer
+        top = [TopLogprob(t, tok.decode([t]), lp) for t, lp in (sampled.top or [])]
+        return [TokenLogprob(sampled.token_id, tok.decode([sampled.token_id]), sampled.logprob, top)]
+
+    # ---- introspection -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        budget = s.config.kv_budget_tokens * self.kv_shape.bytes_per_token
+        used = s.kv_tokens_used() * self.kv_shape.bytes_per_token
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            kv_cache_usage=used / budget if budget else 0.0, kv_bytes_used=used, kv_bytes_budget=budget,
+            prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
+            num_preemptions=s.num_preemptions, steps=self._steps)
+
+    def kv_bytes_allocated(self) -> int:
+        """Bytes the slot buffers hold right now (0 when idle)."""
+        return self.runner.cache.nbytes
+
+
+def _vocab_size(loaded: Any) -> int:
+    cfg = getattr(loaded, "config", None) or {}
+    if isinstance(cfg, dict) and cfg.get("vocab_size"):
+        return int(cfg["vocab_size"])
+    return int(loaded.model.args.vocab_size)

@@ -1,0 +1,132 @@
+"""ModelRunner: turns a SchedulerOutput into forward passes over the BatchedKVCache.
+
+Per step, in this order:
+1. free the slots the scheduler released; set up newly admitted rows (copy K/V from the prefix
+   cache or from an n > 1 leader's slot; register the row with the sampler);
+2. the prefill pass: every prefill chunk, right-padded to one width, K/V only. Its logits are never
+   read, so MLX's lazy evaluation skips the LM head (the costliest matmul for small models);
+3. the decode pass over the contiguous slot range [0, highest active slot]: one token per row, each
+   at its own offset; holes and rows that are not decoding this step compute a dummy token whose
+   K/V lands at their own length (junk the mask hides, later overwritten) and whose logits are
+   dropped. Sampling runs on the decode rows only.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import mlx.core as mx
+
+from parallm.engine.kv_cache import BatchedKVCache, KVShape, PassLayout
+from parallm.engine.prefix_cache import PrefixCache
+from parallm.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
+from parallm.engine.sampler import BatchSampler, choice_seed
+
+KV_LEN_STEP = 32  # attention length is rounded up to this (fewer distinct shapes)
+
+
+class ModelRunner:
+    def __init__(self, model, kv_shape: KVShape, max_slots: int, sampler: BatchSampler, *,
+                 prefix_cache: Optional[PrefixCache] = None, adapters: Any = None):
+        self.model = model
+        self.cache = BatchedKVCache(kv_shape, max_slots)
+        self.sampler = sampler
+        self.prefix_cache = prefix_cache
+        self.adapters = adapters  # optional: .bind_rows(list of adapter ids per batch row)
+        self._rows: dict[int, tuple[list[int], Optional[str]]] = {}  # slot -> (prompt ids, adapter)
+
+    def run(self, out: SchedulerOutput) -> RunnerOutput:
+        for slot in out.freed_slots:
+            self._rows.pop(slot, None)
+            self.sampler.remove_row(slot)
+            if self.cache.in_use[slot]:
+                self.cache.free_slot(slot)
+        for row in out.new_rows:
+            self._admit(row)
+        if out.prefill:
+            self._prefill(out)
+        sampled: dict[str, SampledToken] = {}
+        if out.decode:
+            sampled = self._decode(out)
+        return RunnerOutput(sampled=sampled)
+
+    # ---- rows --------------------------------------------------------------------------------
+    def _admit(self, row) -> None:
+        cache = self.cache
+        cache.in_use[row.slot] = True
+        cache.lengths[row.slot] = 0
+        n = row.prefix_tokens
+        if n and row.copy_from_slot is not None:
+            cache.copy_rows(row.copy_from_slot, row.slot, n)
+        elif n:
+            keys, values = self.prefix_cache.load(row.prompt_ids, row.adapter, n)
+            cache.write_rows(row.slot, keys, values, n)
+        self._rows[row.slot] = (row.prompt_ids, row.adapter)
+        p = row.params
+        seed = None if p.seed is None else choice_seed(p.seed, row.choice_index)
+        self.sampler.add_row(row.slot, p, row.prompt_ids, seed, row.generated_ids)
+
+    def _bind_adapters(self, slots: list[Optional[int]]) -> None:
+        if self.adapters is not None:
+            self.adapters.bind_rows([self._rows[s][1] if s in self._rows else None for s in slots])
+
+    # ---- passes ------------------------------------------------------------------------------
+    def _prefill(self, out: SchedulerOutput) -> None:
+        chunks = out.prefill
+        width = max(len(c.token_ids) for c in chunks)
+        tokens = mx.array([c.token_ids + [0] * (width - len(c.token_ids)) for c in chunks], dtype=mx.int32)
+        offsets = [c.offset for c in chunks]
+        layout = PassLayout(slots=[c.slot for c in chunks], offsets=offsets, num_new=width,
+                            kv_len=max(offsets) + width, contiguous=False)
+        layers = self.cache.begin_pass(layout)
+        self._bind_adapters(layout.slots)
+        self.model(tokens, cache=layers)  # logits unused: only K/V get evaluated
+        mx.eval(self.cache.keys, self.cache.values)
+        self.cache.end_pass({c.slot: c.offset + len(c.token_ids) for c in chunks})
+        if self.prefix_cache is not None:
+            for c in chunks:
+                if c.prompt_done:
+                    self._store_prefix(c.slot)
+
+    def _store_prefix(self, slot: int) -> None:
+        prompt_ids, adapter = self._rows[slot]
+        # the last prompt token's K/V is computed by the decode pass; store whole blocks before it
+        n = self.prefix_cache.wants(prompt_ids[: len(prompt_ids) - 1], adapter)
+        if n:
+            keys, values = self.cache.read_rows(slot, n)
+            mx.eval(keys, values)
+            self.prefix_cache.store(prompt_ids, adapter, keys, values)
+
+    def _decode(self, out: SchedulerOutput) -> dict[str, SampledToken]:
+        cache = self.cache
+        num_rows = cache.highest_active_slot() + 1
+        tokens = [0] * num_rows
+        offsets = list(cache.lengths[:num_rows])
+        for d in out.decode:
+            tokens[d.slot] = d.token_id
+            offsets[d.slot] = d.offset
+        kv_len = -(-(max(offsets) + 1) // KV_LEN_STEP) * KV_LEN_STEP
+        layout = PassLayout(slots=list(range(num_rows)), offsets=offsets, num_new=1,
+                            kv_len=kv_len, contiguous=True)
+        layers = cache.begin_pass(layout)
+        self._bind_adapters(layout.slots)
+        logits = self.model(mx.array(tokens, dtype=mx.int32)[:, None], cache=layers)[:, -1, :]
+        slots = [d.slot for d in out.decode]
+        if len(slots) < num_rows:
+            logits = logits[mx.array(slots, dtype=mx.int32)]
+        sample = self.sampler.sample(logits, slots)
+        mx.eval(sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs,
+                cache.keys, cache.values)
+        cache.end_pass({d.slot: d.offset + 1 for d in out.decode})
+        return _sampled_tokens(out.decode, sample)
+
+
+def _sampled_tokens(rows, sample) -> dict[str, SampledToken]:
+    ids = sample.token_ids.tolist()
+    logprobs = sample.logprobs.tolist() if sample.logprobs is not None else [None] * len(ids)
+    top_ids = sample.top_ids.tolist() if sample.top_ids is not None else None
+    top_lps = sample.top_logprobs.tolist() if sample.top_logprobs is not None else None
+    result = {}
+    for b, (row, token_id, lp) in enumerate(zip(rows, ids, logprobs)):
+        top = list(zip(top_ids[b], top_lps[b])) if top_ids is not None else None
+        result[row.seq_id] = SampledToken(token_id, lp, top)
+    return result
