@@ -1,0 +1,261 @@
+"""AdapterManager: the LoRA/DoRA adapters served on top of one base model, hot-swapped between steps.
+
+Two sides touch it:
+- control (asyncio loop, admin routes): `load`, `unload`, `has_adapter`, `list`, and the request
+  lifecycle `acquire` (when the engine admits a request) / `release` (when it finishes or aborts);
+- the worker that owns the model: `bind_rows(names_per_row)` before every forward.
+
+Invariants
+- The model's layers change only inside `bind_rows`/`apply_pending`, i.e. on the worker thread
+  and never during a forward. `load` reads and validates the files on the caller's thread (no model
+  change), then queues the install; `unload` queues the uninstall once no request holds the adapter.
+- A name is *servable* (has_adapter True, acquire succeeds) from `load` until `unload`. After
+  `unload` the adapter answers UnknownModel (404) to new requests, but requests that acquired it
+  keep it until their `release`; the last release frees its slot.
+- Slot 0 means "no adapter". Freed slots are reused (the uninstall is queued before any install
+  that reuses the slot, and the queue is applied in order).
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import mlx.nn as nn
+
+from parallm.engine.errors import InvalidRequest, UnknownModel
+from parallm.models.adapters import AdapterError, AdapterWeights, read_adapter, resolve_under
+from parallm.models.lora import (NO_ADAPTER_SLOT, LoRARowBinding, install_adapter, multi_lora_layers,
+                                 uninstall_adapter)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+
+class AdapterLoadFailed(InvalidRequest):
+    """400: the adapter files are missing, corrupt, not an adapter, or do not fit the base model."""
+
+    def __init__(self, err: AdapterError):
+        super().__init__(err.message, param="lora_path")
+        self.code = err.code
+
+
+class AdapterNameInvalid(InvalidRequest):
+    """400: the name is malformed, taken by a base model, or taken by another adapter."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message, param="lora_name")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What /v1/models and the admin API show for one adapter."""
+
+    name: str
+    parent: str  # the base model it runs on
+    path: str
+    fine_tune_type: str  # "lora" | "dora"
+    rank: int
+    scale: float
+    num_layers: int
+    memory_bytes: int
+    created: int  # unix seconds
+    slot: int
+    active_requests: int
+    unloading: bool  # unloaded; kept only for requests in flight
+
+
+@dataclass
+class _Entry:
+    name: str
+    weights: AdapterWeights
+    slot: int
+    created: int
+    refs: int = 0
+    unloading: bool = False
+
+
+@dataclass(frozen=True)
+class _Install:
+    slot: int
+    weights: AdapterWeights
+
+
+@dataclass(frozen=True)
+class _Uninstall:
+    slot: int
+
+
+class AdapterManager:
+    """Adapters of one base model. `reserved_names()` returns names the adapters must not take
+    (the served base models, other models' adapters); `adapters_dir` confines run-time loads."""
+
+    def __init__(self, base_name: str, model: nn.Module, *, adapters_dir: Optional[str | Path] = None,
+                 reserved_names: Callable[[], Iterable[str]] = lambda: (), max_adapters: int = 64):
+        self.base_name = base_name
+        self._model = model
+        self._adapters_dir = Path(adapters_dir).resolve() if adapters_dir is not None else None
+        self._reserved_names = reserved_names
+        self._max_adapters = max_adapters
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}  # every adapter holding a slot, unloading ones included
+        self._free_slots: list[int] = []
+        self._next_slot = NO_ADAPTER_SLOT + 1
+        self._pending: deque[_Install | _Uninstall] = deque()  # applied in order by the worker
+        self._binding: Optional[LoRARowBinding] = None
+
+    # ---------------- control side ----------------
+    def load(self, name: str, path: str | Path, *, trusted: bool = False) -> AdapterInfo:
+        """Validate and queue an adapter. `trusted` (startup `--adapter NAME=PATH`) skips the
+        adapters-directory confinement that applies to run-time loads. Raises AdapterNameInvalid
+        or AdapterLoadFailed (400) and changes nothing on error."""
+        self._check_name(name)
+        try:
+            if trusted:
+                adapter_dir = Path(path).expanduser().resolve()
+            elif self._adapters_dir is None:
+                raise AdapterError("Loading adapters at run time is disabled: start the server with an "
+                                   "adapters directory (--adapters-dir).", "path_not_allowed")
+            else:
+                adapter_dir = resolve_under(self._adapters_dir, str(path))
+            weights = read_adapter(adapter_dir, self._model)  # slow part, outside the lock
+        except AdapterError as e:
+            raise AdapterLoadFailed(e) from None
+        with self._lock:
+            self._check_name(name)  # again: another load may have taken it meanwhile
+            if len(self._entries) >= self._max_adapters:
+                raise AdapterLoadFailed(AdapterError(
+                    f"{self.base_name} already serves {len(self._entries)} adapters, the maximum; "
+                    "unload one first.", "too_many_adapters"))
+            slot = self._free_slots.pop(0) if self._free_slots else self._take_new_slot()
+            entry = _Entry(name=name, weights=weights, slot=slot, created=int(time.time()))
+            self._entries[name] = entry
+            self._pending.append(_Install(slot, weights))
+            return self._info(entry)
+
+    def unload(self, name: str) -> None:
+        """New requests for `name` get UnknownModel from now on; its slot is freed when its last
+        in-flight request releases it. Unknown (or already unloading) names: UnknownModel."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.unloading:
+                raise UnknownModel(name, self._servable_names())
+            entry.unloading = True
+            if entry.refs == 0:
+                self._free(entry)
+
+    def has_adapter(self, name: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry is not None and not entry.unloading
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return self._servable_names()
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [self._info(e) for e in sorted(self._entries.values(), key=lambda e: e.created)]
+
+    def acquire(self, name: str) -> None:
+        """A request for `name` is admitted: keep the adapter until `release`. UnknownModel when the
+        name is not servable."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.unloading:
+                raise UnknownModel(name, self._servable_names())
+            entry.refs += 1
+
+    def release(self, name: str) -> None:
+        """The request that acquired `name` finished or was aborted."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.refs == 0:
+                return  # tolerate a double release; never free twice
+            entry.refs -= 1
+            if entry.refs == 0 and entry.unloading:
+                self._free(entry)
+
+    @property
+    def active_requests(self) -> int:
+        with self._lock:
+            return sum(e.refs for e in self._entries.values())
+
+    # ---------------- worker side ----------------
+    def apply_pending(self) -> None:
+        """Install/uninstall queued adapters in the model. Worker thread, between forwards only."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                op = self._pending.popleft()
+            if isinstance(op, _Install):
+                self._binding = install_adapter(self._model, op.slot, op.weights.layers)
+            else:
+                uninstall_adapter(self._model, op.slot)
+
+    def bind_rows(self, adapter_per_row: Sequence[Optional[str]]) -> None:
+        """Before a forward: tell every adapted layer which adapter each batch row uses (None or ""
+        = the base model). Applies queued loads/unloads first. A name without a slot raises
+        UnknownModel (the engine should have acquired it)."""
+        self.apply_pending()
+        if not any(adapter_per_row):
+            if self._binding is not None:
+                self._binding.clear()
+            return
+        with self._lock:
+            slots = []
+            for name in adapter_per_row:
+                if not name:
+                    slots.append(NO_ADAPTER_SLOT)
+                    continue
+                entry = self._entries.get(name)
+                if entry is None:
+                    raise UnknownModel(name, self._servable_names())
+                slots.append(entry.slot)
+        if self._binding is None:  # only possible if every adapter was unloaded before install
+            return
+        self._binding.bind(slots)
+
+    # ---------------- internals (lock held) ----------------
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise AdapterNameInvalid(
+                f"Invalid adapter name {name!r}: use 1-128 characters from letters, digits and ._:/@+- "
+                "starting with a letter or digit.", "invalid_adapter_name")
+        if name == self.base_name or name in set(self._reserved_names()):
+            raise AdapterNameInvalid(f"The name '{name}' is already taken by a served model; choose "
+                                     "another adapter name.", "name_conflict")
+        if name in self._entries:
+            state = " (unloading, waiting for its requests to finish)" if self._entries[name].unloading else ""
+            raise AdapterNameInvalid(f"An adapter named '{name}' is already loaded{state}; unload it "
+                                     "first or choose another name.", "adapter_already_loaded")
+
+    def _take_new_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    def _free(self, entry: _Entry) -> None:
+        del self._entries[entry.name]
+        self._pending.append(_Uninstall(entry.slot))
+        self._free_slots.append(entry.slot)
+        self._free_slots.sort()
+
+    def _servable_names(self) -> list[str]:
+        return sorted(n for n, e in self._entries.items() if not e.unloading)
+
+    def _info(self, e: _Entry) -> AdapterInfo:
+        c = e.weights.config
+        return AdapterInfo(name=e.name, parent=self.base_name, path=str(e.weights.path),
+                           fine_tune_type=c.fine_tune_type, rank=c.rank, scale=c.scale,
+                           num_layers=c.num_layers, memory_bytes=e.weights.nbytes, created=e.created,
+                           slot=e.slot, active_requests=e.refs, unloading=e.unloading)
+
+    def wrapped_layer_count(self) -> int:
+        """How many linears of the model carry a MultiLoRALinear (for tests and `info`)."""
+        return len(multi_lora_layers(self._model))
