@@ -47,11 +47,12 @@ def load_base_model(source: str):
     from mlx_lm.utils import dequantize_model
 
     try:
-        from parallm.models import load as parallm_load  # noqa: F401  (merged later)
-    except ImportError:
+        from parallm.models import DEFAULT_MODEL_NAME
+        from parallm.models import load as parallm_load
+    except ImportError:  # a checkout without the loader: mlx-lm directories only
         parallm_load = None
     if parallm_load is not None:
-        loaded = parallm_load(source)
+        loaded = parallm_load(None if source in ("", DEFAULT_MODEL_NAME) else source)
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
         from mlx_lm import load as mlx_load
