@@ -117,10 +117,14 @@ class JobRunner:
                 log.exception("fine-tuning job %s: runner error", queued[0].id)
                 self._fail(queued[0].id, "internal_error", f"The job runner failed: {e}")
 
-    def _requeue(self, job: JobRecord, why: str) -> None:
+    def _requeue(self, job: JobRecord, why: str, *, count_attempt: bool = True) -> None:
+        """Back to queued, to resume from the last checkpoint. A clean server shutdown does not
+        count against max_attempts; a crash or kill does."""
         ckpt = self.store.latest_checkpoint(job.id)
         where = f"checkpoint step {ckpt.step}" if ckpt else "the start (no checkpoint yet)"
-        if job.attempts >= self.max_attempts:
+        if not count_attempt:
+            self.store.update_job(job.id, attempts=max(0, job.attempts - 1))
+        elif job.attempts >= self.max_attempts:
             self._fail(job.id, "worker_died", f"{why}; the training worker has stopped {job.attempts} times, "
                                               f"giving up (last checkpoint: {where}).")
             return
@@ -217,7 +221,7 @@ class JobRunner:
         elif code == EXIT_CANCELLED:
             self._fail(job_id, "cancelled_unexpectedly", "the worker stopped for a cancel the job does not have")
         elif self._stopping.is_set():
-            self._requeue(job, "The server shut down while this job was running")
+            self._requeue(job, "The server shut down while this job was running", count_attempt=False)
         else:
             self._requeue(job, f"The training worker exited unexpectedly (exit status {code})")
 
