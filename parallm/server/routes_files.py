@@ -24,10 +24,9 @@ def files_router(files: FileStore) -> APIRouter:
     @router.get("/v1/files")
     @openai_errors
     def list_files(purpose: Optional[str] = None, after: Optional[str] = None,
-                   limit: int = Query(10000, ge=1, le=10000), order: str = "desc"):
-        page = files.list(purpose=purpose, after=after, limit=limit)
-        items = page.items if order == "desc" else list(reversed(page.items))
-        return list_page(items, page.has_more)
+                   limit: int = Query(10000, ge=1, le=10000)):
+        page = files.list(purpose=purpose, after=after, limit=limit)  # newest first
+        return list_page(page.items, page.has_more)
 
     @router.get("/v1/files/{file_id}")
     @openai_errors

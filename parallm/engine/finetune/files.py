@@ -70,8 +70,13 @@ class FileStore:
                     raise InvalidTrainingFile(filename, report.errors, report.total_errors)
                 rows, fmt = report.rows, report.format
             record = FileRecord(new_id("file"), filename, purpose, size, int(time.time()), rows, fmt)
-            os.replace(tmp, self.path_of(record.id))
-            self.store.add_file(record)
+            final = self.path_of(record.id)
+            os.replace(tmp, final)
+            try:
+                self.store.add_file(record)
+            except BaseException:
+                final.unlink(missing_ok=True)  # never a stored file without its record
+                raise
             return record
         except OSError as e:
             reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
