@@ -34,6 +34,13 @@ def chat_rows(n: int) -> bytes:
         {"role": "assistant", "content": "Zorbs are teal."}]}) + "\n" for i in range(n)).encode()
 
 
+def open_fine_tuning(data_dir, **kwargs) -> FineTuning:
+    """FineTuning.open for tests: the worker at normal CPU priority (the default, nice 19, would
+    starve it on a busy shared test machine)."""
+    kwargs.setdefault("worker_nice", 0)
+    return FineTuning.open(data_dir, **kwargs)
+
+
 def build_app(ft: FineTuning) -> FastAPI:
     app = FastAPI()
     app.include_router(files_router(ft.files))

@@ -8,7 +8,7 @@ from parallm.engine.finetune import FineTuning
 
 data_dir, model_dir, busy_file = sys.argv[1:4]
 ft = FineTuning.open(Path(data_dir), base_models={"tiny": model_dir}, checkpoint_every=1,
-                     serving_busy=lambda: Path(busy_file).exists(), max_pause_s=None)
+                     serving_busy=lambda: Path(busy_file).exists(), max_pause_s=None, worker_nice=0)
 ft.start()
 while True:
     time.sleep(1)

@@ -6,14 +6,14 @@ import httpx
 import openai
 import pytest
 
-from ft_support import LiveServer, build_app, chat_rows
+from ft_support import open_fine_tuning, LiveServer, build_app, chat_rows
 from parallm.engine.finetune import FineTuning
 from parallm.engine.finetune.files import FileStore
 
 
 @pytest.fixture
 def served(tmp_path):
-    ft = FineTuning.open(tmp_path / "data", base_models={}, max_upload_bytes=4096)  # runner not started
+    ft = open_fine_tuning(tmp_path / "data", base_models={}, max_upload_bytes=4096)  # runner not started
     with LiveServer(build_app(ft)) as server:
         yield ft, openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
     ft.shutdown()

@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from ft_support import TERMINAL, LiveServer, build_app, text_rows, wait_for, write_small_model
+from ft_support import open_fine_tuning, TERMINAL, LiveServer, build_app, text_rows, wait_for, write_small_model
 from parallm.engine.finetune import FineTuning, JobRequest, Store
 from parallm.engine.finetune.adapter_files import is_complete_adapter_dir
 
@@ -38,8 +38,9 @@ def pid_alive(pid):
 def test_cancel_while_running(model_dir, tmp_path):
     busy = threading.Event()
     ready = []
-    ft = FineTuning.open(tmp_path / "data", base_models={"tiny": str(model_dir)}, serving_busy=busy.is_set,
-                         max_pause_s=None, on_adapter_ready=lambda *a: ready.append(a))
+    ft = open_fine_tuning(tmp_path / "data", base_models={"tiny": str(model_dir)}, serving_busy=busy.is_set,
+                          max_pause_s=None, on_adapter_ready=lambda *a: ready.append(a),
+                          worker_nice=3)
     ft.start()
     try:
         with LiveServer(build_app(ft)) as server:
@@ -51,6 +52,7 @@ def test_cancel_while_running(model_dir, tmp_path):
             pid = ft.jobs.get(job.id).worker_pid
             assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
             assert metric_steps(ft.store, job.id) == [1]  # held by serving priority
+            assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 3
             assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
             wait_for(lambda: not pid_alive(pid) and ft.runner.current is None, what="the worker to stop")
             final = client.fine_tuning.jobs.retrieve(job.id)
@@ -64,7 +66,7 @@ def test_cancel_while_running(model_dir, tmp_path):
 
 def test_worker_killed_mid_job_resumes_from_checkpoint(model_dir, tmp_path):
     busy = threading.Event()
-    ft = FineTuning.open(tmp_path / "data", base_models={"tiny": str(model_dir)}, serving_busy=busy.is_set,
+    ft = open_fine_tuning(tmp_path / "data", base_models={"tiny": str(model_dir)}, serving_busy=busy.is_set,
                          max_pause_s=None, checkpoint_every=1)
     ft.start()
     try:
@@ -89,7 +91,7 @@ def test_worker_killed_mid_job_resumes_from_checkpoint(model_dir, tmp_path):
 
 
 def test_worker_killed_too_often_fails_cleanly(model_dir, tmp_path):
-    ft = FineTuning.open(tmp_path / "data", base_models={"tiny": str(model_dir)}, max_attempts=1)
+    ft = open_fine_tuning(tmp_path / "data", base_models={"tiny": str(model_dir)}, max_attempts=1)
     ft.start()
     try:
         f = ft.files.save_bytes(text_rows(4), filename="t.jsonl", purpose="fine-tune")
@@ -107,7 +109,7 @@ def test_worker_killed_too_often_fails_cleanly(model_dir, tmp_path):
 def test_service_killed_and_restarted_resumes_the_job(model_dir, tmp_path):
     data, busy_file = tmp_path / "data", tmp_path / "busy"
     store = Store(data)
-    ft0 = FineTuning.open(data, base_models={"tiny": str(model_dir)}, checkpoint_every=1)  # to create the job
+    ft0 = open_fine_tuning(data, base_models={"tiny": str(model_dir)}, checkpoint_every=1)  # to create the job
     f = ft0.files.save_bytes(text_rows(4), filename="t.jsonl", purpose="fine-tune")
     job = ft0.jobs.create(JobRequest(model="tiny", training_file=f.id, hyperparameters=EIGHT_STEPS))
     ft0.store.close()
@@ -130,7 +132,7 @@ def test_service_killed_and_restarted_resumes_the_job(model_dir, tmp_path):
     (half / "adapters.safetensors").write_bytes(b"partial")
 
     ready = []
-    ft = FineTuning.open(data, base_models={"tiny": str(model_dir)},
+    ft = open_fine_tuning(data, base_models={"tiny": str(model_dir)},
                          on_adapter_ready=lambda *a: ready.append(a))
     ft.start()
     try:

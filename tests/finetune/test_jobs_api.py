@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from ft_support import TERMINAL, LiveServer, build_app, text_rows, wait_for, write_small_model
+from ft_support import open_fine_tuning, TERMINAL, LiveServer, build_app, text_rows, wait_for, write_small_model
 from parallm.engine.finetune import FineTuning
 
 
@@ -20,7 +20,7 @@ def model_dir(tmp_path_factory):
 def finished(model_dir, tmp_path_factory):
     """One job run to the end; the tests below read what it left."""
     ready = []
-    ft = FineTuning.open(tmp_path_factory.mktemp("data"), base_models={"tiny": str(model_dir)},
+    ft = open_fine_tuning(tmp_path_factory.mktemp("data"), base_models={"tiny": str(model_dir)},
                          on_adapter_ready=lambda name, path, base: ready.append((name, path, base)),
                          checkpoint_every=2)
     ft.start()
@@ -134,7 +134,7 @@ def test_unknown_ids_and_models(finished):
 
 
 def test_pagination_and_cancel_of_queued_jobs(model_dir, tmp_path):
-    ft = FineTuning.open(tmp_path / "data", base_models={"tiny": str(model_dir)})  # runner not started
+    ft = open_fine_tuning(tmp_path / "data", base_models={"tiny": str(model_dir)})  # runner not started
     with LiveServer(build_app(ft)) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
         f = client.files.create(file=("t.jsonl", io.BytesIO(text_rows(4))), purpose="fine-tune")

@@ -1,11 +1,11 @@
 """`parallm jobs` reads the data directory's database directly."""
-from ft_support import text_rows
+from ft_support import open_fine_tuning, text_rows
 from parallm.cli import main
 from parallm.engine.finetune import FineTuning, JobRequest
 
 
 def test_parallm_jobs_lists_jobs_and_events(tmp_path, capsys):
-    ft = FineTuning.open(tmp_path, base_models={"tiny": "unused"})  # runner not started: jobs stay queued
+    ft = open_fine_tuning(tmp_path, base_models={"tiny": "unused"})  # runner not started: jobs stay queued
     f = ft.files.save_bytes(text_rows(4), filename="t.jsonl", purpose="fine-tune")
     first = ft.jobs.create(JobRequest(model="tiny", training_file=f.id))
     second = ft.jobs.create(JobRequest(model="tiny", training_file=f.id))

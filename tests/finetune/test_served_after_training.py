@@ -6,7 +6,7 @@ import io
 import mlx.core as mx
 import pytest
 
-from ft_support import TERMINAL, text_rows, wait_for, write_small_model
+from ft_support import open_fine_tuning, TERMINAL, text_rows, wait_for, write_small_model
 from parallm.engine.adapter_manager import AdapterManager
 from parallm.engine.engine import Engine, EngineConfig
 from parallm.engine.finetune import FineTuning, JobRequest
@@ -31,7 +31,7 @@ def test_fine_tuned_model_is_served_by_the_engine_when_the_job_succeeds(tmp_path
     loaded = load(str(model_dir), name="tiny")
     manager = AdapterManager("tiny", loaded.model)
     engine = Engine(loaded, EngineConfig(prefix_cache_bytes=0), adapters=manager)
-    ft = FineTuning.open(tmp_path / "data", base_models={"tiny": str(model_dir)},
+    ft = open_fine_tuning(tmp_path / "data", base_models={"tiny": str(model_dir)},
                          on_adapter_ready=lambda name, path, base: manager.load(name, path, trusted=True))
     ft.start()
     try:

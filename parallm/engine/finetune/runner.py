@@ -60,13 +60,14 @@ def worker_environment() -> dict:
 class JobRunner:
     def __init__(self, jobs: JobService, *, on_adapter_ready: Optional[AdapterReadyHook] = None,
                  serving_busy: Optional[Callable[[], bool]] = None, max_pause_s: Optional[float] = 30.0,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, python: str = sys.executable):
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, worker_nice: int = 19, python: str = sys.executable):
         self.jobs = jobs
         self.store = jobs.store
         self.on_adapter_ready = on_adapter_ready
         self.serving_busy = serving_busy
         self.max_pause_s = max_pause_s
         self.max_attempts = max_attempts
+        self.worker_nice = worker_nice
         self.python = python
         self.pause_flag = self.store.data_dir / "fine_tuning" / "serving_busy"
         self._wake = threading.Event()
@@ -154,6 +155,7 @@ class JobRunner:
             plan=job.plan, seed=job.seed, fine_tuned_model=fine_tuned_model_name(job.model, job.suffix, job.id),
             adapter_dir=str(self.jobs.adapter_dir(job.id)), checkpoints_dir=str(job_dir / "checkpoints"),
             parent_pid=os.getpid(), pause_flag=str(self.pause_flag), max_pause_s=self.max_pause_s,
+            nice=self.worker_nice,
             resume_checkpoint=ckpt.path if ckpt else None, resume_step=ckpt.step if ckpt else 0,
             resume_trained_tokens=ckpt.trained_tokens if ckpt else 0)
 

@@ -30,12 +30,12 @@ class FineTuning:
     def open(cls, data_dir: Optional[Path] = None, *, base_models: BaseModels,
              on_adapter_ready: Optional[AdapterReadyHook] = None, serving_busy: Optional[Callable[[], bool]] = None,
              max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, checkpoint_every: Optional[int] = None,
-             max_pause_s: Optional[float] = 30.0, max_attempts: int = 3) -> "FineTuning":
+             max_pause_s: Optional[float] = 30.0, max_attempts: int = 3, worker_nice: int = 19) -> "FineTuning":
         store = Store(Path(data_dir) if data_dir else default_data_dir())
         files = FileStore(store, max_upload_bytes=max_upload_bytes)
         jobs = JobService(store, files, base_models, checkpoint_every=checkpoint_every)
         runner = JobRunner(jobs, on_adapter_ready=on_adapter_ready, serving_busy=serving_busy,
-                           max_pause_s=max_pause_s, max_attempts=max_attempts)
+                           max_pause_s=max_pause_s, max_attempts=max_attempts, worker_nice=worker_nice)
         return cls(store, files, jobs, runner)
 
     def start(self) -> None:

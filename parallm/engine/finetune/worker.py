@@ -195,6 +195,8 @@ def train_job(spec: WorkerSpec, store: Store) -> None:
 def main(argv: list[str]) -> int:
     job_dir = Path(argv[0])
     spec = WorkerSpec.read(job_dir)
+    if spec.nice and hasattr(os, "nice"):
+        os.nice(spec.nice)  # before mlx starts its threads, so they all inherit it
     # One worker per job at a time: a worker orphaned by a killed parent holds this lock until
     # it notices (after its current step) and exits.
     lock = open(job_dir / "worker.lock", "w")

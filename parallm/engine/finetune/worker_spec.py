@@ -6,7 +6,8 @@ Protocol between the two processes (the only channels):
   trained_tokens / estimated_finish, and on failure writes `worker_error`. The parent owns the
   job's `status` (except that a cancel sets it) and finalises it after the worker exits.
 - The worker reads `cancel_requested` from the job row after every step.
-- `pause_flag` file: while it exists the worker waits between steps (serving has priority).
+- `pause_flag` file: while it exists the worker waits between steps (serving has priority);
+  and the worker runs at low CPU priority (`nice`), so even mid-step the server's threads win.
 - Exit status: see EXIT_* below. A signal death (e.g. kill -9) reads as a crash -> resume.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class WorkerSpec:
     parent_pid: int
     pause_flag: str
     max_pause_s: Optional[float] = None  # longest wait per step while serving is busy; None = no limit
+    nice: int = 19  # CPU niceness of the worker: mid-step, serving threads still win the CPU
     resume_checkpoint: Optional[str] = None  # an adapter dir to start from
     resume_step: int = 0
     resume_trained_tokens: int = 0
