@@ -1,6 +1,6 @@
 """TTFT of chat requests while a fine-tuning job trains, against idle, on the full server.
 
-    python loadtests/bench_finetune_ttft.py [--requests 6] [--no-priority]
+    python loadtests/bench_finetune_ttft.py [--requests 6] [--no-priority] [--worker-nice 19]
 
 One process serves the default model (create_app + AsyncEngine + the files/fine-tuning routers,
 uvicorn on 127.0.0.1). It measures the time to the first streamed token of short chat requests,
@@ -42,7 +42,8 @@ def ttft(client, model: str, question: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=6)
-    parser.add_argument("--no-priority", action="store_true")
+    parser.add_argument("--no-priority", action="store_true", help="the worker does not wait between steps")
+    parser.add_argument("--worker-nice", type=int, default=19, help="the worker's CPU niceness (default 19)")
     args = parser.parse_args()
 
     import openai
@@ -61,7 +62,8 @@ def main() -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="parallm-ft-ttft-"))
     holder = {}
     busy = None if args.no_priority else (lambda: holder["app"].state.admission.in_flight > 0)
-    ft = FineTuning.open(data_dir, base_models={loaded.name: loaded.name}, serving_busy=busy)
+    ft = FineTuning.open(data_dir, base_models={loaded.name: loaded.name}, serving_busy=busy,
+                         worker_nice=args.worker_nice)
     app = create_app(engine, ServerSettings(), routers=[files_router(ft.files), fine_tuning_router(ft.jobs)])
     holder["app"] = app
     with socket.socket() as s:
@@ -101,7 +103,7 @@ def main() -> int:
     idle = idle_before + idle_after
     med = statistics.median
     print(json.dumps({"idle_before_s": idle_before, "during_training_s": during, "idle_after_s": idle_after}))
-    print(f"priority: {'off' if args.no_priority else 'on'}; median TTFT idle {med(idle) * 1000:.0f} ms, "
+    print(f"pause between steps: {'off' if args.no_priority else 'on'}, worker nice {args.worker_nice}; median TTFT idle {med(idle) * 1000:.0f} ms, "
           f"during training {med(during) * 1000:.0f} ms (n={len(during)}), ratio {med(during) / med(idle):.2f}")
     return 0
 
