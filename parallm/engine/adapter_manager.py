@@ -14,6 +14,10 @@ Invariants
   keep it until their `release`; the last release frees its slot.
 - Slot 0 means "no adapter". Freed slots are reused (the uninstall is queued before any install
   that reuses the slot, and the queue is applied in order).
+- `acquire` returns a *key* unique to this load of the adapter ("name#n"). The engine keys rows
+  (and its prefix cache: LoRA changes K/V) by it, so an adapter unloaded and loaded again under
+  the same name never meets K/V computed with the old weights. `bind_rows` and `release` take
+  keys or plain names.
 """
 from __future__ import annotations
 
@@ -72,6 +76,7 @@ class AdapterInfo:
 @dataclass
 class _Entry:
     name: str
+    key: str  # unique per load: "name#n"
     weights: AdapterWeights
     slot: int
     created: int
@@ -105,6 +110,7 @@ class AdapterManager:
         self._entries: dict[str, _Entry] = {}  # every adapter holding a slot, unloading ones included
         self._free_slots: list[int] = []
         self._next_slot = NO_ADAPTER_SLOT + 1
+        self._loads = 0  # makes each load's key unique
         self._pending: deque[_Install | _Uninstall] = deque()  # applied in order by the worker
         self._binding: Optional[LoRARowBinding] = None
 
@@ -132,7 +138,9 @@ class AdapterManager:
                     f"{self.base_name} already serves {len(self._entries)} adapters, the maximum; "
                     "unload one first.", "too_many_adapters"))
             slot = self._free_slots.pop(0) if self._free_slots else self._take_new_slot()
-            entry = _Entry(name=name, weights=weights, slot=slot, created=int(time.time()))
+            self._loads += 1
+            entry = _Entry(name=name, key=f"{name}#{self._loads}", weights=weights, slot=slot,
+                           created=int(time.time()))
             self._entries[name] = entry
             self._pending.append(_Install(slot, weights))
             return self._info(entry)
@@ -161,19 +169,20 @@ class AdapterManager:
         with self._lock:
             return [self._info(e) for e in sorted(self._entries.values(), key=lambda e: e.created)]
 
-    def acquire(self, name: str) -> None:
-        """A request for `name` is admitted: keep the adapter until `release`. UnknownModel when the
-        name is not servable."""
+    def acquire(self, name: str) -> str:
+        """A request for `name` is admitted: keep the adapter until `release`. Returns the key of
+        this load (use it for bind_rows, release and caches). UnknownModel when not servable."""
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or entry.unloading:
                 raise UnknownModel(name, self._servable_names())
             entry.refs += 1
+            return entry.key
 
-    def release(self, name: str) -> None:
-        """The request that acquired `name` finished or was aborted."""
+    def release(self, name_or_key: str) -> None:
+        """The request that acquired the adapter finished or was aborted."""
         with self._lock:
-            entry = self._entries.get(name)
+            entry = self._lookup(name_or_key)
             if entry is None or entry.refs == 0:
                 return  # tolerate a double release; never free twice
             entry.refs -= 1
@@ -199,9 +208,9 @@ class AdapterManager:
                 uninstall_adapter(self._model, op.slot)
 
     def bind_rows(self, adapter_per_row: Sequence[Optional[str]]) -> None:
-        """Before a forward: tell every adapted layer which adapter each batch row uses (None or ""
-        = the base model). Applies queued loads/unloads first. A name without a slot raises
-        UnknownModel (the engine should have acquired it)."""
+        """Before a forward: tell every adapted layer which adapter each batch row uses (a key from
+        acquire or a name; None or "" = the base model). Applies queued loads/unloads first. An
+        adapter without a slot raises UnknownModel (the engine should have acquired it)."""
         self.apply_pending()
         if not any(adapter_per_row):
             if self._binding is not None:
@@ -213,9 +222,9 @@ class AdapterManager:
                 if not name:
                     slots.append(NO_ADAPTER_SLOT)
                     continue
-                entry = self._entries.get(name)
+                entry = self._lookup(name)
                 if entry is None:
-                    raise UnknownModel(name, self._servable_names())
+                    raise UnknownModel(name.split("#")[0], self._servable_names())
                 slots.append(entry.slot)
         if self._binding is None:  # only possible if every adapter was unloaded before install
             return
@@ -234,6 +243,14 @@ class AdapterManager:
             state = " (unloading, waiting for its requests to finish)" if self._entries[name].unloading else ""
             raise AdapterNameInvalid(f"An adapter named '{name}' is already loaded{state}; unload it "
                                      "first or choose another name.", "adapter_already_loaded")
+
+    def _lookup(self, name_or_key: str) -> Optional[_Entry]:
+        """The entry for a name, or for a key of the *current* load of that name."""
+        name = name_or_key.split("#", 1)[0]
+        entry = self._entries.get(name)
+        if entry is None or (name_or_key != name and entry.key != name_or_key):
+            return None
+        return entry
 
     def _take_new_slot(self) -> int:
         slot = self._next_slot

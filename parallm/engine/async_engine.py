@@ -122,6 +122,20 @@ class AsyncEngine:
     def model_names(self) -> list[str]:
         return [self._name]
 
+    def adapter_parent(self, name: str) -> Optional[str]:
+        """The base model a servable LoRA adapter runs on, or None (not an adapter here)."""
+        adapters = self.engine.adapters
+        if adapters is not None and hasattr(adapters, "has_adapter") and adapters.has_adapter(name):
+            return self._name
+        return None
+
+    def adapter_infos(self) -> list:
+        """Servable adapters (AdapterInfo: name, parent, path, ...) for /v1/models."""
+        adapters = self.engine.adapters
+        if adapters is None or not hasattr(adapters, "list"):
+            return []
+        return [a for a in adapters.list() if not a.unloading]
+
     def tokenizer(self, model: str) -> Any:
         return self.engine.tokenizer
 

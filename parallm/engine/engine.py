@@ -99,10 +99,16 @@ class Engine:
     def add_request(self, req: EngineRequest) -> None:
         """Queue a validated request (call validate() first)."""
         p = req.sampling
+        adapter_key = req.adapter
+        if req.adapter is not None and hasattr(self.adapters, "acquire"):
+            # Held until the request's last choice closes (finish or abort): an unload meanwhile
+            # only stops new requests (AdapterManager's reference count). The key is unique per
+            # load, so the prefix cache never mixes K/V of two adapters loaded under one name.
+            adapter_key = self.adapters.acquire(req.adapter) or req.adapter
         seqs, choices = [], []
         for i in range(p.n):
             seq = Sequence(f"{req.request_id}/{i}", req.request_id, i, list(req.prompt_token_ids), p,
-                           req.adapter, leader=seqs[0] if seqs else None)
+                           adapter_key, leader=seqs[0] if seqs else None)
             seqs.append(seq)
             choices.append(ChoiceOutput(p, self.tokenizer, self._eos_ids))
             self.scheduler.add(seq)
@@ -167,6 +173,8 @@ class Engine:
                               max(s.num_cached for s in state.seqs))
             out.times = state.times
             del self._requests[seq.request_id]
+            if state.request.adapter is not None and hasattr(self.adapters, "release"):
+                self.adapters.release(state.seqs[0].adapter)
         return out
 
     def _logprobs(self, seq: Sequence, sampled: SampledToken) -> Optional[list[TokenLogprob]]:

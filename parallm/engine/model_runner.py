@@ -18,10 +18,23 @@ import mlx.core as mx
 
 from parallm.engine.kv_cache import BatchedKVCache, KVShape, PassLayout
 from parallm.engine.prefix_cache import PrefixCache
-from parallm.engine.scheduler import RunnerOutput, SampledToken, SchedulerOutput
+from parallm.engine.scheduler import PrefillChunk, RunnerOutput, SampledToken, SchedulerOutput
 from parallm.engine.sampler import BatchSampler, choice_seed
 
 KV_LEN_STEP = 32  # attention length is rounded up to this (fewer distinct shapes)
+PAD_TOLERANCE = 0.75  # a prefill pass takes chunks at least this fraction of its longest one
+
+
+def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Split prefill chunks into passes of similar length: a pass is right-padded to its longest
+    chunk, so mixing a 16-token chunk with a 128-token one would compute 112 padding tokens."""
+    groups: list[list[PrefillChunk]] = []
+    for c in sorted(chunks, key=lambda c: -len(c.token_ids)):
+        if groups and len(c.token_ids) >= PAD_TOLERANCE * len(groups[-1][0].token_ids):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    return [sorted(g, key=lambda c: c.slot) for g in groups]
 
 
 class ModelRunner:
@@ -42,8 +55,8 @@ class ModelRunner:
                 self.cache.free_slot(slot)
         for row in out.new_rows:
             self._admit(row)
-        if out.prefill:
-            self._prefill(out)
+        for group in _length_groups(out.prefill):
+            self._prefill(group)
         sampled: dict[str, SampledToken] = {}
         if out.decode:
             sampled = self._decode(out)
@@ -70,8 +83,7 @@ class ModelRunner:
             self.adapters.bind_rows([self._rows[s][1] if s in self._rows else None for s in slots])
 
     # ---- passes ------------------------------------------------------------------------------
-    def _prefill(self, out: SchedulerOutput) -> None:
-        chunks = out.prefill
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
         width = max(len(c.token_ids) for c in chunks)
         tokens = mx.array([c.token_ids + [0] * (width - len(c.token_ids)) for c in chunks], dtype=mx.int32)
         offsets = [c.offset for c in chunks]

@@ -283,6 +283,8 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "parallm"
+    root: Optional[str] = None  # base model: its name; adapter: its directory (vLLM)
+    parent: Optional[str] = None  # adapter: the base model it runs on
 
 
 class ModelList(BaseModel):

@@ -136,18 +136,30 @@ class OpenAIServing:
     # ---- models ---------------------------------------------------------------------------------
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name) for name in self.engine.model_names()])
+        cards = [ModelCard(id=name, root=name) for name in self.engine.model_names()]
+        # LoRA adapters are listed as models whose parent is their base model (vLLM's convention).
+        adapter_infos = getattr(self.engine, "adapter_infos", None)
+        for a in adapter_infos() if adapter_infos else []:
+            cards.append(ModelCard(id=a.name, created=a.created, root=a.path, parent=a.parent))
+        return ModelList(data=cards)
 
-    def _resolve_model(self, name: str) -> str:
+    def _resolve_model(self, name: str) -> tuple[str, Optional[str]]:
+        """(base model, adapter or None). `"model": "<adapter name>"` runs the adapter's base model
+        with that adapter, as in vLLM."""
         names = self.engine.model_names()
-        if name not in names:
-            raise UnknownModel(name, names)
-        return name
+        if name in names:
+            return name, None
+        adapter_parent = getattr(self.engine, "adapter_parent", None)
+        parent = adapter_parent(name) if adapter_parent else None
+        if parent is not None:
+            return parent, name
+        adapter_infos = getattr(self.engine, "adapter_infos", None)
+        raise UnknownModel(name, names + [a.name for a in (adapter_infos() if adapter_infos else [])])
 
     # ---- routes ---------------------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
-        model = self._resolve_model(body.model)
+        model, adapter = self._resolve_model(body.model)
         tokenizer = self.engine.tokenizer(model)
         prompt = chat_prompt(tokenizer, body, model)
         top = body.top_logprobs or 0
@@ -155,7 +167,7 @@ class OpenAIServing:
                                  None, body.logprobs, top)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [EngineRequest(request_id=response_id, prompt_token_ids=prompt.token_ids, sampling=params,
-                                  model=model)]
+                                  model=model, adapter=adapter)]
         if body.stream:
             return self._stream(requests, raw, self._chat_chunks(body, response_id, model, requests))
         collected = await self._collect(requests, raw, n=body.n)
@@ -169,7 +181,7 @@ class OpenAIServing:
                                                    usage=usage_info(collected.usages)).model_dump())
 
     async def completions(self, body: CompletionRequest, raw: Request) -> Response:
-        model = self._resolve_model(body.model)
+        model, adapter = self._resolve_model(body.model)
         tokenizer = self.engine.tokenizer(model)
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported.", param="echo")
@@ -183,7 +195,7 @@ class OpenAIServing:
             params = sampling_params(body, prompt, context, len(tokenizer), DEFAULT_COMPLETION_MAX_TOKENS,
                                      body.logprobs is not None, body.logprobs or 0)
             requests.append(EngineRequest(request_id=f"{response_id}-{i}", prompt_token_ids=prompt.token_ids,
-                                          sampling=params, model=model))
+                                          sampling=params, model=model, adapter=adapter))
         echo = [prompt_text(tokenizer, p) if body.echo else "" for p in prompts]
         if body.stream:
             return self._stream(requests, raw, self._completion_chunks(body, response_id, model, requests, echo))

@@ -44,7 +44,8 @@ def test_mixed_rows_through_manager_match_mlx_lm(tiny_model_dir, base, manager, 
 def test_unload_while_in_flight(tiny_model_dir, base, manager, make_adapter):
     x_dir = make_adapter("x", seed=1)
     manager.load("x", "x")
-    manager.acquire("x")  # the engine admitted a request for x
+    key = manager.acquire("x")  # the engine admitted a request for x
+    assert key.startswith("x#")
     cache = make_prompt_cache(base)
     tokens, got = mx.array([PROMPTS[0]]), []
     for step in range(6):
@@ -55,13 +56,13 @@ def test_unload_while_in_flight(tiny_model_dir, base, manager, make_adapter):
                 manager.acquire("x")  # a new request
             assert e.value.status == 404
             assert [a.unloading for a in manager.list()] == [True]
-        manager.bind_rows(["x"])
+        manager.bind_rows([key])
         nxt = mx.argmax(base(tokens, cache=cache)[:, -1, :], axis=-1)
         got.append(nxt.item())
         tokens = nxt[:, None]
     assert got == reference(tiny_model_dir, x_dir, PROMPTS[0])[0][0]  # in-flight kept its adapter
     assert manager.list()[0].active_requests == 1
-    manager.release("x")  # last request done -> freed
+    manager.release(key)  # last request done -> freed
     assert manager.list() == []
     manager.bind_rows([None])  # the worker applies the uninstall between steps
     assert all(not layer.slots for layer in multi_lora_layers(base).values())
@@ -76,6 +77,13 @@ def test_unload_idle_frees_at_once_and_slot_is_reused(manager, make_adapter):
     assert manager.list() == [] and not manager.has_adapter("x")
     again = manager.load("y", "y")
     assert again.slot == first.slot
+    manager.unload("y")
+    again = manager.load("y", "y")  # the same name again: a new key, so caches cannot mix them
+    key = manager.acquire("y")
+    assert key != "y#2" and key.startswith("y#")
+    manager.release("y#2")  # a stale key of the previous load releases nothing
+    assert manager.list()[0].active_requests == 1
+    manager.release(key)
     manager.bind_rows(["y"])  # uninstall(x) then install(y) in order; y is live in that slot
     layers = multi_lora_layers(manager._model)
     assert all(layer.slots == {again.slot} for layer in layers.values())

@@ -1,0 +1,196 @@
+"""parallm's engine vs mlx-lm's BatchGenerator: same model, same process, same prompts.
+
+For each batch size, both generate `--gen` tokens (greedy, no EOS stop) for `batch` prompts of
+mixed lengths, submitted together; generated tok/s = generated tokens / wall time from submit to
+the last token (prefill included). Baseline and candidate are interleaved round by round so the
+ratio survives a noisy machine; the best round of each is kept.
+
+    python loadtests/bench_engine.py --batches 1 8 32 --gen 64 --json out.json
+    parallm bench engine --batches 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class Row:
+    batch: int
+    mlx_lm_tok_s: float
+    parallm_tok_s: float
+    ratio: float
+    generated_tokens: int
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model spec for parallm.models.load (default model if unset)")
+    p.add_argument("--random-llama", choices=["135m", "1b", "8b"], default=None,
+                   help="instead of --model: a random-weight Llama of this shape (no download)")
+    p.add_argument("--dtype", default="float32", help="dtype for --random-llama")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    p.add_argument("--gen", type=int, default=64, help="tokens generated per sequence")
+    p.add_argument("--gen-min", type=int, default=None,
+                   help="if set, each sequence generates a random count in [gen-min, gen] (same for both)")
+    p.add_argument("--prompt-min", type=int, default=16)
+    p.add_argument("--prompt-max", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+
+
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "135m": (576, 30, 9, 3, 1536, 49152),
+    "1b": (2048, 16, 32, 8, 8192, 128256),
+    "8b": (4096, 32, 32, 8, 14336, 128256),
+}
+
+
+@dataclass
+class _Loaded:
+    model: object
+    tokenizer: object
+    context_length: int
+    name: str
+    config: dict
+
+
+def _load(args):
+    import mlx.core as mx
+
+    if args.random_llama is None:
+        from parallm.models import load
+
+        return load(args.model, device=args.device)
+    from mlx_lm.models import llama
+
+    h, n_layers, heads, kv, inter, vocab = SHAPES[args.random_llama]
+    config = dict(model_type="llama", vocab_size=vocab, hidden_size=h, num_hidden_layers=n_layers,
+                  intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                  rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=args.random_llama == "135m",
+                  max_position_embeddings=8192)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    dtype = getattr(mx, args.dtype)
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+
+    class _NoTokenizer:  # detokenizing random ids is not what this measures
+        eos_token_ids: list = []
+
+        def decode(self, ids, **kw):
+            return ""
+
+    return _Loaded(model, _NoTokenizer(), 8192, f"random-llama-{args.random_llama}", config)
+
+
+def _prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 1) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def run_mlx_lm(model, prompts: list[list[int]], gen: list[int]) -> tuple[float, int]:
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    bg = BatchGenerator(model, max_tokens=max(gen), completion_batch_size=len(prompts),
+                        prefill_batch_size=min(8, len(prompts)))
+    t0 = time.perf_counter()
+    bg.insert(prompts, max_tokens=list(gen))
+    done, generated = 0, 0
+    while done < len(prompts):
+        for r in bg.next_generated():
+            generated += 1
+            done += r.finish_reason is not None
+    mx.synchronize()
+    elapsed = time.perf_counter() - t0
+    bg.close()
+    return elapsed, generated
+
+
+def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_tokens: int) -> tuple[float, int]:
+    import mlx.core as mx
+
+    from parallm.engine.engine import Engine, EngineConfig
+    from parallm.engine.types import EngineRequest, SamplingParams
+
+    engine = Engine(loaded, EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=max_batched_tokens,
+                                         prefix_cache_bytes=0))
+    t0 = time.perf_counter()
+    for i, (p, g) in enumerate(zip(prompts, gen)):
+        engine.add_request(EngineRequest(f"b{i}", p, SamplingParams(max_tokens=g, temperature=0.0, ignore_eos=True)))
+    generated = 0
+    while engine.has_unfinished():
+        for o in engine.step().outputs:
+            generated += len(o.token_ids)
+    mx.synchronize()
+    return time.perf_counter() - t0, generated
+
+
+def measure(args) -> list[Row]:
+    import mlx.core as mx
+
+    loaded = _load(args)
+    vocab = int(loaded.config.get("vocab_size", 32000))
+    rows = []
+    for batch in args.batches:
+        prompts = _prompts(batch, args.prompt_min, args.prompt_max, vocab, seed=batch)
+        rng = random.Random(batch)
+        gens = [rng.randint(args.gen_min, args.gen) if args.gen_min else args.gen for _ in prompts]
+        best_base, best_ours, gen_count = float("inf"), float("inf"), 0
+        # a short warm-up of each, so one-time costs (kernels, allocations) are not timed
+        run_mlx_lm(loaded.model, prompts[:2], [4, 4])
+        run_parallm(loaded, prompts[:2], [4, 4], args.max_batched_tokens)
+        for _ in range(args.rounds):
+            t, n_base = run_mlx_lm(loaded.model, prompts, gens)
+            best_base = min(best_base, t)
+            mx.clear_cache()
+            t, n_ours = run_parallm(loaded, prompts, gens, args.max_batched_tokens)
+            best_ours = min(best_ours, t)
+            mx.clear_cache()
+            if n_base != n_ours:
+                raise RuntimeError(f"token counts differ: mlx-lm {n_base}, parallm {n_ours}")
+            gen_count = n_ours
+        base, ours = gen_count / best_base, gen_count / best_ours
+        row = Row(batch, round(base, 1), round(ours, 1), round(ours / base, 3), gen_count)
+        print(f"batch {batch:4d}: mlx-lm {row.mlx_lm_tok_s:9.1f} tok/s   parallm {row.parallm_tok_s:9.1f} tok/s"
+              f"   ratio {row.ratio:.2f}x", flush=True)
+        rows.append(row)
+    return rows
+
+
+def run(args) -> int:
+    import mlx.core as mx
+
+    rows = measure(args)
+    meta = dict(device=str(mx.default_device()), model=args.random_llama or args.model or "default",
+                dtype=args.dtype if args.random_llama else "as loaded", gen=args.gen, gen_min=args.gen_min,
+                prompt_len=[args.prompt_min, args.prompt_max], rounds=args.rounds,
+                mlx=mx.__version__)
+    print("\n| batch | mlx-lm BatchGenerator tok/s | parallm tok/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r.batch} | {r.mlx_lm_tok_s} | {r.parallm_tok_s} | {r.ratio:.2f}x |")
+    result = dict(meta=meta, rows=[asdict(r) for r in rows])
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import parallm  # noqa: F401  preloads OpenBLAS before mlx
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
