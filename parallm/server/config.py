@@ -1,7 +1,6 @@
 """ServerSettings: one dataclass, filled from defaults < TOML file < PARALLM_* env vars < command line."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -26,9 +25,10 @@ class ServerSettings:
     port: int = 8000
     device: str = "auto"  # auto | cpu | gpu
     max_num_seqs: int = 64  # rows the engine runs at once
-    max_num_batched_tokens: int = 2048  # tokens per engine step (prefill chunks + decodes)
+    max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     max_queue: int = 256  # requests that may wait for a row; past it, 429
-    kv_cache_bytes: Optional[int] = None  # KV budget; None lets the engine choose
+    kv_budget_bytes: Optional[int] = None  # KV of all running sequences; None: the engine's default
+    prefix_cache_bytes: Optional[int] = None  # 0 turns the prefix cache off; None: the engine's default
     api_key: Optional[str] = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     max_body_bytes: int = 8 * 1024 * 1024
@@ -116,7 +116,3 @@ def load_settings(cli: Mapping[str, Any], config_file: Optional[str] = None,
         return ServerSettings(**merged)
     except TypeError as e:
         raise ConfigError(str(e)) from None
-
-
-def settings_fields() -> list[dataclasses.Field]:
-    return list(fields(ServerSettings))

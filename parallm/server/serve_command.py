@@ -17,9 +17,10 @@ _OPTIONS = {
     "port": (int, "port (default 8000)"),
     "device": (str, "auto | cpu | gpu (default auto)"),
     "max_num_seqs": (int, "sequences the engine runs at once (default 64)"),
-    "max_num_batched_tokens": (int, "tokens per engine step (default 2048)"),
+    "max_num_batched_tokens": (int, "tokens per engine step: prefill chunks plus decodes (default 512)"),
     "max_queue": (int, "requests that may wait for a free row; past it the server answers 429 (default 256)"),
-    "kv_cache_bytes": (int, "KV cache budget in bytes (default: the engine chooses)"),
+    "kv_budget_bytes": (int, "KV cache budget of all running sequences, in bytes (default: the engine's, 2 GiB)"),
+    "prefix_cache_bytes": (int, "prefix cache size in bytes; 0 turns it off (default: the engine's, 256 MiB)"),
     "api_key": (str, "require 'Authorization: Bearer KEY' on /v1/* (also PARALLM_API_KEY)"),
     "drain_timeout": (float, "seconds requests in flight may take to finish after SIGTERM (default 30)"),
     "max_body_bytes": (int, "largest request body accepted, in bytes (default 8 MiB)"),
@@ -38,12 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_engine(settings: ServerSettings):
     """Load the model and wrap it in the engine. Raises ModelLoadError with a readable message."""
     from parallm.engine.async_engine import AsyncEngine
+    from parallm.engine.engine import EngineConfig
     from parallm.models import load
 
     loaded = load(settings.model, device=settings.device, name=settings.served_model_name)
-    return AsyncEngine.from_loaded(loaded, max_num_seqs=settings.max_num_seqs,
-                                   max_num_batched_tokens=settings.max_num_batched_tokens,
-                                   max_queue=settings.max_queue, kv_cache_bytes=settings.kv_cache_bytes)
+    return AsyncEngine(loaded, engine_config(settings, EngineConfig))
+
+
+def engine_config(settings: ServerSettings, config_class):
+    """The engine's settings from ours; a setting left unset keeps the engine's default."""
+    values = dict(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                  max_queue=settings.max_queue)
+    if settings.kv_budget_bytes is not None:
+        values["kv_budget_bytes"] = settings.kv_budget_bytes
+    if settings.prefix_cache_bytes is not None:
+        values["prefix_cache_bytes"] = settings.prefix_cache_bytes
+    return config_class(**values)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,10 +65,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"parallm serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from parallm.models import ModelLoadError
+
     try:
         engine = build_engine(settings)
-    except Exception as e:  # a model that cannot load: say which and why, exit non-zero
+    except ModelLoadError as e:  # the input's fault: say which model and why
         print(f"parallm serve: cannot load model {settings.model or '(default)'}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # ours or the platform's: still a clear line and a non-zero exit
+        log.debug("load failed", exc_info=True)
+        print(f"parallm serve: loading model {settings.model or '(default)'} failed: {type(e).__name__}: {e}",
+              file=sys.stderr)
         return 1
     from parallm.server.app import create_app
     from parallm.server.runner import run_server

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 import anyio
 from fastapi import Request
@@ -23,10 +23,11 @@ from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
 from parallm.server.admission import Admission
 from parallm.server.errors import engine_error_payload
 from parallm.server.prompts import Prompt, chat_prompt, check_token_ids, completion_prompt, prompt_text
-from parallm.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                     ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice,
-                                     CompletionRequest, CompletionResponse, ModelCard, ModelList, SamplingFields)
+from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
+                                     CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
+                                     SamplingFields)
 from parallm.server.responses import Collected, chat_logprobs, completion_logprobs, usage_info
+from parallm.server.streaming import ChunkWriter, batches, coalesce, sse
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 
@@ -251,7 +252,7 @@ class OpenAIServing:
                     await self._abort_all(requests)
             ticket.release()
 
-    def _stream(self, requests: list[EngineRequest], raw: Request, chunks: AsyncIterator[Union[str, dict]]) -> Response:
+    def _stream(self, requests: list[EngineRequest], raw: Request, chunks: AsyncIterator[bytes]) -> Response:
         ticket = self._admit(requests)
 
         async def close() -> None:
@@ -261,56 +262,58 @@ class OpenAIServing:
 
         return ReleasingEventSource(self._guard_stream(chunks), on_close=close, ping=15)
 
-    async def _guard_stream(self, chunks: AsyncIterator[Union[str, dict]]) -> AsyncIterator[str]:
-        """Frame chunks as SSE data; an engine error mid-stream becomes an error event; end with [DONE]."""
+    async def _guard_stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """An engine error mid-stream becomes an error event; the stream always ends with [DONE]."""
         try:
             async for chunk in chunks:
                 yield chunk
         except EngineError as e:
-            yield json.dumps(engine_error_payload(e))
-        yield "[DONE]"
+            yield sse([json.dumps(engine_error_payload(e))])
+        yield sse(["[DONE]"])
+
+    def _output_batches(self, requests: list[EngineRequest]):
+        return batches(merged_outputs([self.engine.generate(r) for r in requests]))
 
     async def _chat_chunks(self, body: ChatCompletionRequest, response_id: str, model: str,
-                           requests: list[EngineRequest]) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
-            return ChatCompletionChunk(id=response_id, model=model, choices=choices, usage=usage).model_dump_json()
-
-        for i in range(body.n):
-            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+                           requests: list[EngineRequest]) -> AsyncIterator[bytes]:
+        writer = ChunkWriter(response_id, model, "chat")
+        yield sse([writer.chunk([writer.choice(i, "", role="assistant")]) for i in range(body.n)])
         usages = []
-        async for _, out in merged_outputs([self.engine.generate(r) for r in requests]):
-            if out.text or out.logprobs or out.finish_reason:
-                logprobs = chat_logprobs(out.logprobs or []) if body.logprobs else None
-                delta = ChatDelta(content=out.text) if (out.text or out.logprobs) else ChatDelta()
-                yield chunk([ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs,
-                                             finish_reason=out.finish_reason)])
-            if out.finished and out.usage is not None:
-                usages.append(out.usage)
+        async for batch in self._output_batches(requests):
+            payloads = []
+            for index, out in coalesce(batch, body.n):
+                if out.text or out.logprobs or out.finish_reason:
+                    logprobs = chat_logprobs(out.logprobs or []).model_dump() if body.logprobs else None
+                    text = out.text if (out.text or out.logprobs) else None
+                    payloads.append(writer.chunk([writer.choice(index, text, out.finish_reason, logprobs)]))
+                if out.finished and out.usage is not None:
+                    usages.append(out.usage)
+            if payloads:
+                yield sse(payloads)
         if body.include_usage_in_stream():
-            yield chunk([], usage=usage_info(usages))
+            yield sse([writer.chunk([], usage=usage_info(usages))])
 
     async def _completion_chunks(self, body: CompletionRequest, response_id: str, model: str,
-                                 requests: list[EngineRequest], echo: list[str]) -> AsyncIterator[str]:
-        def chunk(choices: list[CompletionChoice], usage=None) -> str:
-            return CompletionResponse(id=response_id, model=model, choices=choices, usage=usage).model_dump_json()
-
+                                 requests: list[EngineRequest], echo: list[str]) -> AsyncIterator[bytes]:
+        writer = ChunkWriter(response_id, model, "completion")
         offsets: dict[int, int] = {}  # choice index -> characters sent so far (for logprobs text_offset)
         if body.echo:
             for index in range(len(requests) * body.n):
-                prefix = echo[index // body.n]
-                offsets[index] = len(prefix)
-                yield chunk([CompletionChoice(index=index, text=prefix)])
+                offsets[index] = len(echo[index // body.n])
+            yield sse([writer.chunk([writer.choice(i, echo[i // body.n])]) for i in range(len(requests) * body.n)])
         usages = []
-        async for prompt_index, out in merged_outputs([self.engine.generate(r) for r in requests]):
-            index = prompt_index * body.n + out.index
-            if out.text or out.logprobs or out.finish_reason:
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = completion_logprobs(out.logprobs or [], offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + len(out.text)
-                yield chunk([CompletionChoice(index=index, text=out.text, logprobs=logprobs,
-                                              finish_reason=out.finish_reason)])
-            if out.finished and out.usage is not None:
-                usages.append(out.usage)
+        async for batch in self._output_batches(requests):
+            payloads = []
+            for index, out in coalesce(batch, body.n):
+                if out.text or out.logprobs or out.finish_reason:
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = completion_logprobs(out.logprobs or [], offsets.get(index, 0)).model_dump()
+                    offsets[index] = offsets.get(index, 0) + len(out.text)
+                    payloads.append(writer.chunk([writer.choice(index, out.text, out.finish_reason, logprobs)]))
+                if out.finished and out.usage is not None:
+                    usages.append(out.usage)
+            if payloads:
+                yield sse(payloads)
         if body.include_usage_in_stream():
-            yield chunk([], usage=usage_info(usages))
+            yield sse([writer.chunk([], usage=usage_info(usages))])

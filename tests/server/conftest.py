@@ -59,3 +59,16 @@ def start_server(engine, **settings) -> LiveServer:
 def hf_tokenizer():
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    """The tiny random Llama through the real loader, named 'tiny'."""
+    from parallm.models import load
+    return load(str(tiny_model_dir), device="cpu", name="tiny")
+
+
+def real_engine(loaded, **config):
+    from parallm.engine.async_engine import AsyncEngine
+    from parallm.engine.engine import EngineConfig
+    return AsyncEngine(loaded, EngineConfig(**config))

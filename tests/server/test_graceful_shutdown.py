@@ -16,9 +16,12 @@ from tests.server.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start(port: int, token_delay: float, drain_timeout: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.server.serve_fake", str(port), str(token_delay),
-                             str(drain_timeout)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def start(model_dir: Path, port: int, drain_timeout: float) -> subprocess.Popen:
+    """`parallm serve` on the tiny model, as a user would run it."""
+    proc = subprocess.Popen([sys.executable, "-m", "parallm", "serve", "--model", str(model_dir),
+                             "--served-model-name", "tiny", "--port", str(port), "--device", "cpu",
+                             "--drain-timeout", str(drain_timeout), "--log-level", "warning"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -51,13 +54,13 @@ def sse_finish_reasons(lines: list) -> list:
             for c in json.loads(d)["choices"] if c["finish_reason"]]
 
 
-def test_sigterm_drains_requests_in_flight_then_exits_0():
+def test_sigterm_drains_requests_in_flight_then_exits_0(tiny_model_dir):
     port = free_port()
-    proc = start(port, token_delay=0.05, drain_timeout=30)
+    proc = start(tiny_model_dir, port, drain_timeout=120)
     base = f"http://127.0.0.1:{port}"
     try:
         first, sink = threading.Event(), []
-        body = {"model": "tiny", "prompt": "drain me", "max_tokens": 30, "stream": True}  # ~1.5 s of tokens
+        body = {"model": "tiny", "prompt": "drain me", "max_tokens": 1500, "ignore_eos": True, "stream": True}
         t = stream_in_thread(base + "/v1/completions", body, first, sink)
         assert first.wait(30)
         proc.send_signal(signal.SIGTERM)
@@ -69,7 +72,8 @@ def test_sigterm_drains_requests_in_flight_then_exits_0():
             time.sleep(0.05)
         assert r.json()["error"]["code"] == "draining"
         assert httpx.get(base + "/health").json()["status"] == "draining"
-        t.join(60)
+        assert t.is_alive() and sink[-1] != "[DONE]"  # the stream was still in flight when 503s began
+        t.join(120)
         assert sink[0] == 200 and sink[-1] == "[DONE]"
         assert sse_finish_reasons(sink) == ["length"]  # it ran to its end, not cut off
         assert proc.wait(30) == 0
@@ -79,18 +83,19 @@ def test_sigterm_drains_requests_in_flight_then_exits_0():
             proc.wait()
 
 
-def test_sigint_past_the_drain_timeout_aborts_what_is_left_and_exits_0():
+def test_sigint_past_the_drain_timeout_aborts_what_is_left_and_exits_0(tiny_model_dir):
     port = free_port()
-    proc = start(port, token_delay=0.05, drain_timeout=0.5)
+    proc = start(tiny_model_dir, port, drain_timeout=0.2)
     base = f"http://127.0.0.1:{port}"
     try:
         first, sink = threading.Event(), []
-        body = {"model": "tiny", "prompt": "too long", "max_tokens": 2000, "stream": True}  # ~100 s
+        body = {"model": "tiny", "prompt": "too long", "max_tokens": 2000, "ignore_eos": True, "stream": True}
         t = stream_in_thread(base + "/v1/completions", body, first, sink)
         assert first.wait(30)
         proc.send_signal(signal.SIGINT)
         t.join(60)
         assert sink[-1] == "[DONE]" and sse_finish_reasons(sink) == ["abort"]
+        assert len(sink) - 2 < 2000  # status + [DONE] aside, it was cut short
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
