@@ -49,12 +49,12 @@ def build_app(ft: FineTuning) -> FastAPI:
 
 
 class LiveServer:
-    def __init__(self, app: FastAPI):
+    def __init__(self, app: FastAPI, lifespan: str = "off"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off"))
+                                                    lifespan=lifespan))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

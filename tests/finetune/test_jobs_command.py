@@ -1,7 +1,18 @@
 """`parallm jobs` reads the data directory's database directly."""
 from ft_support import open_fine_tuning, text_rows
-from parallm.cli import main
+import argparse
+
+from parallm.cli import SUBCOMMANDS
+from parallm.engine.finetune import jobs_command
 from parallm.engine.finetune import FineTuning, JobRequest
+
+
+def main(argv):
+    """`parallm jobs ...` (through its own parser: the CLI builds every subcommand's parser)."""
+    assert argv[0] == "jobs" and SUBCOMMANDS["jobs"][0] == jobs_command.__name__
+    parser = argparse.ArgumentParser()
+    jobs_command.add_arguments(parser)
+    return jobs_command.run(parser.parse_args(argv[1:]))
 
 
 def test_parallm_jobs_lists_jobs_and_events(tmp_path, capsys):
