@@ -30,7 +30,7 @@ def served(tmp_path):
                           serving_busy=lambda: holder["app"].state.admission.in_flight > 0)
     app = create_app(engine, ServerSettings(), routers=[files_router(ft.files), fine_tuning_router(ft.jobs)])
     holder["app"] = app
-    with LiveServer(app, lifespan="on"):  # the engine starts with the app
+    with LiveServer(app, lifespan="on") as server:  # the engine starts with the app
         ft.start()
         yield openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0), ft, model_dir
         ft.shutdown()
