@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "info": ("parallm.models.info_command", "load a model and print what it is and what it needs"),
     "bench": ("parallm.bench_command", "run a benchmark (engine, serving)"),
     "service": ("parallm.server.service_command", "install a launchd/systemd service that runs `parallm serve`"),
+    "jobs": ("parallm.engine.finetune.jobs_command", "list fine-tuning jobs and their progress (or one job's events)"),
 }
 
 

@@ -1,0 +1,106 @@
+"""/v1/fine_tuning/jobs (OpenAI's shapes) and the legacy /v1/fine-tunes and /v1/fine_tunes
+aliases (which answer with the same job objects; their events endpoint streams over SSE with
+?stream=true). Mount with `app.include_router(fine_tuning_router(fine_tuning.jobs))`."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Optional, Union
+
+from fastapi import APIRouter, Body, Query
+from pydantic import BaseModel, ConfigDict, StrictInt
+from sse_starlette.sse import EventSourceResponse
+
+from parallm.engine.finetune.jobs import TERMINAL, JobRequest, JobService
+from parallm.server.ft_http import list_page, openai_errors
+
+STREAM_POLL_S = 0.25
+Auto = Union[str, int, float]
+
+
+class CreateFineTuningJob(BaseModel):
+    """The create body. Values ("auto", ranges, known ids) are checked by the JobService."""
+
+    model_config = ConfigDict(extra="ignore")  # e.g. integrations, metadata: accepted, unused
+
+    model: str
+    training_file: str
+    validation_file: Optional[str] = None
+    suffix: Optional[str] = None
+    seed: Optional[StrictInt] = None
+    hyperparameters: Optional[dict[str, Any]] = None
+    method: Optional[dict[str, Any]] = None
+    # legacy /v1/fine-tunes top-level hyperparameters
+    n_epochs: Optional[Auto] = None
+    batch_size: Optional[Auto] = None
+    learning_rate_multiplier: Optional[Auto] = None
+
+    def to_request(self) -> JobRequest:
+        hyper = dict(self.hyperparameters or {})
+        for name in ("n_epochs", "batch_size", "learning_rate_multiplier"):
+            if getattr(self, name) is not None:
+                hyper.setdefault(name, getattr(self, name))
+        return JobRequest(model=self.model, training_file=self.training_file, validation_file=self.validation_file,
+                          suffix=self.suffix, seed=self.seed, hyperparameters=hyper or None, method=self.method)
+
+
+def fine_tuning_router(jobs: JobService) -> APIRouter:
+    router = APIRouter(tags=["fine-tuning"])
+
+    @openai_errors
+    def create_job(body: dict = Body(...)):
+        return jobs.create(CreateFineTuningJob.model_validate(body).to_request()).as_openai()
+
+    @openai_errors
+    def list_jobs(after: Optional[str] = None, limit: int = Query(20)):
+        page = jobs.list(after=after, limit=limit)
+        return list_page(page.items, page.has_more)
+
+    @openai_errors
+    def retrieve_job(job_id: str):
+        return jobs.get(job_id).as_openai()
+
+    @openai_errors
+    def cancel_job(job_id: str):
+        return jobs.cancel(job_id).as_openai()
+
+    @openai_errors
+    async def list_events(job_id: str, after: Optional[str] = None, limit: int = Query(20), stream: bool = False):
+        if stream:
+            jobs.get(job_id)  # 404 before the stream starts
+            return EventSourceResponse(_stream_events(jobs, job_id))
+        page = await asyncio.to_thread(jobs.events, job_id, after, limit)
+        return list_page(page.items, page.has_more)
+
+    @openai_errors
+    def list_checkpoints(job_id: str, after: Optional[str] = None, limit: int = Query(10)):
+        page = jobs.checkpoints(job_id, after=after, limit=limit)
+        return list_page(page.items, page.has_more)
+
+    for prefix in ("/v1/fine_tuning/jobs", "/v1/fine-tunes", "/v1/fine_tunes"):
+        router.add_api_route(prefix, create_job, methods=["POST"])
+        router.add_api_route(prefix, list_jobs, methods=["GET"])
+        router.add_api_route(prefix + "/{job_id}", retrieve_job, methods=["GET"])
+        router.add_api_route(prefix + "/{job_id}/cancel", cancel_job, methods=["POST"])
+        router.add_api_route(prefix + "/{job_id}/events", list_events, methods=["GET"])
+        router.add_api_route(prefix + "/{job_id}/checkpoints", list_checkpoints, methods=["GET"])
+    return router
+
+
+async def _stream_events(jobs: JobService, job_id: str):
+    """Every event of the job, oldest first, then new ones as they come; `[DONE]` once the job
+    has finished and nothing is left to send. A client disconnect cancels this generator."""
+    seq = 0
+    finished_seen = False
+    while True:
+        events = await asyncio.to_thread(jobs.store.events_since, job_id, seq)
+        for event in events:
+            seq = event.seq
+            yield {"data": json.dumps(event.as_openai())}
+        if not events:
+            if finished_seen:
+                yield {"data": "[DONE]"}
+                return
+            # the final event is written just after the status flips: look once more before [DONE]
+            finished_seen = (await asyncio.to_thread(jobs.get, job_id)).status in TERMINAL
+            await asyncio.sleep(STREAM_POLL_S)
