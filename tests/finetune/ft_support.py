@@ -11,7 +11,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from conftest import write_tiny_llama
+from tiny_models import write_tiny_llama
 from parallm.engine.finetune import FineTuning
 from parallm.server.routes_files import files_router
 from parallm.server.routes_fine_tuning import fine_tuning_router

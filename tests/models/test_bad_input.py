@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TOKENIZER_DIR
+from tiny_models import TOKENIZER_DIR
 from models_gguf_helpers import gguf_metadata, gguf_tensors, save_with_mlx, write_raw_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

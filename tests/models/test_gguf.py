@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import TOKENIZER_DIR, write_tiny_llama
+from tiny_models import TOKENIZER_DIR, write_tiny_llama
 from models_gguf_helpers import (gguf_metadata, gguf_tensors, quantize_blocks, save_with_mlx,
                                  write_raw_gguf)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TOKENIZER_DIR
+from tiny_models import TOKENIZER_DIR
 
 TEXTS = [
     "Hello world!",

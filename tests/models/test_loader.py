@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import TOKENIZER_DIR
+from tiny_models import TOKENIZER_DIR
 from models_gguf_helpers import gguf_metadata, gguf_tensors, save_with_mlx
 
 
