@@ -53,7 +53,7 @@ def reference_text(tiny_model_dir, adapter_dir, steps):
     if adapter_dir is not None:
         load_adapters(model, str(adapter_dir))
     toks, _ = greedy(model, [PROMPT], steps=steps)
-    return tok.decode(toks[0])
+    return tok.decode(toks[0], skip_special_tokens=True)  # as the OpenAI API does
 
 
 def completion(model, max_tokens):
