@@ -128,10 +128,6 @@ def free_port() -> int:
 def test_parallm_serve_exits_0_on_sigterm(tiny_model_dir, tmp_path):
     """What launchd/systemd do on stop: SIGTERM, then wait. The server must drain and exit 0,
     or systemd's Restart=on-failure would restart it and launchd would log a crash."""
-    from parallm.engine.async_engine import AsyncEngine
-    if not hasattr(AsyncEngine, "from_loaded"):
-        pytest.skip("parallm serve cannot build the engine yet: serve_command calls "
-                    "AsyncEngine.from_loaded, which the engine branch does not have")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PARALLM_API_KEY", None)
