@@ -80,6 +80,9 @@ class CounterNoise:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self._vocab_ids = mx.arange(vocab_size, dtype=mx.uint32)
+        # Evaluate now: a lazy array made on this thread cannot be evaluated on the engine's worker
+        # thread ("There is no Stream(cpu, 0) in current thread").
+        mx.eval(self._vocab_ids)
         self._uniform = mx.compile(_uniform_from_keys)
         self._gumbel = mx.compile(_gumbel_from_keys)
 

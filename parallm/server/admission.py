@@ -1,0 +1,63 @@
+"""Admission: how many engine requests the server lets in, and whether it is draining.
+
+The bound is the engine's rows plus its waiting queue. A request past it gets 429 at once (with
+Retry-After) instead of a connection that hangs or is reset. One Admission per app (app.state).
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from parallm.engine.errors import EngineDraining, QueueFull
+
+
+@dataclass
+class Admission:
+    max_in_flight: int  # engine requests admitted at once
+    max_queue: int  # the waiting part of it, for the 429 message
+    retry_after: float = 1.0
+    in_flight: int = 0
+    draining: bool = False
+    rejected: int = 0  # 429s given, for /health
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self):
+        self._idle.set()
+
+    def acquire(self, count: int = 1) -> "Ticket":
+        """Admit `count` engine requests or raise QueueFull / EngineDraining. Never waits."""
+        if self.draining:
+            raise EngineDraining()
+        if self.in_flight + count > self.max_in_flight:
+            self.rejected += 1
+            raise QueueFull(self.max_queue, retry_after=self.retry_after)
+        self.in_flight += count
+        self._idle.clear()
+        return Ticket(self, count)
+
+    def _release(self, count: int) -> None:
+        self.in_flight -= count
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when nothing is in flight within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+@dataclass
+class Ticket:
+    """Held while a response is being produced; release() is idempotent."""
+
+    admission: Admission
+    count: int
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.admission._release(self.count)

@@ -1,0 +1,92 @@
+"""create_app: the FastAPI application. Routes are thin; OpenAIServing does the translating.
+
+Seams for teammates: pass extra APIRouters (`routers`); they see the engine, settings, admission
+and serving objects on `app.state`. Middleware order (outermost first): body limit, draining gate,
+API key, then the app; so a too-big body is refused before anything reads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import asynccontextmanager
+from typing import Sequence
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from parallm.engine.protocol import EngineClient
+from parallm.server.admission import Admission
+from parallm.server.config import ServerSettings
+from parallm.server.errors import install_error_handlers
+from parallm.server.middleware import ApiKeyAuth, BodySizeLimit, DrainingGate
+from parallm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from parallm.server.serving import OpenAIServing
+
+openai_router = APIRouter()
+
+
+def _serving(request: Request) -> OpenAIServing:
+    return request.app.state.serving
+
+
+@openai_router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await _serving(request).chat(body, request)
+
+
+@openai_router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    return await _serving(request).completions(body, request)
+
+
+@openai_router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request):
+    return _serving(request).models()
+
+
+@openai_router.get("/health")
+async def health(request: Request):
+    """Answers from in-memory counters only, so it is fast however busy the engine is."""
+    state = request.app.state
+    admission: Admission = state.admission
+    body = {
+        "status": "draining" if admission.draining else "ok",
+        "models": state.engine.model_names(),
+        "uptime_s": round(time.monotonic() - state.started_at, 3),
+        "server": {"in_flight": admission.in_flight, "max_in_flight": admission.max_in_flight,
+                   "rejected_429": admission.rejected},
+        "engine": dataclasses.asdict(state.engine.stats()),
+    }
+    return JSONResponse(body, status_code=503 if admission.draining else 200)
+
+
+def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    admission = Admission(max_in_flight=settings.max_in_flight, max_queue=settings.max_queue,
+                          retry_after=settings.retry_after)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        try:
+            yield
+        finally:
+            # After a drain this finds nothing left; on a plain stop it aborts what is running.
+            admission.draining = True
+            await engine.shutdown(drain_timeout=0.0)
+
+    app = FastAPI(title="parallm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.admission = admission
+    app.state.serving = OpenAIServing(engine, admission)
+    app.state.started_at = time.monotonic()
+    install_error_handlers(app)
+    app.include_router(openai_router)
+    for router in routers:
+        app.include_router(router)
+    # add_middleware wraps: the last added is the outermost.
+    if settings.api_key:
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    app.add_middleware(DrainingGate, is_draining=lambda: admission.draining)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

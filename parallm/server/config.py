@@ -1,0 +1,123 @@
+"""ServerSettings: one dataclass, filled from defaults < TOML file < PARALLM_* env vars < command line."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be read: names the setting, where it came from, and what is accepted."""
+
+
+@dataclass
+class ServerSettings:
+    model: Optional[str] = None  # a model spec for parallm.models.load; None is the default model
+    served_model_name: Optional[str] = None  # the name clients use; defaults to the loader's name
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    device: str = "auto"  # auto | cpu | gpu
+    max_num_seqs: int = 64  # rows the engine runs at once
+    max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
+    max_queue: int = 256  # requests that may wait for a row; past it, 429
+    kv_budget_bytes: Optional[int] = None  # KV of all running sequences; None: the engine's default
+    prefix_cache_bytes: Optional[int] = None  # 0 turns the prefix cache off; None: the engine's default
+    api_key: Optional[str] = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
+    max_body_bytes: int = 8 * 1024 * 1024
+    retry_after: float = 1.0  # seconds suggested to clients that get a 429
+    log_level: str = "info"
+
+    def __post_init__(self):
+        checks = {
+            "port": 0 <= self.port <= 65535,
+            "max_num_seqs": self.max_num_seqs >= 1,
+            "max_num_batched_tokens": self.max_num_batched_tokens >= 1,
+            "max_queue": self.max_queue >= 0,
+            "drain_timeout": self.drain_timeout >= 0,
+            "max_body_bytes": self.max_body_bytes >= 1024,
+            "retry_after": self.retry_after > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError("invalid settings: " + ", ".join(f"{b}={getattr(self, b)!r}" for b in bad))
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu or gpu")
+
+    @property
+    def max_in_flight(self) -> int:
+        """Engine requests the server admits at once: the running rows plus the waiting queue."""
+        return self.max_num_seqs + self.max_queue
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a TOML/env value into the field's type, or say what is wrong."""
+    hint = get_type_hints(ServerSettings)[name]
+    if get_origin(hint) is Union:  # Optional[X]
+        inner = [a for a in get_args(hint) if a is not type(None)][0]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        hint = inner
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if hint is int and isinstance(value, float):
+            raise ValueError("not an integer")
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: setting '{name}' must be {hint.__name__}, got {value!r}") from None
+
+
+def from_toml(path: Union[str, Path]) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    data = data.get("server", data)  # accept a [server] table or top-level keys
+    known = {f.name for f in fields(ServerSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
+    return {k: _coerce(k, v, f"config file {path}") for k, v in data.items()}
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out = {}
+    for f in fields(ServerSettings):
+        key = "PARALLM_" + f.name.upper()
+        if key in environ:
+            out[f.name] = _coerce(f.name, environ[key], f"environment variable {key}")
+    return out
+
+
+def load_settings(cli: Mapping[str, Any], config_file: Optional[str] = None,
+                  environ: Optional[Mapping[str, str]] = None) -> ServerSettings:
+    """Merge the layers; `cli` holds only the options given on the command line (None = not given)."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get("PARALLM_CONFIG")
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(from_toml(config_file))
+    merged.update(from_env(environ))
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    try:
+        return ServerSettings(**merged)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def settings_fields() -> list[dataclasses.Field]:
+    return list(fields(ServerSettings))

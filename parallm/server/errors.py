@@ -1,0 +1,97 @@
+"""Every error a client can meet, as one OpenAI error object with one HTTP status.
+
+{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+Client-caused errors are 4xx, always: a validation failure is 400 (never FastAPI's 422), an
+unknown route 404, a wrong method 405. Only a fault of ours is a 5xx.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from parallm.engine.errors import EngineError, QueueFull
+
+log = logging.getLogger("parallm.server")
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(status: int, message: str, *, type: Optional[str] = None, param: Optional[str] = None,
+                   code: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type or _STATUS_TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def engine_error_response(err: EngineError) -> JSONResponse:
+    headers = None
+    if isinstance(err, QueueFull):
+        # Retry-After is whole seconds (RFC 9110); never 0, so clients back off at least a little.
+        headers = {"Retry-After": str(max(1, round(err.retry_after)))}
+    return error_response(err.status, err.message, type=err.type, param=err.param, code=err.code, headers=headers)
+
+
+def engine_error_payload(err: EngineError) -> dict:
+    """The same error as a dict, for an error that happens inside an SSE stream."""
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+    """One readable sentence per problem, and the first offending field as `param`."""
+    parts, param = [], None
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            parts.append("The request body is not valid JSON: " + str(e.get("ctx", {}).get("error", e.get("msg"))))
+            continue
+        # pydantic tags union branches onto loc (e.g. "str", "list[int]"); keep only field names.
+        field_path = ".".join(x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float"))
+        param = param or field_path or None
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        parts.append(f"{field_path or 'body'}: {msg}")
+    # A union failure repeats per branch; keep the messages distinct and in order.
+    unique = list(dict.fromkeys(parts))
+    if len(unique) > 4:
+        unique = unique[:4] + [f"(and {len(unique) - 4} more)"]
+    return "Invalid request: " + "; ".join(unique), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError):
+        return engine_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param, code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"No route {request.method} {request.url.path}. See /v1/models, /v1/chat/completions, /v1/completions, /health."
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"Internal server error: {type(exc).__name__}", type="server_error",
+                              code="internal_error")

@@ -1,0 +1,71 @@
+"""Engine outputs -> OpenAI response objects: choices, logprobs, usage."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from parallm.engine.types import RequestOutput, TokenLogprob, Usage
+from parallm.server.protocol import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
+                                     PromptTokensDetails, UsageInfo)
+
+
+def usage_info(usages: list[Usage]) -> UsageInfo:
+    """Sum the usage of the engine requests behind one HTTP response (one per prompt)."""
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    cached = sum(u.cached_tokens for u in usages)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=_utf8(t.token),
+                         top_logprobs=[ChatTopLogprob(token=a.token, logprob=a.logprob, bytes=_utf8(a.token))
+                                       for a in t.top])
+        for t in items])
+
+
+def completion_logprobs(items: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
+    """`text_offset` is where the first of these tokens starts in the choice's text."""
+    out = CompletionLogprobs()
+    for t in items:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append({a.token: a.logprob for a in t.top} or None)
+        out.text_offset.append(text_offset)
+        text_offset += len(t.token)
+    return out
+
+
+@dataclass
+class ChoiceAccumulator:
+    """Everything one choice produced, for a non-streaming response."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.text)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        if out.finish_reason:
+            self.finish_reason = out.finish_reason
+
+
+@dataclass
+class Collected:
+    """The outputs of all engine requests behind one response, keyed by response choice index."""
+
+    choices: dict[int, ChoiceAccumulator] = field(default_factory=dict)
+    usages: list[Usage] = field(default_factory=list)
+
+    def add(self, choice_index: int, out: RequestOutput) -> None:
+        self.choices.setdefault(choice_index, ChoiceAccumulator()).add(out)
+        if out.finished and out.usage is not None:
+            self.usages.append(out.usage)

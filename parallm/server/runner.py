@@ -1,0 +1,75 @@
+"""Run the app under uvicorn with a graceful drain on SIGTERM/SIGINT.
+
+uvicorn alone would close the listening socket at once (new clients get connection refused, not
+503) and sse-starlette would cut every stream on its should_exit. So the first signal only starts
+a drain: new /v1 requests get 503, the engine refuses new work and lets running requests finish
+for up to drain_timeout (then aborts them), and once the in-flight responses are done we set
+uvicorn's should_exit. A second signal forces the exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+import uvicorn
+from fastapi import FastAPI
+
+from parallm.server.admission import Admission
+
+log = logging.getLogger("parallm.server")
+
+# After the engine's drain deadline, aborted requests still need a moment to send their last chunk.
+_AFTER_ABORT_GRACE_S = 5.0
+
+
+async def drain(app: FastAPI, drain_timeout: float) -> bool:
+    """Refuse new requests, let those in flight finish; True when all finished in time."""
+    admission: Admission = app.state.admission
+    admission.draining = True
+    log.info("draining: %d requests in flight, up to %.1fs", admission.in_flight, drain_timeout)
+    engine_done = asyncio.ensure_future(app.state.engine.shutdown(drain_timeout=drain_timeout))
+    finished = await admission.wait_idle(drain_timeout)
+    await engine_done  # aborts whatever is still running at the deadline
+    if not finished:
+        await admission.wait_idle(_AFTER_ABORT_GRACE_S)
+    log.info("drained (%s)", "all requests finished" if finished else "the rest were aborted")
+    return finished
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float):
+        super().__init__(config)
+        self.app = app
+        self.drain_timeout = drain_timeout
+        self._drain_task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:  # called from the signal handler
+        if self._drain_task is not None or self._loop is None:
+            # Second signal (or no loop yet): stop now. Not recorded in _captured_signals, so
+            # uvicorn does not re-raise it after serve() and the exit status stays 0.
+            self.should_exit = True
+            self.force_exit = self._drain_task is not None
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await drain(self.app, self.drain_timeout)
+        finally:
+            self.should_exit = True
+
+
+def run_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=_AFTER_ABORT_GRACE_S, backlog=2048)
+    DrainingServer(config, app, drain_timeout).run()

@@ -1,0 +1,89 @@
+"""`parallm serve`: load a model, start the engine, serve the OpenAI API until SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from parallm.server.config import ConfigError, ServerSettings, load_settings
+
+log = logging.getLogger("parallm.server")
+
+# option -> (type, help). Each maps onto the ServerSettings field of the same name.
+_OPTIONS = {
+    "model": (str, "model spec: an mlx-lm dir, a HF repo id, or a .gguf file (default: the built-in SmolLM2-135M)"),
+    "served_model_name": (str, "the model name clients send (default: the loader's name)"),
+    "host": (str, "address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)"),
+    "port": (int, "port (default 8000)"),
+    "device": (str, "auto | cpu | gpu (default auto)"),
+    "max_num_seqs": (int, "sequences the engine runs at once (default 64)"),
+    "max_num_batched_tokens": (int, "tokens per engine step: prefill chunks plus decodes (default 512)"),
+    "max_queue": (int, "requests that may wait for a free row; past it the server answers 429 (default 256)"),
+    "kv_budget_bytes": (int, "KV cache budget of all running sequences, in bytes (default: the engine's, 2 GiB)"),
+    "prefix_cache_bytes": (int, "prefix cache size in bytes; 0 turns it off (default: the engine's, 256 MiB)"),
+    "api_key": (str, "require 'Authorization: Bearer KEY' on /v1/* (also PARALLM_API_KEY)"),
+    "drain_timeout": (float, "seconds requests in flight may take to finish after SIGTERM (default 30)"),
+    "max_body_bytes": (int, "largest request body accepted, in bytes (default 8 MiB)"),
+    "log_level": (str, "debug | info | warning | error (default info)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file with settings (keys as below, snake_case; "
+                        "top level or a [server] table). Precedence: command line > PARALLM_* env > file.")
+    for name, (kind, help_text) in _OPTIONS.items():
+        # default=None everywhere: None means "not given", so the env var and the file can fill it.
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+
+
+def build_engine(settings: ServerSettings):
+    """Load the model and wrap it in the engine. Raises ModelLoadError with a readable message."""
+    from parallm.engine.async_engine import AsyncEngine
+    from parallm.engine.engine import EngineConfig
+    from parallm.models import load
+
+    loaded = load(settings.model, device=settings.device, name=settings.served_model_name)
+    return AsyncEngine(loaded, engine_config(settings, EngineConfig))
+
+
+def engine_config(settings: ServerSettings, config_class):
+    """The engine's settings from ours; a setting left unset keeps the engine's default."""
+    values = dict(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                  max_queue=settings.max_queue)
+    if settings.kv_budget_bytes is not None:
+        values["kv_budget_bytes"] = settings.kv_budget_bytes
+    if settings.prefix_cache_bytes is not None:
+        values["prefix_cache_bytes"] = settings.prefix_cache_bytes
+    return config_class(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    cli = {name: getattr(args, name, None) for name in _OPTIONS}
+    try:
+        settings = load_settings(cli, config_file=args.config)
+    except ConfigError as e:
+        print(f"parallm serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from parallm.models import ModelLoadError
+
+    try:
+        engine = build_engine(settings)
+    except ModelLoadError as e:  # the input's fault: say which model and why
+        print(f"parallm serve: cannot load model {settings.model or '(default)'}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # ours or the platform's: still a clear line and a non-zero exit
+        log.debug("load failed", exc_info=True)
+        print(f"parallm serve: loading model {settings.model or '(default)'} failed: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return 1
+    from parallm.server.app import create_app
+    from parallm.server.runner import run_server
+
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: the server is reachable from the network%s", settings.host,
+                    "" if settings.api_key else " and has no --api-key")
+    app = create_app(engine, settings)
+    log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), settings.host, settings.port)
+    run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level)
+    return 0

@@ -1,0 +1,304 @@
+"""The serving layer: OpenAI requests -> EngineRequests -> OpenAI responses and SSE chunks.
+
+Routes stay thin and call OpenAIServing. Invariants:
+- everything a client can get wrong is raised as a typed EngineError before the response starts;
+- every engine request is aborted when its response ends for any reason but completion (client
+  disconnect while streaming or waiting, cancellation, error), and its admission ticket released.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from parallm.engine.errors import EngineError, InvalidRequest, PromptTooLong, UnknownModel
+from parallm.engine.protocol import EngineClient
+from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
+from parallm.server.admission import Admission
+from parallm.server.errors import engine_error_payload
+from parallm.server.prompts import Prompt, chat_prompt, check_token_ids, completion_prompt, prompt_text
+from parallm.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                     ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice,
+                                     CompletionRequest, CompletionResponse, ModelCard, ModelList, SamplingFields)
+from parallm.server.responses import Collected, chat_logprobs, completion_logprobs, usage_info
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+
+
+class ClientGone(Exception):
+    """The client disconnected before its non-streaming response was ready."""
+
+
+class ReleasingEventSource(EventSourceResponse):
+    """An SSE response that runs `on_close` however it ends, even if its body never started."""
+
+    def __init__(self, content, on_close: Callable[[], Awaitable[None]], **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
+def sampling_params(body: SamplingFields, prompt: Prompt, context_length: int, vocab: int,
+                    default_max_tokens: Optional[int], logprobs: bool, top_logprobs: int) -> SamplingParams:
+    prompt_len = len(prompt.token_ids)
+    requested = body.requested_max_tokens()
+    if requested is None:
+        # No max_tokens: completions default to 16 (OpenAI); chat may use the rest of the context.
+        max_tokens = default_max_tokens or max(1, context_length - prompt_len)
+    else:
+        max_tokens = requested
+    if prompt_len + max_tokens > context_length:
+        raise PromptTooLong(prompt_len, max_tokens, context_length)
+    bias = tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items())
+    bad_bias = [k for k, _ in bias if k >= vocab]
+    if bad_bias:
+        raise InvalidRequest(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1}): {bad_bias[:5]}",
+                             param="logit_bias")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k),
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=bias,
+        stop=tuple(body.stop_list()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        n=body.n,
+        # The engine takes a non-negative seed; OpenAI accepts any int64.
+        seed=None if body.seed is None else body.seed % (2**63),
+    )
+
+
+async def merged_outputs(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the engine streams of several prompts as (prompt index, output)."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+            await queue.put((i, done))
+        except Exception as e:  # hand it to the consumer, who raises it in the request's context
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def wait_for_disconnect(raw: Request) -> None:
+    """Return when the client goes away. The body has been read, so the next message is a disconnect."""
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class OpenAIServing:
+    def __init__(self, engine: EngineClient, admission: Admission):
+        self.engine = engine
+        self.admission = admission
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=name) for name in self.engine.model_names()])
+
+    def _resolve_model(self, name: str) -> str:
+        names = self.engine.model_names()
+        if name not in names:
+            raise UnknownModel(name, names)
+        return name
+
+    # ---- routes ---------------------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
+        model = self._resolve_model(body.model)
+        tokenizer = self.engine.tokenizer(model)
+        prompt = chat_prompt(tokenizer, body, model)
+        top = body.top_logprobs or 0
+        params = sampling_params(body, prompt, self.engine.context_length(model), len(tokenizer),
+                                 None, body.logprobs, top)
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        requests = [EngineRequest(request_id=response_id, prompt_token_ids=prompt.token_ids, sampling=params,
+                                  model=model)]
+        if body.stream:
+            return self._stream(requests, raw, self._chat_chunks(body, response_id, model, requests))
+        collected = await self._collect(requests, raw, n=body.n)
+        if collected is None:
+            return Response(status_code=499)
+        choices = [
+            ChatChoice(index=i, message=ChatResponseMessage(content="".join(c.text)),
+                       logprobs=chat_logprobs(c.logprobs) if body.logprobs else None, finish_reason=c.finish_reason)
+            for i, c in sorted(collected.choices.items())]
+        return JSONResponse(ChatCompletionResponse(id=response_id, model=model, choices=choices,
+                                                   usage=usage_info(collected.usages)).model_dump())
+
+    async def completions(self, body: CompletionRequest, raw: Request) -> Response:
+        model = self._resolve_model(body.model)
+        tokenizer = self.engine.tokenizer(model)
+        if body.echo and body.logprobs is not None:
+            raise InvalidRequest("echo together with logprobs is not supported.", param="echo")
+        prompts = [completion_prompt(tokenizer, p) for p in body.prompts()]
+        if body.stop_token_ids:
+            check_token_ids(tokenizer, body.stop_token_ids, "stop_token_ids")
+        context = self.engine.context_length(model)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        requests = []
+        for i, prompt in enumerate(prompts):
+            params = sampling_params(body, prompt, context, len(tokenizer), DEFAULT_COMPLETION_MAX_TOKENS,
+                                     body.logprobs is not None, body.logprobs or 0)
+            requests.append(EngineRequest(request_id=f"{response_id}-{i}", prompt_token_ids=prompt.token_ids,
+                                          sampling=params, model=model))
+        echo = [prompt_text(tokenizer, p) if body.echo else "" for p in prompts]
+        if body.stream:
+            return self._stream(requests, raw, self._completion_chunks(body, response_id, model, requests, echo))
+        collected = await self._collect(requests, raw, n=body.n)
+        if collected is None:
+            return Response(status_code=499)
+        choices = []
+        for index, c in sorted(collected.choices.items()):
+            prefix = echo[index // body.n]
+            logprobs = completion_logprobs(c.logprobs, len(prefix)) if body.logprobs is not None else None
+            choices.append(CompletionChoice(index=index, text=prefix + "".join(c.text), logprobs=logprobs,
+                                            finish_reason=c.finish_reason))
+        return JSONResponse(CompletionResponse(id=response_id, model=model, choices=choices,
+                                               usage=usage_info(collected.usages)).model_dump())
+
+    # ---- running --------------------------------------------------------------------------------
+
+    def _admit(self, requests: list[EngineRequest]):
+        for r in requests:
+            self.engine.validate(r)
+        return self.admission.acquire(len(requests))
+
+    async def _abort_all(self, requests: list[EngineRequest]) -> None:
+        for r in requests:
+            await self.engine.abort(r.request_id)
+
+    async def _collect(self, requests: list[EngineRequest], raw: Request, n: int) -> Optional[Collected]:
+        """Run the requests to completion; None when the client left first (requests aborted)."""
+        ticket = self._admit(requests)
+        collected = Collected()
+        finished = False
+
+        async def run() -> None:
+            nonlocal finished
+            async for prompt_index, out in merged_outputs([self.engine.generate(r) for r in requests]):
+                collected.add(prompt_index * n + out.index, out)
+            finished = True
+
+        work = asyncio.ensure_future(run())
+        watcher = asyncio.ensure_future(wait_for_disconnect(raw))
+        try:
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                work.result()  # raises the engine's error, if any
+                return collected
+            return None
+        finally:
+            for task in (work, watcher):
+                task.cancel()
+            if not finished:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(work, return_exceptions=True)
+                    await self._abort_all(requests)
+            ticket.release()
+
+    def _stream(self, requests: list[EngineRequest], raw: Request, chunks: AsyncIterator[Union[str, dict]]) -> Response:
+        ticket = self._admit(requests)
+
+        async def close() -> None:
+            # Idempotent: ids that already finished are unknown to the engine and ignored.
+            await self._abort_all(requests)
+            ticket.release()
+
+        return ReleasingEventSource(self._guard_stream(chunks), on_close=close, ping=15)
+
+    async def _guard_stream(self, chunks: AsyncIterator[Union[str, dict]]) -> AsyncIterator[str]:
+        """Frame chunks as SSE data; an engine error mid-stream becomes an error event; end with [DONE]."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except EngineError as e:
+            yield json.dumps(engine_error_payload(e))
+        yield "[DONE]"
+
+    async def _chat_chunks(self, body: ChatCompletionRequest, response_id: str, model: str,
+                           requests: list[EngineRequest]) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
+            return ChatCompletionChunk(id=response_id, model=model, choices=choices, usage=usage).model_dump_json()
+
+        for i in range(body.n):
+            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+        usages = []
+        async for _, out in merged_outputs([self.engine.generate(r) for r in requests]):
+            if out.text or out.logprobs or out.finish_reason:
+                logprobs = chat_logprobs(out.logprobs or []) if body.logprobs else None
+                delta = ChatDelta(content=out.text) if (out.text or out.logprobs) else ChatDelta()
+                yield chunk([ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs,
+                                             finish_reason=out.finish_reason)])
+            if out.finished and out.usage is not None:
+                usages.append(out.usage)
+        if body.include_usage_in_stream():
+            yield chunk([], usage=usage_info(usages))
+
+    async def _completion_chunks(self, body: CompletionRequest, response_id: str, model: str,
+                                 requests: list[EngineRequest], echo: list[str]) -> AsyncIterator[str]:
+        def chunk(choices: list[CompletionChoice], usage=None) -> str:
+            return CompletionResponse(id=response_id, model=model, choices=choices, usage=usage).model_dump_json()
+
+        offsets: dict[int, int] = {}  # choice index -> characters sent so far (for logprobs text_offset)
+        if body.echo:
+            for index in range(len(requests) * body.n):
+                prefix = echo[index // body.n]
+                offsets[index] = len(prefix)
+                yield chunk([CompletionChoice(index=index, text=prefix)])
+        usages = []
+        async for prompt_index, out in merged_outputs([self.engine.generate(r) for r in requests]):
+            index = prompt_index * body.n + out.index
+            if out.text or out.logprobs or out.finish_reason:
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = completion_logprobs(out.logprobs or [], offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(out.text)
+                yield chunk([CompletionChoice(index=index, text=out.text, logprobs=logprobs,
+                                              finish_reason=out.finish_reason)])
+            if out.finished and out.usage is not None:
+                usages.append(out.usage)
+        if body.include_usage_in_stream():
+            yield chunk([], usage=usage_info(usages))
