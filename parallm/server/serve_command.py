@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, help_text) in _OPTIONS.items():
         # default=None everywhere: None means "not given", so the env var and the file can fill it.
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+    from parallm.server.distributed_serve import add_arguments as add_distributed_arguments
+
+    add_distributed_arguments(parser)  # --distributed and its tuning flags
 
 
 def build_engine(settings: ServerSettings):
@@ -65,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"parallm serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "distributed", False):  # tensor parallel under mlx.launch: its own startup
+        from parallm.server.distributed_serve import serve_distributed
+
+        return serve_distributed(args, settings)
     from parallm.models import ModelLoadError
 
     try:
