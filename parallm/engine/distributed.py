@@ -38,6 +38,7 @@ from parallm.engine.step_plan import PlanKind, StepPlan
 
 log = logging.getLogger("parallm.distributed")
 
+STARTUP_WAIT_S = 300.0  # how long the other ranks wait for rank 0's first plan (its HTTP startup)
 STARTUP_PARTS = ("model config", "weights", "engine settings", "parallm plan format")
 
 
@@ -211,7 +212,9 @@ class Follower:
         """Returns on SHUTDOWN; raises GroupFailure when the group breaks."""
         expected = 0
         while True:
-            plan = self.channel.receive_plan()
+            # Plan 0 comes once rank 0's HTTP server is up: allow for a slow start.
+            plan = self.channel.receive_plan(max(STARTUP_WAIT_S, self.watchdog.timeout_s if self.watchdog else 0)
+                                             if expected == 0 else None)
             if plan.step != expected:
                 raise GroupFailure(f"rank {self.channel.rank}: expected plan {expected}, got {plan.step}")
             expected += 1

@@ -38,7 +38,7 @@ class GroupWatchdog:
         self._exit = exit
         self._poll_s = poll_s
         self._lock = threading.Lock()
-        self._open: Optional[tuple[str, float]] = None  # (what, since) of the outermost bracket open
+        self._open: Optional[tuple[str, float, float]] = None  # (what, since, timeout) of the outermost bracket
         self._depth = 0  # brackets nest: a step holds collectives; the outermost one is timed
         self._failure: Optional[str] = None
         self._failed_at = 0.0
@@ -46,11 +46,13 @@ class GroupWatchdog:
         self._thread: Optional[threading.Thread] = None
 
     # ---- called around collectives and steps ---------------------------------------------------
-    def enter(self, what: str) -> None:
+    def enter(self, what: str, timeout_s: Optional[float] = None) -> None:
+        """Open a bracket; `timeout_s` overrides the default for it (e.g. the first plan after
+        startup, which waits for rank 0 to bring its HTTP server up)."""
         with self._lock:
             self._depth += 1
             if self._depth == 1:
-                self._open = (what, time.monotonic())
+                self._open = (what, time.monotonic(), timeout_s or self.timeout_s)
 
     def leave(self) -> None:
         with self._lock:
@@ -83,9 +85,9 @@ class GroupWatchdog:
             now = time.monotonic()
             with self._lock:
                 opened = self._open
-            if opened is not None and now - opened[1] > self.timeout_s:
+            if opened is not None and now - opened[1] > opened[2]:
                 self.fail(f"rank {self.rank}: no progress for {now - opened[1]:.1f}s while {opened[0]} "
-                          f"(timeout {self.timeout_s:g}s): a peer rank is hung, dead or unreachable")
+                          f"(timeout {opened[2]:g}s): a peer rank is hung, dead or unreachable")
             if self._failure is not None and now - self._failed_at >= self.exit_grace_s:
                 log.critical("rank %d exits with status %d: %s", self.rank, EXIT_GROUP_FAILED, self._failure)
                 logging.shutdown()

@@ -59,10 +59,10 @@ class PlanChannel:
         self.plans_sent += 1
         self.bytes_sent += len(data)
 
-    def receive_plan(self) -> StepPlan:
+    def receive_plan(self, timeout_s: Optional[float] = None) -> StepPlan:
         if self.is_leader:
             raise RuntimeError("rank 0 does not receive plans")
-        frame = self._all_sum(np.zeros(FRAME_BYTES, np.uint8), "waiting for the next plan from rank 0")
+        frame = self._all_sum(np.zeros(FRAME_BYTES, np.uint8), "waiting for the next plan from rank 0", timeout_s)
         length = int.from_bytes(frame[:_HEADER].tobytes(), "little")
         data = frame[_HEADER:_HEADER + min(length, FRAME_BYTES - _HEADER)].tobytes()
         if length > len(data):
@@ -97,9 +97,9 @@ class PlanChannel:
             raise GroupFailure(f"{what}: rank(s) {ranks} differ from rank 0 in {', '.join(parts)}")
 
     # ---- internals -------------------------------------------------------------------------------
-    def _all_sum(self, buf: np.ndarray, what: str) -> np.ndarray:
+    def _all_sum(self, buf: np.ndarray, what: str, timeout_s: Optional[float] = None) -> np.ndarray:
         if self.watchdog:
-            self.watchdog.enter(what)
+            self.watchdog.enter(what, timeout_s)
         try:
             out = mx.distributed.all_sum(mx.array(buf), group=self.group)
             mx.eval(out)

@@ -61,6 +61,7 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
     from parallm.engine.engine import Engine, EngineConfig
     from parallm.engine.plan_channel import PlanChannel
     from parallm.models import load
+    from parallm.server.app import create_app  # noqa: F401 - imported before the group waits on us
     from parallm.server.serve_command import engine_config
 
     try:

@@ -47,11 +47,14 @@ class Cluster:
             return None
 
     def stop(self) -> None:
-        for p in self.ranks:  # rank 0 first: a clean drain sends SHUTDOWN to the others
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        """SIGTERM to rank 0 (it drains, then sends SHUTDOWN to the others); whatever is still
+        running after that gets SIGKILL."""
+        if self.ranks[0].poll() is None:
+            self.ranks[0].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in self.ranks:
             try:
-                p.wait(10)
+                p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         for p in self.ranks:
