@@ -15,6 +15,7 @@ raises RuntimeError from the backend, which we re-raise as GroupFailure with the
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -36,6 +37,7 @@ class PlanChannel:
         self.watchdog = watchdog
         self.plans_sent = 0
         self.bytes_sent = 0
+        self.send_seconds = 0.0  # wall time rank 0 spent in plan broadcasts (waiting for peers included)
 
     @property
     def is_leader(self) -> bool:
@@ -45,6 +47,7 @@ class PlanChannel:
     def send_plan(self, plan: StepPlan) -> None:
         if not self.is_leader:
             raise RuntimeError("only rank 0 sends plans")
+        t0 = time.perf_counter()
         data = plan.encode()
         if len(data) >= 1 << 32:
             raise ValueError(f"step plan of {len(data)} bytes is too large to broadcast")
@@ -58,6 +61,7 @@ class PlanChannel:
             self._all_sum(np.frombuffer(rest, np.uint8), f"sending plan {plan.step} (tail)")
         self.plans_sent += 1
         self.bytes_sent += len(data)
+        self.send_seconds += time.perf_counter() - t0
 
     def receive_plan(self, timeout_s: Optional[float] = None) -> StepPlan:
         if self.is_leader:
