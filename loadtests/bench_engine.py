@@ -28,9 +28,17 @@ class Row:
     generated_tokens: int
 
 
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, head_dim (as /work/shared/gpu/make_random_model.py)
+    "tiny": (64, 2, 4, 2, 128, 16),  # for measuring per-step overhead, not model speed
+    "135m": (576, 30, 9, 3, 1536, 64),
+    "1b": (2048, 16, 32, 8, 8192, 64),
+    "8b": (4096, 32, 32, 8, 14336, 128),
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model spec for parallm.models.load (default model if unset)")
-    p.add_argument("--random-llama", choices=["135m", "1b", "8b"], default=None,
+    p.add_argument("--random-llama", choices=sorted(SHAPES), default=None,
                    help="instead of --model: a random-weight Llama of this shape (no download)")
     p.add_argument("--dtype", default="float32", help="dtype for --random-llama")
     p.add_argument("--device", default="auto")
@@ -45,11 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results here as JSON")
 
 
-SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
-    "135m": (576, 30, 9, 3, 1536, 49152),
-    "1b": (2048, 16, 32, 8, 8192, 128256),
-    "8b": (4096, 32, 32, 8, 14336, 128256),
-}
 
 
 @dataclass
@@ -70,15 +73,19 @@ def _load(args):
         return load(args.model, device=args.device)
     from mlx_lm.models import llama
 
-    h, n_layers, heads, kv, inter, vocab = SHAPES[args.random_llama]
-    config = dict(model_type="llama", vocab_size=vocab, hidden_size=h, num_hidden_layers=n_layers,
-                  intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
-                  rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=args.random_llama == "135m",
+    import mlx.nn as nn
+
+    h, n_layers, heads, kv, inter, head_dim = SHAPES[args.random_llama]
+    config = dict(model_type="llama", vocab_size=49152, hidden_size=h, num_hidden_layers=n_layers,
+                  intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+                  rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
                   max_position_embeddings=8192)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     dtype = getattr(mx, args.dtype)
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    # small weights keep activations finite in bf16; throughput does not depend on the values
+    for name, p in nn.utils.tree_flatten(model.parameters()):
+        model.update(nn.utils.tree_unflatten([(name, (p * 0.02).astype(dtype))]))
+        mx.eval(model.parameters())
 
     class _NoTokenizer:  # detokenizing random ids is not what this measures
         eos_token_ids: list = []
@@ -137,6 +144,7 @@ def measure(args) -> list[Row]:
 
     loaded = _load(args)
     vocab = int(loaded.config.get("vocab_size", 32000))
+    print(f"model {loaded.name} on {mx.default_device()}", flush=True)
     rows = []
     for batch in args.batches:
         prompts = _prompts(batch, args.prompt_min, args.prompt_max, vocab, seed=batch)
@@ -144,8 +152,9 @@ def measure(args) -> list[Row]:
         gens = [rng.randint(args.gen_min, args.gen) if args.gen_min else args.gen for _ in prompts]
         best_base, best_ours, gen_count = float("inf"), float("inf"), 0
         # a short warm-up of each, so one-time costs (kernels, allocations) are not timed
-        run_mlx_lm(loaded.model, prompts[:2], [4, 4])
-        run_parallm(loaded, prompts[:2], [4, 4], args.max_batched_tokens)
+        warm = prompts[:2]
+        run_mlx_lm(loaded.model, warm, [4] * len(warm))
+        run_parallm(loaded, warm, [4] * len(warm), args.max_batched_tokens)
         for _ in range(args.rounds):
             t, n_base = run_mlx_lm(loaded.model, prompts, gens)
             best_base = min(best_base, t)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from parallm.engine.choice_output import ChoiceOutput
 from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.kv_cache import probe_kv_shape
-from parallm.engine.model_runner import ModelRunner
+from parallm.engine.model_runner import LaunchedStep, ModelRunner
 from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.sampler import BatchSampler
 from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutput, Sequence,
@@ -29,6 +29,7 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 << 20  # 0 turns the prefix cache off
     prefix_block_size: int = 16
     max_queue: int = 1024  # waiting requests before QueueFull (AsyncEngine)
+    overlap: bool = True  # schedule step t+1 while step t runs on the device
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Engine:
         self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
         self._requests: dict[str, _Request] = {}
         self._steps = 0
+        self._in_flight: Optional[tuple[SchedulerOutput, LaunchedStep]] = None
 
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:
@@ -124,21 +126,32 @@ class Engine:
         return outs
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or self.scheduler.has_work()
+        return bool(self._requests) or self.scheduler.has_work() or self._in_flight is not None
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> StepResult:
+        """schedule -> run -> update. With `overlap`, "run" launches this step on the device and
+        "update" processes the previous step's results while this one computes."""
         sched = self.scheduler.schedule()
-        ran = self.runner.run(sched)
-        outputs = self._update(sched, self.scheduler.update(sched, ran))
+        launched = self.runner.launch(sched)
+        if self.config.overlap:
+            previous, self._in_flight = self._in_flight, (sched, launched)
+            if sched.is_empty:  # nothing new was launched: finish the previous step now
+                self._in_flight = None
+        else:
+            previous = (sched, launched)
+        outputs = []
+        if previous is not None:
+            done, step = previous
+            outputs = self._update(done, self.scheduler.update(done, self.runner.complete(step)))
         self._steps += 1
         return StepResult(outputs, sched.num_batched_tokens)
 
     def _update(self, sched: SchedulerOutput, new_tokens: list[tuple[Sequence, SampledToken]]) -> list[RequestOutput]:
         now = time.monotonic()
         for row in sched.new_rows:
-            state = self._requests[row.seq_id.rsplit("/", 1)[0]]
-            if state.times.first_scheduled is None:
+            state = self._requests.get(row.seq_id.rsplit("/", 1)[0])
+            if state is not None and state.times.first_scheduled is None:
                 state.times.first_scheduled = now
         outs: list[RequestOutput] = []
         for seq, sampled in new_tokens:

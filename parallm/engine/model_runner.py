@@ -12,13 +12,15 @@ Per step, in this order:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx.core as mx
 
 from parallm.engine.kv_cache import BatchedKVCache, KVShape, PassLayout
 from parallm.engine.prefix_cache import PrefixCache
-from parallm.engine.scheduler import PrefillChunk, RunnerOutput, SampledToken, SchedulerOutput
+from parallm.engine.scheduler import (PLACEHOLDER, DecodeRow, PrefillChunk, RunnerOutput, SampledToken,
+                                      SchedulerOutput)
 from parallm.engine.sampler import BatchSampler, choice_seed
 
 KV_LEN_STEP = 32  # attention length is rounded up to this (fewer distinct shapes)
@@ -37,6 +39,14 @@ def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
     return [sorted(g, key=lambda c: c.slot) for g in groups]
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose graph is built and queued (mx.async_eval); `complete` reads it back."""
+
+    decode: list[DecodeRow]
+    sample: Any  # the sampler's SampleOutput (lazy), None when the step had no decode pass
+
+
 class ModelRunner:
     def __init__(self, model, kv_shape: KVShape, max_slots: int, sampler: BatchSampler, *,
                  prefix_cache: Optional[PrefixCache] = None, adapters: Any = None):
@@ -46,8 +56,23 @@ class ModelRunner:
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # optional: .bind_rows(list of adapter ids per batch row)
         self._rows: dict[int, tuple[list[int], Optional[str]]] = {}  # slot -> (prompt ids, adapter)
+        # the last token sampled per slot, on the device: the input of a PLACEHOLDER decode row
+        self._slot_tokens = mx.zeros((max_slots,), dtype=mx.int32)
+        # evaluate now: a lazy array made on this thread cannot be evaluated on the worker thread
+        mx.eval(self._slot_tokens)
 
     def run(self, out: SchedulerOutput) -> RunnerOutput:
+        """launch + complete: one step, synchronously."""
+        return self.complete(self.launch(out))
+
+    def complete(self, step: LaunchedStep) -> RunnerOutput:
+        """Wait for a launched step and read its sampled tokens back to the host."""
+        if step.sample is None:
+            return RunnerOutput(sampled={})
+        return RunnerOutput(sampled=_sampled_tokens(step.decode, step.sample))
+
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Build the step's passes and queue them without waiting (mx.async_eval)."""
         for slot in out.freed_slots:
             self._rows.pop(slot, None)
             self.sampler.remove_row(slot)
@@ -57,10 +82,10 @@ class ModelRunner:
             self._admit(row)
         for group in _length_groups(out.prefill):
             self._prefill(group)
-        sampled: dict[str, SampledToken] = {}
         if out.decode:
-            sampled = self._decode(out)
-        return RunnerOutput(sampled=sampled)
+            return LaunchedStep(out.decode, self._decode(out))
+        mx.async_eval(self.cache.keys, self.cache.values)
+        return LaunchedStep([], None)
 
     # ---- rows --------------------------------------------------------------------------------
     def _admit(self, row) -> None:
@@ -92,7 +117,6 @@ class ModelRunner:
         layers = self.cache.begin_pass(layout)
         self._bind_adapters(layout.slots)
         self.model(tokens, cache=layers)  # logits unused: only K/V get evaluated
-        mx.eval(self.cache.keys, self.cache.values)
         self.cache.end_pass({c.slot: c.offset + len(c.token_ids) for c in chunks})
         if self.prefix_cache is not None:
             for c in chunks:
@@ -105,31 +129,39 @@ class ModelRunner:
         n = self.prefix_cache.wants(prompt_ids[: len(prompt_ids) - 1], adapter)
         if n:
             keys, values = self.cache.read_rows(slot, n)
-            mx.eval(keys, values)
+            mx.async_eval(keys, values)  # copies now, so they do not pin the slot buffers
             self.prefix_cache.store(prompt_ids, adapter, keys, values)
 
-    def _decode(self, out: SchedulerOutput) -> dict[str, SampledToken]:
+    def _decode(self, out: SchedulerOutput):
         cache = self.cache
         num_rows = cache.highest_active_slot() + 1
         tokens = [0] * num_rows
+        from_device = [False] * num_rows
         offsets = list(cache.lengths[:num_rows])
         for d in out.decode:
-            tokens[d.slot] = d.token_id
+            if d.token_id == PLACEHOLDER:
+                from_device[d.slot] = True
+            else:
+                tokens[d.slot] = d.token_id
             offsets[d.slot] = d.offset
+        inputs = mx.array(tokens, dtype=mx.int32)
+        if any(from_device):
+            inputs = mx.where(mx.array(from_device), self._slot_tokens[:num_rows], inputs)
         kv_len = -(-(max(offsets) + 1) // KV_LEN_STEP) * KV_LEN_STEP
         layout = PassLayout(slots=list(range(num_rows)), offsets=offsets, num_new=1,
                             kv_len=kv_len, contiguous=True)
         layers = cache.begin_pass(layout)
         self._bind_adapters(layout.slots)
-        logits = self.model(mx.array(tokens, dtype=mx.int32)[:, None], cache=layers)[:, -1, :]
+        logits = self.model(inputs[:, None], cache=layers)[:, -1, :]
         slots = [d.slot for d in out.decode]
         if len(slots) < num_rows:
             logits = logits[mx.array(slots, dtype=mx.int32)]
         sample = self.sampler.sample(logits, slots)
-        mx.eval(sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs,
-                cache.keys, cache.values)
+        self._slot_tokens[mx.array(slots, dtype=mx.int32)] = sample.token_ids
+        mx.async_eval(sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs,
+                      self._slot_tokens, cache.keys, cache.values)
         cache.end_pass({d.slot: d.offset + 1 for d in out.decode})
-        return _sampled_tokens(out.decode, sample)
+        return sample
 
 
 def _sampled_tokens(rows, sample) -> dict[str, SampledToken]:

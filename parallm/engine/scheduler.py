@@ -8,6 +8,12 @@ a *prefill chunk* of up to the token budget, always leaving its last token to th
 of running sequences, then new sequences from the waiting queue, until `max_num_batched_tokens`
 is spent. A long prompt therefore spreads over several steps while running streams keep decoding.
 
+Scheduling is optimistic, so the engine can schedule step t+1 while step t still runs: when a
+chunk or decode row is scheduled its tokens count as computed at once, and a decode row appends a
+PLACEHOLDER output token that `update` fills in when the step's results arrive. A sequence never
+gets more decode rows than max_tokens; one that stops on a stop token or string is computed for
+one extra step whose result is dropped.
+
 KV accounting is logical: a running sequence holds `num_computed` tokens of the budget plus what
 it is scheduled to compute this step. When a running sequence cannot get its tokens, the newest
 running sequence is preempted: its slot is freed, it goes back to the front of the waiting queue,
@@ -23,6 +29,9 @@ from typing import Optional, Protocol
 from parallm.engine.types import SamplingParams
 
 
+PLACEHOLDER = -1  # an output token sampled by a step still in flight; update() fills it in
+
+
 class PrefixIndex(Protocol):
     def match(self, token_ids: list[int], adapter: Optional[str], max_tokens: int) -> int:
         """How many leading tokens (a block multiple, <= max_tokens) have saved K/V."""
@@ -35,7 +44,7 @@ class SchedulerConfig:
     kv_budget_tokens: int = 1 << 20  # KV positions all running sequences may hold together
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: membership tests must not compare token lists
 class Sequence:
     """One choice of one request. `seq_id` is "<request_id>/<index>"."""
 
@@ -51,6 +60,7 @@ class Sequence:
     slot: Optional[int] = None
     leader: Optional["Sequence"] = None  # n > 1: the choice whose prompt K/V this one copies
     finished: bool = False
+    is_running: bool = False  # in Scheduler.running (holds a slot)
 
     @property
     def num_tokens(self) -> int:
@@ -92,12 +102,16 @@ class PrefillChunk:
 
 @dataclass
 class DecodeRow:
-    """One token at position `offset` whose logits are sampled (a generated or last prompt token)."""
+    """One token at position `offset` whose logits are sampled (a generated or last prompt token).
+
+    `token_id` is PLACEHOLDER when the input is the token the previous step sampled for this slot
+    and that step is still in flight: the runner takes it from the device, never the host."""
 
     seq_id: str
     slot: int
     token_id: int
     offset: int
+    output_index: int = -1  # where the sampled token goes in Sequence.output_ids
 
 
 @dataclass
@@ -134,6 +148,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: oldest first, newest last
         self._free_slots = list(range(config.max_num_seqs))  # a min-heap: holes fill first
         self._freed_since_step: list[int] = []
+        self._seqs: dict[str, Sequence] = {}  # every unfinished sequence, running or waiting
         self.num_preemptions = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -141,12 +156,15 @@ class Scheduler:
     # ---- adding and removing -----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._seqs[seq.seq_id] = seq
 
     def finish(self, seq: Sequence) -> None:
         """A sequence is done (stop, length or abort): free its slot, forget it."""
         seq.finished = True
-        if seq in self.running:
+        self._seqs.pop(seq.seq_id, None)
+        if seq.is_running:
             self.running.remove(seq)
+            seq.is_running = False
             self._release_slot(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
@@ -191,14 +209,15 @@ class Scheduler:
 
         # 1. decode rows of running sequences (oldest first)
         for seq in list(self.running):
-            if seq.finished or seq not in self.running or token_budget <= 0:
+            if not seq.is_running or token_budget <= 0:
                 continue
-            if seq.num_tokens - seq.num_computed == 1 and reserve(seq, 1):
+            if (seq.num_tokens - seq.num_computed == 1 and len(seq.output_ids) < seq.params.max_tokens
+                    and reserve(seq, 1)):
                 decode[seq.seq_id] = self._decode_row(seq)
                 token_budget -= 1
         # 2. prefill chunks of running sequences
         for seq in list(self.running):
-            if seq not in self.running or token_budget <= 0:
+            if not seq.is_running or token_budget <= 0:
                 continue
             remaining = seq.num_tokens - seq.num_computed
             if remaining > 1:
@@ -224,6 +243,7 @@ class Scheduler:
             if copy_from is None and reused:
                 seq.num_cached = reused
             self.running.append(seq)
+            seq.is_running = True
             kv_used += cost
             new_rows.append(NewRow(seq.seq_id, slot, seq.prompt_ids, list(seq.output_ids),
                                    seq.params, seq.index, seq.adapter, copy_from, reused))
@@ -235,6 +255,13 @@ class Scheduler:
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
 
+        for chunk in prefill.values():  # optimistic: counted as computed once scheduled
+            self._seqs[chunk.seq_id].num_computed += len(chunk.token_ids)
+        for row in decode.values():
+            seq = self._seqs[row.seq_id]
+            seq.num_computed += 1
+            seq.output_ids.append(PLACEHOLDER)
+            row.output_index = len(seq.output_ids) - 1
         freed, self._freed_since_step = self._freed_since_step, []
         # rows are listed in slot order so passes gather K/V in memory order
         return SchedulerOutput(
@@ -247,20 +274,15 @@ class Scheduler:
         )
 
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[tuple[Sequence, SampledToken]]:
-        """Advance computed counts; append sampled tokens. Returns (seq, token) for new outputs."""
-        by_id = {s.seq_id: s for s in self.running}
-        for chunk in out.prefill:
-            seq = by_id.get(chunk.seq_id)
-            if seq is not None:
-                seq.num_computed += len(chunk.token_ids)
+        """Fill in the tokens a step sampled. Returns (seq, token) for sequences still alive
+        (a sequence finished or aborted meanwhile gets nothing)."""
         new_tokens = []
         for row in out.decode:
-            seq = by_id.get(row.seq_id)
+            seq = self._seqs.get(row.seq_id)
             sampled = result.sampled.get(row.seq_id)
-            if seq is None or sampled is None:
+            if seq is None or sampled is None or seq.finished:
                 continue
-            seq.num_computed += 1
-            seq.output_ids.append(sampled.token_id)
+            seq.output_ids[row.output_index] = sampled.token_id
             new_tokens.append((seq, sampled))
         return new_tokens
 
@@ -284,6 +306,7 @@ class Scheduler:
     def _decode_row(seq: Sequence) -> DecodeRow:
         return DecodeRow(seq.seq_id, seq.slot, seq.token_at(seq.num_computed), seq.num_computed)
 
+
     @staticmethod
     def _scheduled_tokens(seq, prefill, decode) -> int:
         chunk = prefill.get(seq.seq_id)
@@ -292,7 +315,7 @@ class Scheduler:
     def _leader_pending(self, seq: Sequence) -> bool:
         """True while the leader is running but has not computed its prompt's K/V yet."""
         lead = seq.leader
-        return (not lead.finished and lead in self.running
+        return (lead.is_running
                 and lead.num_computed < len(lead.prompt_ids) - 1)
 
     def _reusable_prefix(self, seq: Sequence) -> tuple[int, Optional[int]]:
@@ -300,7 +323,7 @@ class Scheduler:
         cache). At least the last token is always left to compute: it yields the logits."""
         limit = seq.num_tokens - 1
         lead = seq.leader
-        if (lead is not None and lead in self.running and not seq.output_ids
+        if (lead is not None and lead.is_running and not seq.output_ids
                 and lead.num_computed >= len(seq.prompt_ids) - 1):
             return len(seq.prompt_ids) - 1, lead.slot
         if self.prefix_index is None or limit <= 0:
@@ -313,6 +336,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.is_running = False
         self._release_slot(seq)
         seq.num_computed = 0
         self.waiting.appendleft(seq)

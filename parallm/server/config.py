@@ -1,7 +1,6 @@
 """ServerSettings: one dataclass, filled from defaults < TOML file < PARALLM_* env vars < command line."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -117,7 +116,3 @@ def load_settings(cli: Mapping[str, Any], config_file: Optional[str] = None,
         return ServerSettings(**merged)
     except TypeError as e:
         raise ConfigError(str(e)) from None
-
-
-def settings_fields() -> list[dataclasses.Field]:
-    return list(fields(ServerSettings))

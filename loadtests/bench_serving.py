@@ -1,0 +1,406 @@
+"""Load test for any OpenAI-compatible server: streaming requests at a sweep of concurrencies.
+
+  # one server that is already running
+  python loadtests/bench_serving.py --url http://127.0.0.1:8000 --concurrency 1,4,16
+
+  # parallm against mlx_lm.server on the same model dir, the same sweep, ratios printed
+  python loadtests/bench_serving.py --compare --model DIR --concurrency 1,4,16
+
+Per level it reports TTFT (request sent -> first streamed text), TPOT ((end - first text) / (tokens - 1)),
+ITL (gaps between streamed chunks), each at p50 and p99; output throughput (tokens / wall time of the
+level); failures (non-200, dropped connections, streams that end without [DONE]). Output tokens are
+counted from the stream's usage chunk when the server sends one, else as streamed chunks. `ignore_eos`
+is sent (a vLLM extra; parallm honours it, mlx_lm.server ignores it), so compare tokens received,
+never tokens asked for.
+
+In --compare mode both servers run side by side and each concurrency level runs against both back to
+back (alternating which goes first), so the ratio survives a noisy machine. Bounded: --num-requests per
+level (capped), --level-timeout per level. Loopback URLs only unless --allow-remote.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import httpx
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # `python -m parallm` runs this checkout's code
+MAX_REQUESTS_PER_LEVEL = 2000
+WORDS = ("time year people way day man thing woman life child world school state family student group "
+         "country problem hand part place case week company system program question work government number "
+         "night point home water room mother area money story fact month lot right study book eye job word "
+         "business issue side kind head house service friend father power hour game line end member law car "
+         "city community name president team minute idea kid body information back parent face others level "
+         "office door health person art war history party result change morning reason research girl guy "
+         "moment air teacher force education").split()
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    error: str = ""
+    ttft: Optional[float] = None  # seconds to the first streamed text
+    e2e: float = 0.0
+    itls: list[float] = field(default_factory=list)  # gaps between streamed chunks
+    output_tokens: int = 0
+    prompt_tokens: Optional[int] = None
+
+
+@dataclass
+class LevelResult:
+    server: str
+    concurrency: int
+    requests: int
+    failures: int
+    wall_s: float
+    output_tokens: int
+    throughput_tok_s: float
+    requests_per_s: float
+    ttft_p50: Optional[float]
+    ttft_p99: Optional[float]
+    tpot_p50: Optional[float]
+    tpot_p99: Optional[float]
+    itl_p50: Optional[float]
+    itl_p99: Optional[float]
+    mean_prompt_tokens: Optional[float]
+    errors: dict = field(default_factory=dict)  # error text -> count
+
+
+def percentile(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_prompts(count: int, input_len: int, seed: int) -> list[str]:
+    """Random common words, about one token each; different per request so no prefix cache helps."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(input_len)) for _ in range(count)]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, output_len: int,
+                      endpoint: str) -> RequestResult:
+    if endpoint == "chat":
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
+    else:
+        path, body = "/v1/completions", {"prompt": prompt}
+    body.update(model=model, max_tokens=output_len, temperature=0.0, stream=True, ignore_eos=True,
+                stream_options={"include_usage": True})
+    start = time.perf_counter()
+    first = last = None
+    itls, chunks, usage, done = [], 0, None, False
+    try:
+        async with client.stream("POST", url + path, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return RequestResult(ok=False, error=f"HTTP {r.status_code}", e2e=time.perf_counter() - start)
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    return RequestResult(ok=False, error="stream error: " + str(event["error"].get("code")))
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event.get("choices") or []:
+                    text = choice.get("text") if endpoint != "chat" else (choice.get("delta") or {}).get("content")
+                    if text:
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                        else:
+                            itls.append(now - last)
+                        last = now
+                        chunks += 1
+    except (httpx.HTTPError, OSError) as e:
+        return RequestResult(ok=False, error=type(e).__name__, e2e=time.perf_counter() - start)
+    end = time.perf_counter()
+    if not done:
+        return RequestResult(ok=False, error="stream ended without [DONE]", e2e=end - start)
+    tokens = (usage or {}).get("completion_tokens") or chunks
+    return RequestResult(ok=True, ttft=None if first is None else first - start, e2e=end - start, itls=itls,
+                         output_tokens=tokens, prompt_tokens=(usage or {}).get("prompt_tokens"))
+
+
+async def run_level(server: str, url: str, model: str, concurrency: int, prompts: list[str], output_len: int,
+                    endpoint: str, level_timeout: float) -> LevelResult:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    results: list[RequestResult] = []
+    pending = list(reversed(prompts))
+    async with httpx.AsyncClient(timeout=httpx.Timeout(level_timeout, connect=30), limits=limits) as client:
+        async def worker():
+            while pending:
+                results.append(await one_request(client, url, model, pending.pop(), output_len, endpoint))
+
+        start = time.perf_counter()
+        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        _, late = await asyncio.wait(tasks, timeout=level_timeout)
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        wall = time.perf_counter() - start
+    unfinished = len(prompts) - len(results)
+    return summarize(server, concurrency, results, unfinished, wall)
+
+
+def summarize(server: str, concurrency: int, results: list[RequestResult], unfinished: int, wall: float) -> LevelResult:
+    ok = [r for r in results if r.ok]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    if unfinished:
+        errors["level timeout"] = unfinished
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.ttft is not None and r.output_tokens > 1]
+    itls = [gap for r in ok for gap in r.itls]
+    tokens = sum(r.output_tokens for r in ok)
+    prompt_tokens = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+    return LevelResult(
+        server=server, concurrency=concurrency, requests=len(results) + unfinished,
+        failures=len(results) - len(ok) + unfinished, wall_s=wall, output_tokens=tokens,
+        throughput_tok_s=tokens / wall if wall else 0.0, requests_per_s=len(ok) / wall if wall else 0.0,
+        ttft_p50=percentile(ttfts, 0.5), ttft_p99=percentile(ttfts, 0.99),
+        tpot_p50=percentile(tpots, 0.5), tpot_p99=percentile(tpots, 0.99),
+        itl_p50=percentile(itls, 0.5), itl_p99=percentile(itls, 0.99),
+        mean_prompt_tokens=statistics.mean(prompt_tokens) if prompt_tokens else None, errors=errors)
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def print_table(levels: list[LevelResult]) -> None:
+    head = f"{'server':<10} {'conc':>4} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50/p99 ms':>16} " \
+           f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15}"
+    print(head)
+    print("-" * len(head))
+    for lv in levels:
+        print(f"{lv.server:<10} {lv.concurrency:>4} {lv.requests:>5} {lv.failures:>4} {lv.throughput_tok_s:>8.1f} "
+              f"{_ms(lv.ttft_p50) + '/' + _ms(lv.ttft_p99):>16} {_ms(lv.tpot_p50) + '/' + _ms(lv.tpot_p99):>16} "
+              f"{_ms(lv.itl_p50) + '/' + _ms(lv.itl_p99):>15}")
+        if lv.errors:
+            print(f"{'':<10} errors: {lv.errors}")
+
+
+def print_ratios(levels: list[LevelResult], candidate: str, baseline: str) -> list[dict]:
+    """candidate ÷ baseline throughput, and baseline ÷ candidate latencies (so > 1 means candidate is better)."""
+    rows = []
+    by_key = {(lv.server, lv.concurrency): lv for lv in levels}
+    print(f"\nratios ({candidate} vs {baseline}; > 1 means {candidate} is better)")
+    print(f"{'conc':>4} {'throughput':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9}")
+
+    def ratio(a, b):
+        return None if not a or not b else a / b
+
+    for (server, conc), cand in sorted(by_key.items(), key=lambda kv: kv[0][1]):
+        base = by_key.get((baseline, conc))
+        if server != candidate or base is None:
+            continue
+        row = dict(concurrency=conc, throughput=ratio(cand.throughput_tok_s, base.throughput_tok_s),
+                   ttft_p50=ratio(base.ttft_p50, cand.ttft_p50), ttft_p99=ratio(base.ttft_p99, cand.ttft_p99),
+                   tpot_p50=ratio(base.tpot_p50, cand.tpot_p50))
+        rows.append(row)
+        fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+        print(f"{conc:>4} {fmt(row['throughput']):>10} {fmt(row['ttft_p50']):>9} {fmt(row['ttft_p99']):>9} "
+              f"{fmt(row['tpot_p50']):>9}")
+    return rows
+
+
+def plot(levels: list[LevelResult], out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = sorted({lv.server for lv in levels})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for server in servers:
+        rows = sorted((lv for lv in levels if lv.server == server), key=lambda lv: lv.concurrency)
+        conc = [lv.concurrency for lv in rows]
+        axes[0].plot(conc, [lv.throughput_tok_s for lv in rows], marker="o", label=server)
+        axes[1].plot(conc, [(lv.ttft_p50 or 0) * 1000 for lv in rows], marker="o", label=f"{server} p50")
+        axes[1].plot(conc, [(lv.ttft_p99 or 0) * 1000 for lv in rows], marker="x", linestyle="--", label=f"{server} p99")
+        axes[2].plot(conc, [(lv.tpot_p50 or 0) * 1000 for lv in rows], marker="o", label=f"{server} p50")
+    for ax, title in zip(axes, ("output tokens/s", "TTFT (ms)", "TPOT (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+# ---- servers for --compare ----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(name: str, cmd: list[str], url: str, startup_timeout: float):
+    log_path = OUT_DIR / f"{name}.log"
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start within {startup_timeout}s; see {log_path}")
+                time.sleep(0.5)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+async def warm_up(name: str, url: str, model: str, endpoint: str) -> None:
+    async with httpx.AsyncClient(timeout=300) as client:
+        r = await one_request(client, url, model, "hello " * 8, 8, endpoint)
+    if not r.ok:
+        raise RuntimeError(f"{name}: warm-up request failed: {r.error}")
+
+
+def sweep(targets: list[tuple[str, str, str]], args) -> list[LevelResult]:
+    """targets: (name, url, model). Each level runs on every target back to back, alternating order."""
+    levels = []
+    for i, conc in enumerate(args.concurrency):
+        n = min(args.num_requests or conc * args.requests_per_client, MAX_REQUESTS_PER_LEVEL)
+        prompts = make_prompts(n, args.input_len, seed=args.seed + conc)
+        order = targets if i % 2 == 0 else list(reversed(targets))
+        for name, url, model in order:
+            lv = asyncio.run(run_level(name, url, model, conc, prompts, args.output_len, args.endpoint,
+                                       args.level_timeout))
+            levels.append(lv)
+            print(f"  {name:<10} c={conc:<4} {lv.throughput_tok_s:8.1f} tok/s  TTFT p50 {_ms(lv.ttft_p50)} ms  "
+                  f"failures {lv.failures}/{lv.requests}", flush=True)
+    return levels
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="base URL of a running OpenAI-compatible server (no /v1)")
+    p.add_argument("--model-name", help="model name to send (default: the first of GET /v1/models)")
+    p.add_argument("--compare", action="store_true", help="start parallm and mlx_lm.server on --model and compare")
+    p.add_argument("--model", help="model dir for --compare (an mlx-lm dir both servers can load)")
+    p.add_argument("--parallm-args", default="", help="extra arguments for `parallm serve` in --compare mode")
+    p.add_argument("--mlx-args", default="", help="extra arguments for mlx_lm.server in --compare mode")
+    p.add_argument("--mlx-blas", choices=("parallm", "wheel"), default="parallm",
+                   help="BLAS for mlx_lm.server on Linux CPU: parallm's preloaded OpenBLAS (fair) or the wheel's")
+    p.add_argument("--concurrency", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--requests-per-client", type=int, default=2, help="requests per level = this x concurrency")
+    p.add_argument("--num-requests", type=int, default=0, help="fixed requests per level (overrides the above)")
+    p.add_argument("--input-len", type=int, default=64, help="prompt length in words (~tokens)")
+    p.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--level-timeout", type=float, default=300.0, help="seconds a level may run")
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
+    p.add_argument("--out", default=None, help="JSON result path (default loadtests/out/bench_serving-<time>.json)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    stem = f"bench_serving-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_json = Path(args.out) if args.out else OUT_DIR / f"{stem}.json"
+
+    if args.compare:
+        if not args.model:
+            p.error("--compare needs --model DIR")
+        pport, mport = free_port(), free_port()
+        purl, murl = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{mport}"
+        max_conc = max(args.concurrency)
+        pcmd = [sys.executable, "-m", "parallm", "serve", "--model", args.model, "--served-model-name", "bench",
+                "--port", str(pport), "--max-num-seqs", str(max(max_conc, 1)), "--max-queue", str(4 * max_conc),
+                *args.parallm_args.split()]
+        # By default mlx_lm.server gets the same optimized BLAS that parallm preloads on Linux (importing
+        # parallm loads it before mlx), so the comparison is of the servers, not of the BLAS.
+        launcher = (["-c", "import parallm, runpy; runpy.run_module('mlx_lm.server', run_name='__main__')"]
+                    if args.mlx_blas == "parallm" else ["-m", "mlx_lm.server"])
+        mcmd = [sys.executable, *launcher, "--model", args.model, "--port", str(mport),
+                "--host", "127.0.0.1", *args.mlx_args.split()]
+        targets = [("parallm", purl, "bench"), ("mlx_lm", murl, "default_model")]
+        with running_server("parallm", pcmd, purl, args.startup_timeout), \
+                running_server("mlx_lm", mcmd, murl, args.startup_timeout):
+            for name, url, model in targets:
+                asyncio.run(warm_up(name, url, model, args.endpoint))
+            levels = sweep(targets, args)
+        commands = {"parallm": pcmd, "mlx_lm": mcmd}
+    else:
+        if not args.url:
+            p.error("give --url (a running server) or --compare --model DIR")
+        if not is_loopback(args.url) and not args.allow_remote:
+            p.error(f"{args.url} is not a loopback address; pass --allow-remote to load-test another machine")
+        url = args.url.rstrip("/")
+        model = args.model_name or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        asyncio.run(warm_up("server", url, model, args.endpoint))
+        levels = sweep([("server", url, model)], args)
+        commands = {}
+
+    print()
+    print_table(levels)
+    ratios = print_ratios(levels, "parallm", "mlx_lm") if args.compare else []
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "commands": commands,
+                                    "cpu_count": os.cpu_count(), "levels": [asdict(lv) for lv in levels],
+                                    "ratios": ratios}, indent=1))
+    print(f"\nJSON: {out_json}")
+    if not args.no_plot:
+        for path in plot(levels, out_json.parent, out_json.stem):
+            print(f"plot: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
