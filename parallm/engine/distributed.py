@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
 import secrets
 import time
 from typing import Any, Optional
@@ -96,11 +98,21 @@ def _step_digest(step: int, out: RunnerOutput, prefix: Optional[RecordingPrefixC
 _VERIFY_PARTS = ("sampled tokens", "prefix cache state")
 
 
-class LeaderRunner:
-    """Wraps rank 0's ModelRunner: broadcast the plan, then run it like every other rank.
+@dataclass
+class _LaunchedPlan:
+    """What LeaderRunner.launch hands the Engine: the runner's launched step and its plan."""
 
-    Every other attribute (cache, sampler, ...) is the wrapped runner's, so the Engine uses it as a
-    ModelRunner unchanged."""
+    plan: StepPlan
+    launched: Any
+
+
+class LeaderRunner:
+    """Wraps rank 0's ModelRunner: broadcast the plan, then launch it like every other rank.
+
+    The Engine calls launch(sched) and, for the same step, complete(launched) later (with
+    `overlap`, after launching the next step). A plan's verify check runs in complete(), and the
+    Follower mirrors the Engine's launch/complete order, so the check's all-gather meets the same
+    collective on every rank. Every other attribute (cache, sampler, ...) is the wrapped runner's."""
 
     def __init__(self, inner: Any, channel: PlanChannel, prefix: Optional[RecordingPrefixCache],
                  watchdog: Optional[GroupWatchdog], verify_every: int):
@@ -116,25 +128,24 @@ class LeaderRunner:
         return getattr(self._inner, name)
 
     def run(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.complete(self.launch(sched))
+
+    def launch(self, sched: SchedulerOutput) -> _LaunchedPlan:
         _seed_new_rows(sched)
         verify = self._verify_every > 0 and self.plan_index % self._verify_every == 0
         plan = StepPlan(PlanKind.STEP, self.plan_index, sched,
                         self._prefix.take_touches() if self._prefix else [], verify)
-        self._guard_enter(f"step {plan.step}")
-        try:
+        with self._fatal(f"step {plan.step}"):
             self._send(plan)
-            out = self._inner.run(sched)
-            if verify:
-                self._channel.check_agreement(_step_digest(plan.step, out, self._prefix), _VERIFY_PARTS,
-                                              f"the check after step {plan.step}")
+            return _LaunchedPlan(plan, self._inner.launch(sched))
+
+    def complete(self, step: _LaunchedPlan) -> RunnerOutput:
+        with self._fatal(f"completing step {step.plan.step}"):
+            out = self._inner.complete(step.launched)
+            if step.plan.verify:
+                self._channel.check_agreement(_step_digest(step.plan.step, out, self._prefix), _VERIFY_PARTS,
+                                              f"the check after step {step.plan.step}")
             return out
-        except BaseException as e:
-            # Any error mid-step leaves the ranks out of lockstep: the whole group must stop.
-            if self._watchdog:
-                self._watchdog.fail(f"rank 0 failed in step {plan.step}: {type(e).__name__}: {e}")
-            raise
-        finally:
-            self._guard_leave()
 
     def send_control(self, kind: PlanKind, idle_sleep_s: float = 0.0) -> None:
         self._send(StepPlan(kind, self.plan_index, idle_sleep_s=idle_sleep_s))
@@ -144,13 +155,20 @@ class LeaderRunner:
         self.plan_index += 1
         self.last_sent = time.monotonic()
 
-    def _guard_enter(self, what: str) -> None:
+    @contextmanager
+    def _fatal(self, what: str):
+        """Watch `what`; any error in it leaves the ranks out of lockstep: the group must stop."""
         if self._watchdog:
             self._watchdog.enter(what)
-
-    def _guard_leave(self) -> None:
-        if self._watchdog:
-            self._watchdog.leave()
+        try:
+            yield
+        except BaseException as e:
+            if self._watchdog:
+                self._watchdog.fail(f"rank 0 failed in {what}: {type(e).__name__}: {e}")
+            raise
+        finally:
+            if self._watchdog:
+                self._watchdog.leave()
 
 
 def _seed_new_rows(sched: SchedulerOutput) -> None:
@@ -209,8 +227,14 @@ class Follower:
         self.steps_run = 0
 
     def run(self) -> None:
-        """Returns on SHUTDOWN; raises GroupFailure when the group breaks."""
+        """Returns on SHUTDOWN; raises GroupFailure when the group breaks.
+
+        Launch/complete follow the Engine's order exactly (with `overlap`, step t completes after
+        step t+1 launched), so that the verify all-gathers pair up with rank 0's."""
         expected = 0
+        in_flight: Optional[tuple[StepPlan, Any]] = None
+        overlap = getattr(self.engine.config, "overlap", False)
+        runner = self.engine.runner
         while True:
             # Plan 0 comes once rank 0's HTTP server is up: allow for a slow start.
             plan = self.channel.receive_plan(max(STARTUP_WAIT_S, self.watchdog.timeout_s if self.watchdog else 0)
@@ -228,10 +252,19 @@ class Follower:
             try:
                 for entry_id in plan.prefix_touches:
                     self.prefix.touch(entry_id)
-                out = self.engine.runner.run(plan.sched)
-                if plan.verify:
-                    self.channel.check_agreement(_step_digest(plan.step, out, self.prefix), _VERIFY_PARTS,
-                                                 f"the check after step {plan.step}")
+                launched = runner.launch(plan.sched)
+                if overlap:
+                    previous, in_flight = in_flight, (plan, launched)
+                    if plan.sched.is_empty:
+                        in_flight = None
+                else:
+                    previous = (plan, launched)
+                if previous is not None:
+                    done, step = previous
+                    out = runner.complete(step)
+                    if done.verify:
+                        self.channel.check_agreement(_step_digest(done.step, out, self.prefix), _VERIFY_PARTS,
+                                                     f"the check after step {done.step}")
             finally:
                 if self.watchdog:
                     self.watchdog.leave()
