@@ -2,7 +2,8 @@
 
 Each round runs the 1-rank engine, then the 2-rank engine (LeaderEngine + Follower, the code
 `parallm serve --distributed` runs, without HTTP), each in fresh processes, alternating so the
-ratio survives a noisy machine; the best round of each is kept. Both generate `--gen` tokens
+ratio survives a noisy machine; the best round of each is kept. On the CPU each rank's OpenBLAS gets
+cores / ranks threads (1 rank: all cores), so both runs use the same cores without oversubscription. Both generate `--gen` tokens
 (greedy, no EOS) for `--concurrency` prompts of `--prompt` tokens submitted together.
 
 It also measures, on the 2 ranks: the cost of one all-reduce of a decode step's activations
@@ -161,6 +162,8 @@ def _run(args, ranks: int) -> Result:
     try:
         for rank in range(ranks):  # the environment mlx.launch would give each local rank
             renv = dict(env)
+            if args.backend == "ring":  # CPU: the ranks share the cores; no BLAS oversubscription
+                renv["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
             if args.backend == "nccl":
                 renv["CUDA_VISIBLE_DEVICES"] = str(rank)
             if ranks > 1 and args.backend == "ring":
