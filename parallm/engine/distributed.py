@@ -5,8 +5,13 @@ Roles
   LeaderRunner that, before each step's forward passes, broadcasts the StepPlan (the
   SchedulerOutput, seeds, prefix-cache touches) through PlanChannel, then runs the passes itself.
 - Ranks > 0 (Follower): an Engine whose scheduler stays unused; `run()` receives each plan and
-  calls the same ModelRunner.run(sched). The sharded layers' all-reduces inside the forward pair up
-  because every rank runs the same passes with the same shapes in the same order.
+  calls the same ModelRunner.launch(sched)/complete(...) in the Engine's order. The sharded layers'
+  all-reduces inside the forward pair up because every rank runs the same passes with the same
+  shapes in the same order.
+- Collective order on every rank: plan(t), step t's all-reduces, [verify all-gather of the step
+  that completes now], plan(t+1), ... Rank 0's plan broadcast queues behind step t's work on the
+  same stream, so in distributed mode the Engine's overlap (scheduling t+1 while t computes)
+  buys little: the plan for t+1 goes out only once step t is done.
 
 Why sampling agrees on every rank
 - Logits: mlx-lm's shard() splits q/k/v/gate/up by output and o/down by input with an all_sum
@@ -22,10 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import contextmanager
-from dataclasses import dataclass
 import secrets
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx.core as mx

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
-import os
 from typing import Optional
 
 from parallm.engine.group_watchdog import EXIT_GROUP_FAILED, GroupFailure, GroupWatchdog
