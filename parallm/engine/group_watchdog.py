@@ -44,6 +44,7 @@ class GroupWatchdog:
         self._failed_at = 0.0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.on_fail: Optional[Callable[[str], None]] = None  # called once, on the failing thread
 
     # ---- called around collectives and steps ---------------------------------------------------
     def enter(self, what: str, timeout_s: Optional[float] = None) -> None:
@@ -66,6 +67,11 @@ class GroupWatchdog:
                 return
             self._failure, self._failed_at = reason, time.monotonic()
         log.error("distributed group failed: %s", reason)
+        if self.on_fail is not None:
+            try:
+                self.on_fail(reason)
+            except Exception:  # noqa: BLE001 - the exit below must still happen
+                log.exception("on_fail callback failed")
 
     @property
     def failure(self) -> Optional[str]:

@@ -44,6 +44,13 @@ def _make_async_engine(loaded, config, leader, watchdog):
     from parallm.engine.async_engine import AsyncEngine
 
     class _DistributedAsyncEngine(AsyncEngine):
+        def fail_group(self, reason: str) -> None:
+            """The group failed (any thread): refuse new requests and end every open stream with
+            EngineDead now, rather than when the stuck worker comes back (it may never)."""
+            if self._dead is None:
+                self._dead = GroupFailure(reason)
+            self._fail_all(self._dead)
+
         def health_error(self) -> Optional[str]:
             """Why /health must say unhealthy: the group failed or the engine worker died."""
             if watchdog.failure:
@@ -59,6 +66,7 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
     from parallm.engine.distributed import (STARTUP_PARTS, Follower, LeaderEngine, shard_model,
                                             startup_digests)
     from parallm.engine.engine import Engine, EngineConfig
+    from parallm.engine.liveness import LivenessLink
     from parallm.engine.plan_channel import PlanChannel
     from parallm.models import load
     from parallm.server.app import create_app  # noqa: F401 - imported before the group waits on us
@@ -92,15 +100,20 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
         print(f"parallm serve --distributed [rank {rank}]: {e}. Start every rank with the same model files, "
               "config and engine settings.", file=sys.stderr)
         return EXIT_GROUP_FAILED
-    log.info("rank %d/%d: model %s sharded; startup check passed", rank, size, loaded.name)
+    link = LivenessLink(group, lambda reason: watchdog.fail(f"rank {rank}: {reason}"))
+    linked = link.start()
+    log.info("rank %d/%d: model %s sharded; startup check passed; liveness link %s", rank, size, loaded.name,
+             "up" if linked else "off (dead peers are found by the timeout only)")
     if rank == 0:
         leader = LeaderEngine(loaded, config, channel=channel, watchdog=watchdog,
                               heartbeat_s=args.distributed_heartbeat, verify_every=args.distributed_verify_every)
-        return _serve_rank0(_make_async_engine(loaded, config, leader, watchdog), leader, watchdog, settings)
-    return _follow(Follower(Engine(loaded, config), channel, watchdog), watchdog, settings)
+        engine = _make_async_engine(loaded, config, leader, watchdog)
+        watchdog.on_fail = engine.fail_group  # end every stream now, even if the worker is stuck
+        return _serve_rank0(engine, leader, watchdog, link, settings)
+    return _follow(Follower(Engine(loaded, config), channel, watchdog), watchdog, link, settings)
 
 
-def _serve_rank0(engine, leader, watchdog: GroupWatchdog, settings) -> int:
+def _serve_rank0(engine, leader, watchdog: GroupWatchdog, link, settings) -> int:
     from parallm.server.app import create_app
     from parallm.server.runner import run_server
 
@@ -111,16 +124,18 @@ def _serve_rank0(engine, leader, watchdog: GroupWatchdog, settings) -> int:
     if watchdog.failure or engine.health_error():
         log.error("exiting after a group failure: %s", watchdog.failure or engine.health_error())
         return EXIT_GROUP_FAILED
+    link.expect_close()
     try:
         leader.shutdown_followers()
     except GroupFailure as e:
         log.error("could not tell the other ranks to stop: %s", e)
         return EXIT_GROUP_FAILED
+    link.wait_closed(5.0)
     watchdog.stop()
     return 0
 
 
-def _follow(follower, watchdog: GroupWatchdog, settings) -> int:
+def _follow(follower, watchdog: GroupWatchdog, link, settings) -> int:
     # A signal reaches every rank (Ctrl-C, or mlx.launch forwarding it). Rank 0 drains and then
     # sends SHUTDOWN, so a follower keeps running the plans; if none comes, it leaves on its own.
     def on_signal(signum, frame):
@@ -140,6 +155,7 @@ def _follow(follower, watchdog: GroupWatchdog, settings) -> int:
         log.exception("rank %d failed", follower.channel.rank)
         print(f"parallm serve --distributed [rank {follower.channel.rank}]: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_GROUP_FAILED
+    link.close()
     watchdog.stop()
     log.info("rank %d: rank 0 sent shutdown after %d steps", follower.channel.rank, follower.steps_run)
     return 0

@@ -141,25 +141,32 @@ def test_adapter_request_on_two_ranks():
     raise AssertionError("not reached")
 
 
-def test_killing_a_rank_fails_rank0_cleanly(cluster):
-    """Runs last: it breaks the module's cluster."""
-    cluster.ranks[1].send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 20
+def test_killing_a_rank_mid_generation_fails_rank0_cleanly(cluster):
+    """Runs last: it breaks the module's cluster. Rank 1 dies while a stream is being generated
+    (rank 0 is inside the model's all-reduces): the stream ends with an error, /health turns 503
+    naming the lost rank, new requests get an error at once, and rank 0 exits with status 3."""
+    body = {"model": "tiny", "prompt": prompt(11, 8), "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    lines = []
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) == 6:
+                cluster.ranks[1].send_signal(signal.SIGKILL)
+    # the stream ended (no hang: the read timeout is 30 s) without finishing its 1500 tokens
+    assert lines and not any('"finish_reason":"length"' in l for l in lines)
+    deadline = time.monotonic() + 10
     unhealthy = None
     while time.monotonic() < deadline and cluster.ranks[0].poll() is None:
-        try:
-            r = httpx.get(cluster.url + "/health", timeout=2)
-        except httpx.HTTPError:
-            break
+        r = httpx.get(cluster.url + "/health", timeout=2)
         if r.status_code == 503:
             unhealthy = r.json()
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert unhealthy is not None, "rank 0's /health never reported the lost rank"
-    assert unhealthy["status"] == "unhealthy" and "distributed group failed" in unhealthy["error"]
+    assert unhealthy["status"] == "unhealthy" and "rank 1" in unhealthy["error"], unhealthy
     r = httpx.post(cluster.url + "/v1/completions", timeout=10,
-                   json={"model": "tiny", "prompt": prompt(11, 4), "max_tokens": 4})
-    # a clear error at once, not a hang (EngineDead: the worker stopped on the group failure)
-    assert r.status_code in (500, 503) and "distributed group failed" in r.text, r.text
+                   json={"model": "tiny", "prompt": prompt(12, 4), "max_tokens": 4})
+    assert r.status_code == 500 and "rank 1" in r.text, r.text  # EngineDead at once, not a hang
     assert cluster.wait_exit(0, timeout=30) == 3, cluster.log(0)[-2000:]
     assert "distributed group failed" in cluster.log(0)
