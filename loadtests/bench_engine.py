@@ -50,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-max", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--build-ahead-max-kv-mb", type=float, default=None,
+                   help="EngineConfig.build_ahead_max_kv_bytes in MiB (default: the engine's default)")
+    p.add_argument("--no-overlap", action="store_true", help="EngineConfig.overlap=False")
+    p.add_argument("--pad-tolerance", type=float, default=None,
+                   help="model_runner.PAD_TOLERANCE (0 = one prefill pass for all chunks)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
 
 
@@ -120,14 +125,16 @@ def run_mlx_lm(model, prompts: list[list[int]], gen: list[int]) -> tuple[float, 
     return elapsed, generated
 
 
-def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_tokens: int) -> tuple[float, int]:
+def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_tokens: int,
+                build_ahead_mb=None, overlap: bool = True) -> tuple[float, int]:
     import mlx.core as mx
 
     from parallm.engine.engine import Engine, EngineConfig
     from parallm.engine.types import EngineRequest, SamplingParams
 
+    extra = {} if build_ahead_mb is None else {"build_ahead_max_kv_bytes": int(build_ahead_mb * 2**20)}
     engine = Engine(loaded, EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=max_batched_tokens,
-                                         prefix_cache_bytes=0))
+                                         prefix_cache_bytes=0, overlap=overlap, **extra))
     t0 = time.perf_counter()
     for i, (p, g) in enumerate(zip(prompts, gen)):
         engine.add_request(EngineRequest(f"b{i}", p, SamplingParams(max_tokens=g, temperature=0.0, ignore_eos=True)))
@@ -143,6 +150,10 @@ def measure(args) -> list[Row]:
     import mlx.core as mx
 
     loaded = _load(args)
+    if args.pad_tolerance is not None:
+        from parallm.engine import model_runner
+
+        model_runner.PAD_TOLERANCE = args.pad_tolerance
     vocab = int(loaded.config.get("vocab_size", 32000))
     print(f"model {loaded.name} on {mx.default_device()}", flush=True)
     rows = []
@@ -159,7 +170,8 @@ def measure(args) -> list[Row]:
             t, n_base = run_mlx_lm(loaded.model, prompts, gens)
             best_base = min(best_base, t)
             mx.clear_cache()
-            t, n_ours = run_parallm(loaded, prompts, gens, args.max_batched_tokens)
+            t, n_ours = run_parallm(loaded, prompts, gens, args.max_batched_tokens, args.build_ahead_max_kv_mb,
+                                    not args.no_overlap)
             best_ours = min(best_ours, t)
             mx.clear_cache()
             if n_base != n_ours:

@@ -52,6 +52,16 @@ def _is_byte_level(hf_tokenizer) -> bool:
     return decoder is not None and type(decoder).__name__ == "ByteLevel"
 
 
+def _special_ids(hf_tokenizer) -> frozenset[int]:
+    """Ids that decode(skip_special_tokens=True) drops: the declared special tokens and every
+    added token flagged special (a GGUF's control tokens are flagged, not declared)."""
+    ids = set(getattr(hf_tokenizer, "all_special_ids", ()) or ())
+    for token_id, added in (getattr(hf_tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(token_id)
+    return frozenset(ids)
+
+
 def render_bytes(data: bytes) -> str:
     """Text for a token's bytes; bytes that are not valid UTF-8 alone are written the way
     OpenAI writes them in logprobs: 'bytes:\\xe6\\x88'."""
@@ -70,7 +80,7 @@ class TokenDecoder:
         if strategy not in ("auto", "window"):
             raise ValueError(f"strategy must be 'auto' or 'window', got {strategy!r}")
         self.tokenizer = _unwrap(tokenizer)
-        self.special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        self.special_ids = _special_ids(self.tokenizer)
         self.token_bytes: Optional[list[bytes]] = None
         if strategy == "auto" and _is_byte_level(self.tokenizer):
             self.token_bytes = self._build_byte_table()

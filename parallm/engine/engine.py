@@ -29,7 +29,13 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 << 20  # 0 turns the prefix cache off
     prefix_block_size: int = 16
     max_queue: int = 1024  # waiting requests before QueueFull (AsyncEngine)
-    overlap: bool = True  # schedule step t+1 while step t runs on the device
+    overlap: bool = True  # process step t's outputs while step t+1 runs on the device
+    # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
+    # step t+1 writes (the pending step still references it, so it cannot be updated in place).
+    # Above this many KV bytes the engine waits for step t first. None = by device: 6 GiB on a GPU
+    # (the copy costs ~2x the KV bytes of bandwidth per step, the gap a fixed time; BENCHMARKS.md),
+    # 32 MiB on the CPU, where copies are slow.
+    build_ahead_max_kv_bytes: Optional[int] = None
 
 
 @dataclass
@@ -71,6 +77,11 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._steps = 0
         self._in_flight: Optional[tuple[SchedulerOutput, LaunchedStep]] = None
+        self._build_ahead_limit = config.build_ahead_max_kv_bytes
+        if self._build_ahead_limit is None:
+            import mlx.core as mx
+
+            self._build_ahead_limit = (6 << 30) if mx.default_device() == mx.gpu else 32 << 20
 
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:
@@ -132,18 +143,21 @@ class Engine:
     def step(self) -> StepResult:
         """schedule -> run -> update. With `overlap`, "run" launches this step on the device and
         "update" processes the previous step's results while this one computes."""
+        previous, self._in_flight = self._in_flight, None
+        previous_result = None
+        if previous is not None and self.runner.cache.nbytes > self._build_ahead_limit:
+            previous_result = self.runner.complete(previous[1])  # wait, so K/V update in place
         sched = self.scheduler.schedule()
         launched = self.runner.launch(sched)
-        if self.config.overlap:
-            previous, self._in_flight = self._in_flight, (sched, launched)
-            if sched.is_empty:  # nothing new was launched: finish the previous step now
-                self._in_flight = None
-        else:
-            previous = (sched, launched)
         outputs = []
-        if previous is not None:
+        if previous is not None:  # step t's outputs, while step t+1 computes
             done, step = previous
-            outputs = self._update(done, self.scheduler.update(done, self.runner.complete(step)))
+            result = previous_result or self.runner.complete(step)
+            outputs = self._update(done, self.scheduler.update(done, result))
+        if self.config.overlap and not sched.is_empty:
+            self._in_flight = (sched, launched)
+        else:  # no overlap (or nothing launched): finish this step now
+            outputs += self._update(sched, self.scheduler.update(sched, self.runner.complete(launched)))
         self._steps += 1
         return StepResult(outputs, sched.num_batched_tokens)
 

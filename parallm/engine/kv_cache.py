@@ -90,6 +90,9 @@ class BatchedKVCache:
         self._pass: Optional[PassLayout] = None
         self._offsets_arr: Optional[mx.array] = None
         self._slots_arr: Optional[mx.array] = None
+        self._row_index: Optional[mx.array] = None
+        self._pos_index: Optional[mx.array] = None
+        self._same_offset: Optional[int] = None
 
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> Optional[int]:
@@ -187,6 +190,11 @@ class BatchedKVCache:
         self._pass = layout
         self._offsets_arr = mx.array(layout.offsets, dtype=mx.int32)
         self._slots_arr = None if layout.contiguous else mx.array(layout.slots, dtype=mx.int32)
+        # index arrays shared by every layer of this pass (one op each, not one per layer)
+        B, N = len(layout.slots), layout.num_new
+        self._same_offset = layout.offsets[0] if len(set(layout.offsets)) == 1 else None
+        self._row_index = mx.arange(B) if layout.contiguous else self._slots_arr
+        self._pos_index = self._offsets_arr[:, None] + mx.arange(N)[None] if N > 1 else self._offsets_arr
         return self.layers
 
     def end_pass(self, lengths_after: dict[int, int]) -> None:
@@ -199,16 +207,18 @@ class BatchedKVCache:
         p = self._pass
         B, _, N, _ = keys.shape
         kbuf, vbuf = self.keys[layer], self.values[layer]
-        if p.contiguous and N == 1:
-            rows = mx.arange(B)
-            kbuf[rows, :, self._offsets_arr] = keys[:, :, 0]
-            vbuf[rows, :, self._offsets_arr] = values[:, :, 0]
-            self.keys[layer], self.values[layer] = kbuf, vbuf
-            return kbuf[:B, :, : p.kv_len], vbuf[:B, :, : p.kv_len]
-        rows = mx.arange(B)[:, None] if p.contiguous else self._slots_arr[:, None]
-        pos = self._offsets_arr[:, None] + mx.arange(N)[None]
-        kbuf[rows, :, pos] = keys.transpose(0, 2, 1, 3)
-        vbuf[rows, :, pos] = values.transpose(0, 2, 1, 3)
+        o = self._same_offset
+        if p.contiguous and o is not None:
+            # every row writes at the same position: a plain slice update (what mlx-lm does)
+            kbuf[:B, :, o:o + N] = keys
+            vbuf[:B, :, o:o + N] = values
+        elif N == 1:
+            kbuf[self._row_index, :, self._pos_index] = keys[:, :, 0]
+            vbuf[self._row_index, :, self._pos_index] = values[:, :, 0]
+        else:
+            rows = self._row_index[:, None]
+            kbuf[rows, :, self._pos_index] = keys.transpose(0, 2, 1, 3)
+            vbuf[rows, :, self._pos_index] = values.transpose(0, 2, 1, 3)
         self.keys[layer], self.values[layer] = kbuf, vbuf
         if p.contiguous:
             return kbuf[:B, :, : p.kv_len], vbuf[:B, :, : p.kv_len]

@@ -7,7 +7,7 @@ holds, whatever slot it sits in, and on every backend (only integer and elementw
 
 The hash is two rounds of murmur3's 32-bit finalizer (xor-shift-multiply), keyed per row. The
 per-row keys are mixed on the host with numpy (B values, cheap); the per-element work is one
-fused elementwise kernel (`mx.compile`).
+fused elementwise kernel (`mx.compile`). sampling_ops.gumbel_argmax turns it into a draw.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _fmix32(h: mx.array) -> mx.array:
     return h ^ (h >> 16)
 
 
-def _uniform_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
+def uniform_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
     """u[b, v] in (0, 1), float32, from keys [B, 2] uint32 and vocab_ids [V] uint32."""
     k1 = keys[:, 0:1]
     k2 = keys[:, 1:2]
@@ -66,30 +66,20 @@ def _uniform_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
     return ((h >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def _gumbel_from_keys(keys: mx.array, vocab_ids: mx.array) -> mx.array:
-    u = _uniform_from_keys(keys, vocab_ids)
-    return -mx.log(-mx.log(u))
-
-
 class CounterNoise:
-    """Holds the compiled noise kernels and the [V] index vector for one vocabulary size.
+    """Holds the [V] index vector for one vocabulary size and a compiled uniform kernel.
 
     Owned by one BatchSampler (no module-level state); compiled functions retrace per batch shape.
     """
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self._vocab_ids = mx.arange(vocab_size, dtype=mx.uint32)
-        # Evaluate now: a lazy array made on this thread cannot be evaluated on the engine's worker
-        # thread ("There is no Stream(cpu, 0) in current thread").
-        mx.eval(self._vocab_ids)
-        self._uniform = mx.compile(_uniform_from_keys)
-        self._gumbel = mx.compile(_gumbel_from_keys)
+        self.vocab_ids = mx.arange(vocab_size, dtype=mx.uint32)
+        # Materialise now: a lazy array made on the thread that builds the engine cannot be
+        # evaluated on the worker thread ("There is no Stream(cpu, 0) in current thread").
+        mx.eval(self.vocab_ids)
+        self._uniform = mx.compile(uniform_from_keys)
 
     def uniform(self, keys: np.ndarray) -> mx.array:
         """[B, V] float32 uniforms in (0, 1) for host keys [B, 2] uint32."""
-        return self._uniform(mx.array(keys, dtype=mx.uint32), self._vocab_ids)
-
-    def gumbel(self, keys: np.ndarray) -> mx.array:
-        """[B, V] float32 standard Gumbel noise for host keys [B, 2] uint32."""
-        return self._gumbel(mx.array(keys, dtype=mx.uint32), self._vocab_ids)
+        return self._uniform(mx.array(keys, dtype=mx.uint32), self.vocab_ids)

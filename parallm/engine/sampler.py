@@ -28,9 +28,13 @@ import numpy as np
 import mlx.core as mx
 
 from parallm.engine.rng import CounterNoise, row_keys, split_seed
+from parallm.engine.sampling_ops import SamplingKernels
 from parallm.engine.types import SamplingParams
 
 _NEG_INF = float("-inf")
+# As vLLM: below this a temperature is greedy (1/T would overflow float32 and sampling at it is
+# argmax up to rounding anyway).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -56,12 +60,21 @@ def choice_seed(seed: int, index: int) -> int:
 class BatchSampler:
     """Per-row sampling for up to `max_slots` rows over a vocabulary of `vocab_size` tokens."""
 
-    def __init__(self, max_slots: int, vocab_size: int):
+    def __init__(self, max_slots: int, vocab_size: int, *, top_p_candidates: Optional[int] = None):
+        """top_p_candidates: None (default) computes every nucleus exactly. An int K looks the
+        nucleus up among the K most likely tokens only: several times cheaper on the CPU backend,
+        exact whenever those K tokens hold top_p of the mass, and otherwise a nucleus capped at
+        K tokens (nearly flat distributions only). docs/sampling.md has the figures."""
         if max_slots < 1 or vocab_size < 1:
             raise ValueError(f"max_slots and vocab_size must be >= 1, got {max_slots}, {vocab_size}")
+        if top_p_candidates is not None and top_p_candidates < 1:
+            raise ValueError(f"top_p_candidates must be None or >= 1, got {top_p_candidates}")
         self.max_slots = max_slots
         self.vocab_size = vocab_size
+        self.top_p_candidates = (None if top_p_candidates is None or top_p_candidates >= vocab_size
+                                 else top_p_candidates)
         self._noise = CounterNoise(vocab_size)
+        self._kernels = SamplingKernels()
         s = max_slots
         self._active = np.zeros(s, bool)
         self._temperature = np.ones(s, np.float32)
@@ -83,6 +96,7 @@ class BatchSampler:
         # penalties keep stale history: harmless because their penalty parameters are neutral.
         self._generated_counts: Optional[mx.array] = None  # [S, V] float32
         self._prompt_seen: Optional[mx.array] = None  # [S, V] bool
+        self._pending_history: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot -> (counts, seen)
 
     # ---- rows joining and leaving (Python per row is fine here) ---------------------------
 
@@ -93,9 +107,14 @@ class BatchSampler:
         from there, so a seeded row gives the same tokens as if it had never been preempted."""
         self._check_slot(slot)
         self._validate(params)
+        for name, ids in (("prompt_token_ids", prompt_token_ids), ("generated_token_ids", generated_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} has ids {bad[:5]} outside 0..{self.vocab_size - 1}")
         self._active[slot] = True
-        self._greedy[slot] = params.temperature == 0.0
-        self._temperature[slot] = 1.0 if params.temperature == 0.0 else params.temperature
+        greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
+        self._greedy[slot] = greedy
+        self._temperature[slot] = 1.0 if greedy else params.temperature
         self._top_p[slot] = params.top_p
         self._top_k[slot] = params.top_k if 0 < params.top_k < self.vocab_size else 0
         self._min_p[slot] = params.min_p
@@ -121,20 +140,34 @@ class BatchSampler:
 
     def remove_row(self, slot: int) -> None:
         self._check_slot(slot)
+        self._pending_history.pop(slot, None)
         self._active[slot] = False
         self._uses_penalty[slot] = False
         self._wants_logprobs[slot] = False
         self._bias.pop(slot, None)
 
     def _set_history(self, slot: int, prompt: Sequence[int], generated: Sequence[int]) -> None:
+        """Queue the row's penalty history on the host; `_apply_pending_history` writes it into
+        the device tables on the sampling thread. So add_row never waits for a step in flight
+        and never leaves a lazy graph for another thread (MLX streams are per thread)."""
+        counts = np.bincount(np.asarray(generated, np.int64), minlength=self.vocab_size)  # ids checked
+        seen = np.zeros(self.vocab_size, bool)
+        seen[np.asarray(prompt, np.int64)] = True
+        self._pending_history[slot] = (counts.astype(np.float32), seen)
+
+    def _apply_pending_history(self) -> None:
+        if not self._pending_history:
+            return
         if self._generated_counts is None:
             self._generated_counts = mx.zeros((self.max_slots, self.vocab_size), mx.float32)
             self._prompt_seen = mx.zeros((self.max_slots, self.vocab_size), mx.bool_)
-        counts = np.bincount(np.asarray(generated, np.int64), minlength=self.vocab_size)
-        seen = np.zeros(self.vocab_size, bool)
-        seen[np.asarray(prompt, np.int64)] = True
-        self._generated_counts[slot] = mx.array(counts[: self.vocab_size].astype(np.float32))
-        self._prompt_seen[slot] = mx.array(seen)
+        slots = list(self._pending_history)
+        rows = mx.array(np.array(slots, np.int32))
+        counts = mx.array(np.stack([self._pending_history[s][0] for s in slots]))
+        seen = mx.array(np.stack([self._pending_history[s][1] for s in slots]))
+        self._generated_counts[rows] = counts
+        self._prompt_seen[rows] = seen
+        self._pending_history.clear()
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_slots:
@@ -161,33 +194,37 @@ class BatchSampler:
             raise ValueError("; ".join(problems))
 
     # ---- the hot path: batched ops only ---------------------------------------------------
+    # Each stage runs on the sub-batch of rows that use it (one gather in, one gather or
+    # scatter out), so a row that does not use a feature costs ~nothing even when others do.
 
     def sample(self, logits: mx.array, slots: Union[Sequence[int], np.ndarray, mx.array]) -> SampleOutput:
         """Next token for each row. `logits` [B, V] (any float dtype) in the order of `slots`.
-        Advances the rows' step counters and penalty counts (lazily, no sync)."""
+        Advances the rows' step counters and penalty counts (lazily, no sync).
+        `logprobs`/`top_*` entries of rows that did not ask for logprobs are unspecified."""
         idx = self._batch_index(logits, slots)
+        if idx.size == 0:
+            return SampleOutput(token_ids=mx.zeros((0,), mx.int32), logprobs=None)
         raw = logits.astype(mx.float32)
         processed = self._apply_penalties(self._apply_bias(raw, idx), idx)
 
-        greedy = self._greedy[idx]
-        if greedy.all():
-            token_ids = mx.argmax(processed, axis=-1).astype(mx.int32)
-        else:
-            sampled = self._sample_stochastic(processed, idx)
-            if greedy.any():
-                token_ids = mx.where(mx.array(greedy), mx.argmax(processed, axis=-1), sampled)
-            else:
-                token_ids = sampled
-            token_ids = token_ids.astype(mx.int32)
+        token_ids = mx.argmax(processed, axis=-1)
+        sampled = _Rows(~self._greedy[idx])
+        if sampled.count:
+            drawn = self._sample_stochastic(sampled.take(processed), idx[sampled.rows])
+            token_ids = drawn if sampled.is_all else mx.where(
+                mx.array(sampled.mask), sampled.expand(drawn, 0), token_ids)
+        token_ids = token_ids.astype(mx.int32)
 
         out = SampleOutput(token_ids=token_ids, logprobs=None)
-        if self._wants_logprobs[idx].any():
-            self._add_logprobs(out, raw, idx)
+        wanting = _Rows(self._wants_logprobs[idx])
+        if wanting.count:
+            self._add_logprobs(out, raw, idx, wanting)
 
         self._step[idx] += 1
-        if self._uses_penalty[idx].any():
-            # Scatter-add the sampled tokens; rows without penalties get counts too (unused).
-            self._generated_counts = self._generated_counts.at[mx.array(idx), token_ids].add(1.0)
+        penalised = _Rows(self._uses_penalty[idx])
+        if penalised.count:
+            rows = mx.array(idx[penalised.rows].astype(np.int32))
+            self._generated_counts = self._generated_counts.at[rows, penalised.take(token_ids)].add(1.0)
         return out
 
     def process_logits(self, logits: mx.array, slots: Union[Sequence[int], np.ndarray, mx.array]) -> mx.array:
@@ -226,84 +263,103 @@ class BatchSampler:
             mx.array(np.concatenate(vals)))
 
     def _apply_penalties(self, logits: mx.array, idx: np.ndarray) -> mx.array:
-        uses = self._uses_penalty[idx]
-        if not uses.any():
+        users = _Rows(self._uses_penalty[idx])
+        if not users.count:
             return logits
-        rows = mx.array(idx)
-        counts = self._generated_counts[rows]
-        rep = self._rep[idx]
-        if (rep != 1.0).any():
-            seen = mx.logical_or(self._prompt_seen[rows], counts > 0)
-            r = mx.array(rep)[:, None]
-            logits = mx.where(seen, mx.where(logits > 0, logits / r, logits * r), logits)
-        freq, pres = self._frequency[idx], self._presence[idx]
-        if (freq != 0.0).any() or (pres != 0.0).any():
-            logits = (logits - mx.array(freq)[:, None] * counts
-                      - mx.array(pres)[:, None] * (counts > 0).astype(mx.float32))
-        return logits
+        self._apply_pending_history()
+        slots = idx[users.rows]
+        history = mx.array(slots.astype(np.int32))
+        before = users.take(logits)
+        after = self._kernels.apply_penalties(
+            before, self._generated_counts[history], self._prompt_seen[history],
+            _column(self._rep[slots]), _column(self._frequency[slots]), _column(self._presence[slots]))
+        if users.is_all:
+            return after
+        return logits.at[mx.array(users.rows)].add(after - before)
 
-    def _sample_stochastic(self, processed: mx.array, idx: np.ndarray) -> mx.array:
-        """Gumbel-max over the truncated, temperature-scaled distribution."""
-        scaled = processed * mx.array(1.0 / self._temperature[idx])[:, None]
-        greedy = self._greedy[idx]
-        # Greedy rows take the argmax elsewhere: give them neutral truncation settings here.
-        min_p = np.where(greedy, 0.0, self._min_p[idx]).astype(np.float32)
-        top_k = np.where(greedy, 0, self._top_k[idx])
-        top_p = np.where(greedy, 1.0, self._top_p[idx]).astype(np.float32)
-
-        threshold = None  # [B, 1] keep tokens with scaled >= threshold
+    def _sample_stochastic(self, x: mx.array, slots: np.ndarray) -> mx.array:
+        """Gumbel-max over the truncated, temperature-scaled distribution for non-greedy rows.
+        Truncation is one threshold per row on x (tokens with x >= threshold stay): min_p, then
+        top_k, then top_p on what those left (renormalised)."""
+        temperature = self._temperature[slots]
+        min_p, top_k, top_p = self._min_p[slots], self._top_k[slots], self._top_p[slots]
+        thr = None  # [b, 1]; None while no row truncates
         if (min_p > 0).any():
             with np.errstate(divide="ignore"):
-                log_min_p = np.log(min_p).astype(np.float32)  # log(0) = -inf: off
-            threshold = mx.max(scaled, axis=-1, keepdims=True) + mx.array(log_min_p)[:, None]
-        if (top_p < 1.0).any():
-            threshold = self._top_k_top_p_threshold(scaled, top_k, top_p, threshold)
-        elif (top_k > 0).any():
-            threshold = self._maximum(threshold, self._top_k_threshold(scaled, top_k))
-        if threshold is not None:
-            scaled = mx.where(scaled >= threshold, scaled, _NEG_INF)
-
-        keys = row_keys(self._seed_lo[idx], self._seed_hi[idx], self._step[idx])
-        return mx.argmax(scaled + self._noise.gumbel(keys), axis=-1)
+                # x / T >= max / T + log(min_p)  <=>  x >= max + T * log(min_p); log(0) = -inf: off
+                offset = (temperature * np.log(min_p)).astype(np.float32)
+            thr = mx.max(x, axis=-1, keepdims=True) + _column(offset)
+        cut = _Rows(top_k > 0)
+        if cut.count:
+            thr = _maximum(thr, cut.expand(self._top_k_threshold(cut.take(x), top_k[cut.rows]), _NEG_INF))
+        nucleus = _Rows(top_p < 1.0)
+        if nucleus.count:
+            floor = mx.full((nucleus.count, 1), _NEG_INF) if thr is None else nucleus.take(thr)
+            args = (nucleus.take(x), _column(1.0 / temperature[nucleus.rows]), floor,
+                    _column(top_p[nucleus.rows]))
+            if self.top_p_candidates is None:
+                thr_p = self._kernels.top_p_threshold(*args)
+            else:
+                thr_p = self._kernels.top_p_threshold_in_candidates(*args, self.top_p_candidates)
+            thr = _maximum(thr, nucleus.expand(thr_p, _NEG_INF))
+        if thr is None:
+            thr = mx.full((slots.size, 1), _NEG_INF)
+        keys = row_keys(self._seed_lo[slots], self._seed_hi[slots], self._step[slots])
+        return self._kernels.gumbel_argmax(x, _column(1.0 / temperature), thr,
+                                           mx.array(keys, dtype=mx.uint32), self._noise.vocab_ids)
 
     @staticmethod
-    def _maximum(a: Optional[mx.array], b: mx.array) -> mx.array:
-        return b if a is None else mx.maximum(a, b)
-
-    def _top_k_threshold(self, scaled: mx.array, top_k: np.ndarray) -> mx.array:
-        """The k-th largest value per row (-inf for rows with top_k off), from a partial top-K."""
+    def _top_k_threshold(x: mx.array, top_k: np.ndarray) -> mx.array:
+        """The k-th largest value per row, from one partial top-K (K = the largest k)."""
         k_max = int(top_k.max())
-        best = mx.sort(mx.topk(scaled, k_max, axis=-1), axis=-1)[:, ::-1]  # [B, K] descending
-        kth = np.where(top_k > 0, top_k - 1, 0).astype(np.int32)
-        values = mx.take_along_axis(best, mx.array(kth)[:, None], axis=-1)
-        return mx.where(mx.array(top_k > 0)[:, None], values, _NEG_INF)
+        best = mx.sort(mx.topk(x, k_max, axis=-1), axis=-1)  # [b, K] ascending
+        return mx.take_along_axis(best, mx.array((k_max - top_k).astype(np.int32))[:, None], axis=-1)
 
-    def _top_k_top_p_threshold(self, scaled: mx.array, top_k: np.ndarray, top_p: np.ndarray,
-                               threshold: Optional[mx.array]) -> mx.array:
-        """Nucleus threshold on the distribution left after min_p and top_k (renormalised)."""
-        desc = -mx.sort(-scaled, axis=-1)  # [B, V] descending
-        position = mx.arange(self.vocab_size)[None, :]
-        k_eff = np.where(top_k > 0, top_k, self.vocab_size).astype(np.int32)
-        kept = position < mx.array(k_eff)[:, None]
-        if threshold is not None:
-            kept = mx.logical_and(kept, desc >= threshold)
-        probs = mx.softmax(mx.where(kept, desc, _NEG_INF), axis=-1)
-        mass_before = mx.cumsum(probs, axis=-1) - probs
-        # top_p == 1 rows keep everything they kept already; others keep the shortest prefix
-        # whose mass reaches top_p (the token that crosses top_p is kept, as in vLLM/HF).
-        p = mx.array(np.where(top_p >= 1.0, 2.0, top_p).astype(np.float32))[:, None]
-        in_nucleus = mx.logical_and(kept, mass_before < p)
-        count = mx.maximum(in_nucleus.astype(mx.int32).sum(axis=-1, keepdims=True), 1)
-        return mx.take_along_axis(desc, count - 1, axis=-1)
-
-    def _add_logprobs(self, out: SampleOutput, raw: mx.array, idx: np.ndarray) -> None:
-        logprobs = raw - mx.logsumexp(raw, axis=-1, keepdims=True)
-        out.logprobs = mx.take_along_axis(logprobs, out.token_ids[:, None], axis=-1)[:, 0]
-        k = int(self._num_top[idx].max())
+    def _add_logprobs(self, out: SampleOutput, raw: mx.array, idx: np.ndarray, rows: "_Rows") -> None:
+        """Raw logprobs for the rows that asked, without materialising [B, V] of them."""
+        x = rows.take(raw)
+        log_z = mx.logsumexp(x, axis=-1, keepdims=True)
+        chosen = mx.take_along_axis(x, rows.take(out.token_ids)[:, None], axis=-1) - log_z
+        out.logprobs = rows.expand(chosen, 0.0)[:, 0]
+        k = min(int(self._num_top[idx].max()), self.vocab_size)
         if k > 0:
-            k = min(k, self.vocab_size)
-            top_ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
-            top_vals = mx.take_along_axis(logprobs, top_ids, axis=-1)
+            if k < self.vocab_size:
+                top_ids = mx.argpartition(-x, kth=k - 1, axis=-1)[:, :k]
+            else:
+                top_ids = mx.broadcast_to(mx.arange(self.vocab_size), x.shape)
+            top_vals = mx.take_along_axis(x, top_ids, axis=-1)
             order = mx.argsort(-top_vals, axis=-1)
-            out.top_ids = mx.take_along_axis(top_ids, order, axis=-1).astype(mx.int32)
-            out.top_logprobs = mx.take_along_axis(top_vals, order, axis=-1)
+            out.top_ids = rows.expand(mx.take_along_axis(top_ids, order, axis=-1).astype(mx.int32), 0)
+            out.top_logprobs = rows.expand(mx.take_along_axis(top_vals, order, axis=-1) - log_z, 0.0)
+
+
+class _Rows:
+    """The rows of a batch selected by a host mask, and the two moves between batch and subset."""
+
+    def __init__(self, mask: np.ndarray):
+        self.mask = mask
+        self.rows = np.flatnonzero(mask)
+        self.count = int(self.rows.size)
+        self.is_all = self.count == mask.size
+        self._index = None if self.is_all else mx.array(self.rows.astype(np.int32))
+
+    def take(self, x: mx.array) -> mx.array:
+        """Rows of x (batch order) -> the subset, in row order."""
+        return x if self.is_all else x[self._index]
+
+    def expand(self, values: mx.array, fill: float) -> mx.array:
+        """Subset values -> batch order; rows outside the subset read `fill`."""
+        if self.is_all:
+            return values
+        where = np.full(self.mask.size, self.count, np.int32)
+        where[self.rows] = np.arange(self.count, dtype=np.int32)
+        pad = mx.full((1,) + values.shape[1:], fill, dtype=values.dtype)
+        return mx.concatenate([values, pad], axis=0)[mx.array(where)]
+
+
+def _column(values: np.ndarray) -> mx.array:
+    return mx.array(np.asarray(values, np.float32))[:, None]
+
+
+def _maximum(a: Optional[mx.array], b: mx.array) -> mx.array:
+    return b if a is None else mx.maximum(a, b)

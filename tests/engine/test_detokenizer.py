@@ -17,6 +17,8 @@ SAMPLES = [
     "  leading spaces,\ttabs\nnew lines\n\n  and   runs   of spaces  ",
     "Mixed: Ελληνικά, русский, עברית, العربية, हिन्दी 123 4567.",
     "<|im_start|>assistant\nSpecial tokens inside text<|im_end|>",
+    " a leading space is kept, as decode keeps it",
+    "control bytes \x00 \x01 \x7f survive",
 ]
 
 
@@ -115,3 +117,18 @@ def test_token_text_renders_partial_utf8_as_bytes(smol, spm_like):
     assert token_text(spm_like, byte_id) == "bytes:\\xf0"
     assert render_bytes(b"\xe6\x88") == "bytes:\\xe6\\x88"
     assert render_bytes("ok".encode()) == "ok"
+
+
+def test_added_special_tokens_not_declared_are_skipped_like_decode():
+    """GGUF-built tokenizers flag control tokens special without declaring them (all_special_ids
+    stays empty); decode(skip_special_tokens=True) still drops them, and so must we."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer.from_file(str(TOK_DIR / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken("<|ctl|>", special=True, normalized=False)])
+    backend.add_tokens([AddedToken("<|user-def|>", special=False, normalized=False)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
+    assert TokenDecoder(hf).token_bytes is not None
+    ids = hf.encode("a <|ctl|> b <|user-def|> c <|im_end|> é😀", add_special_tokens=False)
+    for skip in (True, False):
+        assert "".join(stream(hf, ids, skip_special_tokens=skip)) == hf.decode(ids, skip_special_tokens=skip)

@@ -200,14 +200,16 @@ def test_invalid_sampling_params_are_typed_errors(tiny_loaded):
 def test_overlapped_and_synchronous_steps_agree(tiny_loaded):
     ref = reference_greedy(tiny_loaded, make_prompt(30, 9), 10)
     results = []
-    for overlap in (True, False):
-        engine = Engine(tiny_loaded, EngineConfig(overlap=overlap, max_num_batched_tokens=24))
+    # build step t+1 before step t ends / after it ends / no overlap at all
+    for overlap, build_ahead in ((True, 1 << 40), (True, 0), (False, 0)):
+        engine = Engine(tiny_loaded, EngineConfig(overlap=overlap, max_num_batched_tokens=24,
+                                                  build_ahead_max_kv_bytes=build_ahead))
         reqs = {0: [greedy_request("a", make_prompt(30, 9), 10, stop_token_ids=(ref[4],)),
                     greedy_request("b", make_prompt(31, 40), 6)],
                 3: [greedy_request("c", make_prompt(32, 5), 7, n=2)]}
         outs = run_to_completion(engine, reqs)
         results.append({rid: (tokens_of(o, 0), tokens_of(o, 1), o[-1].finish_reason) for rid, o in outs.items()})
         assert engine.scheduler.kv_tokens_used() == 0 and not engine.runner.cache.nbytes
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     first_stop = ref.index(ref[4])
     assert results[0]["a"] == (ref[:first_stop + 1], [], "stop")
