@@ -270,6 +270,17 @@ def plot(levels: list[LevelResult], out_dir: Path, stem: str) -> list[Path]:
     return [path]
 
 
+def engine_target(args) -> Target:
+    if not args.model:
+        raise SystemExit("--engine-baseline needs --model DIR")
+    sys.path.insert(0, str(REPO_ROOT))  # this checkout's parallm
+    import parallm  # noqa: F401  (preloads the same BLAS the server gets, before mlx)
+    from engine_baseline import load_engine
+    max_conc = max(args.concurrency)
+    engine = load_engine(args.model, max_num_seqs=max_conc, max_queue=4 * max_conc)
+    return Target("engine", engine=engine, tokenizer=engine.tokenizer("bench"))
+
+
 # ---- servers for --compare ----------------------------------------------------------------------
 
 def free_port() -> int:
@@ -313,28 +324,49 @@ async def warm_up(name: str, url: str, model: str, endpoint: str) -> None:
         raise RuntimeError(f"{name}: warm-up request failed: {r.error}")
 
 
-def sweep(targets: list[tuple[str, str, str]], args) -> list[LevelResult]:
-    """targets: (name, url, model). Each level runs on every target back to back, alternating order."""
+@dataclass
+class Target:
+    """One thing to load: an HTTP server (url + model name) or, with --engine-baseline, the engine itself."""
+
+    name: str
+    url: str = ""
+    model: str = ""
+    engine: object = None
+    tokenizer: object = None
+
+    async def run(self, concurrency: int, prompts: list[str], args) -> LevelResult:
+        if self.engine is not None:
+            from engine_baseline import run_engine_level
+            return await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
+                                          args.level_timeout)
+        return await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
+                               args.endpoint, args.level_timeout)
+
+
+def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[LevelResult]:
+    """Each level runs on every target back to back, alternating which goes first. One event loop for
+    the whole sweep (an in-process engine is bound to the loop it started on)."""
     levels = []
     for i, conc in enumerate(args.concurrency):
         n = min(args.num_requests or conc * args.requests_per_client, MAX_REQUESTS_PER_LEVEL)
         prompts = make_prompts(n, args.input_len, seed=args.seed + conc)
         order = targets if i % 2 == 0 else list(reversed(targets))
-        for name, url, model in order:
-            lv = asyncio.run(run_level(name, url, model, conc, prompts, args.output_len, args.endpoint,
-                                       args.level_timeout))
+        for target in order:
+            lv = loop.run_until_complete(target.run(conc, prompts, args))
             levels.append(lv)
-            print(f"  {name:<10} c={conc:<4} {lv.throughput_tok_s:8.1f} tok/s  TTFT p50 {_ms(lv.ttft_p50)} ms  "
+            print(f"  {target.name:<10} c={conc:<4} {lv.throughput_tok_s:8.1f} tok/s  TTFT p50 {_ms(lv.ttft_p50)} ms  "
                   f"failures {lv.failures}/{lv.requests}", flush=True)
     return levels
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options, also for `parallm bench serving`."""
     p.add_argument("--url", help="base URL of a running OpenAI-compatible server (no /v1)")
     p.add_argument("--model-name", help="model name to send (default: the first of GET /v1/models)")
     p.add_argument("--compare", action="store_true", help="start parallm and mlx_lm.server on --model and compare")
     p.add_argument("--model", help="model dir for --compare (an mlx-lm dir both servers can load)")
+    p.add_argument("--engine-baseline", action="store_true",
+                   help="also run the sweep straight into an in-process AsyncEngine on --model (no HTTP)")
     p.add_argument("--parallm-args", default="", help="extra arguments for `parallm serve` in --compare mode")
     p.add_argument("--mlx-args", default="", help="extra arguments for mlx_lm.server in --compare mode")
     p.add_argument("--mlx-blas", choices=("parallm", "wheel"), default="parallm",
@@ -351,13 +383,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     p.add_argument("--out", default=None, help="JSON result path (default loadtests/out/bench_serving-<time>.json)")
     p.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
+
+
+def _usage_error(message: str) -> int:
+    print(f"bench_serving: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     stem = f"bench_serving-{time.strftime('%Y%m%d-%H%M%S')}"
+    loop = asyncio.new_event_loop()
     out_json = Path(args.out) if args.out else OUT_DIR / f"{stem}.json"
 
     if args.compare:
         if not args.model:
-            p.error("--compare needs --model DIR")
+            return _usage_error("--compare needs --model DIR")
         pport, mport = free_port(), free_port()
         purl, murl = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{mport}"
         max_conc = max(args.concurrency)
@@ -370,27 +416,40 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if args.mlx_blas == "parallm" else ["-m", "mlx_lm.server"])
         mcmd = [sys.executable, *launcher, "--model", args.model, "--port", str(mport),
                 "--host", "127.0.0.1", *args.mlx_args.split()]
-        targets = [("parallm", purl, "bench"), ("mlx_lm", murl, "default_model")]
+        targets = [Target("parallm", purl, "bench"), Target("mlx_lm", murl, "default_model")]
+        if args.engine_baseline:
+            targets.append(engine_target(args))
         with running_server("parallm", pcmd, purl, args.startup_timeout), \
                 running_server("mlx_lm", mcmd, murl, args.startup_timeout):
-            for name, url, model in targets:
-                asyncio.run(warm_up(name, url, model, args.endpoint))
-            levels = sweep(targets, args)
+            for t in targets[:2]:
+                loop.run_until_complete(warm_up(t.name, t.url, t.model, args.endpoint))
+            levels = sweep(targets, args, loop)
         commands = {"parallm": pcmd, "mlx_lm": mcmd}
     else:
         if not args.url:
-            p.error("give --url (a running server) or --compare --model DIR")
+            return _usage_error("give --url (a running server) or --compare --model DIR")
         if not is_loopback(args.url) and not args.allow_remote:
-            p.error(f"{args.url} is not a loopback address; pass --allow-remote to load-test another machine")
+            return _usage_error(f"{args.url} is not a loopback address; pass --allow-remote to load-test another machine")
         url = args.url.rstrip("/")
         model = args.model_name or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        asyncio.run(warm_up("server", url, model, args.endpoint))
-        levels = sweep([("server", url, model)], args)
+        loop.run_until_complete(warm_up("server", url, model, args.endpoint))
+        targets = [Target("server", url, model)]
+        if args.engine_baseline:
+            targets.append(engine_target(args))
+        levels = sweep(targets, args, loop)
         commands = {}
 
+    for t in targets:
+        if t.engine is not None:
+            loop.run_until_complete(t.engine.shutdown())
+    loop.run_until_complete(loop.shutdown_asyncgens())  # close the streams left at [DONE]
+    loop.close()
     print()
     print_table(levels)
     ratios = print_ratios(levels, "parallm", "mlx_lm") if args.compare else []
+    if args.engine_baseline:
+        server_name = "parallm" if args.compare else "server"
+        ratios += [dict(r, kind="server_vs_engine") for r in print_ratios(levels, server_name, "engine")]
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "commands": commands,
                                     "cpu_count": os.cpu_count(), "levels": [asdict(lv) for lv in levels],

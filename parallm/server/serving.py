@@ -23,12 +23,22 @@ from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
 from parallm.server.admission import Admission
 from parallm.server.errors import engine_error_payload
 from parallm.server.prompts import Prompt, chat_prompt, check_token_ids, completion_prompt, prompt_text
-from parallm.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                                     ChatCompletionResponse, ChatDelta, ChatResponseMessage, CompletionChoice,
-                                     CompletionRequest, CompletionResponse, ModelCard, ModelList, SamplingFields)
+from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
+                                     CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
+                                     SamplingFields)
 from parallm.server.responses import Collected, chat_logprobs, completion_logprobs, usage_info
+from parallm.server.streaming import ChunkWriter, batches, coalesce, sse
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+# Prompts longer than this (characters) are templated and tokenized on a worker thread: a body of
+# megabytes takes the tokenizer a second, which would stall every stream and /health on the loop.
+LARGE_PROMPT_CHARS = 32_768
+
+
+async def off_loop_if_large(size: int, fn, *args):
+    if size > LARGE_PROMPT_CHARS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 class ClientGone(Exception):
@@ -149,7 +159,8 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
         model = self._resolve_model(body.model)
         tokenizer = self.engine.tokenizer(model)
-        prompt = chat_prompt(tokenizer, body, model)
+        size = sum(len(m.text()) for m in body.messages)
+        prompt = await off_loop_if_large(size, chat_prompt, tokenizer, body, model)
         top = body.top_logprobs or 0
         params = sampling_params(body, prompt, self.engine.context_length(model), len(tokenizer),
                                  None, body.logprobs, top)
@@ -173,7 +184,8 @@ class OpenAIServing:
         tokenizer = self.engine.tokenizer(model)
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported.", param="echo")
-        prompts = [completion_prompt(tokenizer, p) for p in body.prompts()]
+        size = sum(len(p) for p in body.prompts() if isinstance(p, str))
+        prompts = await off_loop_if_large(size, lambda: [completion_prompt(tokenizer, p) for p in body.prompts()])
         if body.stop_token_ids:
             check_token_ids(tokenizer, body.stop_token_ids, "stop_token_ids")
         context = self.engine.context_length(model)
@@ -239,7 +251,7 @@ class OpenAIServing:
                     await self._abort_all(requests)
             ticket.release()
 
-    def _stream(self, requests: list[EngineRequest], raw: Request, chunks: AsyncIterator[Union[str, dict]]) -> Response:
+    def _stream(self, requests: list[EngineRequest], raw: Request, chunks: AsyncIterator[bytes]) -> Response:
         ticket = self._admit(requests)
 
         async def close() -> None:
@@ -249,56 +261,58 @@ class OpenAIServing:
 
         return ReleasingEventSource(self._guard_stream(chunks), on_close=close, ping=15)
 
-    async def _guard_stream(self, chunks: AsyncIterator[Union[str, dict]]) -> AsyncIterator[str]:
-        """Frame chunks as SSE data; an engine error mid-stream becomes an error event; end with [DONE]."""
+    async def _guard_stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """An engine error mid-stream becomes an error event; the stream always ends with [DONE]."""
         try:
             async for chunk in chunks:
                 yield chunk
         except EngineError as e:
-            yield json.dumps(engine_error_payload(e))
-        yield "[DONE]"
+            yield sse([json.dumps(engine_error_payload(e))])
+        yield sse(["[DONE]"])
+
+    def _output_batches(self, requests: list[EngineRequest]):
+        return batches(merged_outputs([self.engine.generate(r) for r in requests]))
 
     async def _chat_chunks(self, body: ChatCompletionRequest, response_id: str, model: str,
-                           requests: list[EngineRequest]) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatChunkChoice], usage=None) -> str:
-            return ChatCompletionChunk(id=response_id, model=model, choices=choices, usage=usage).model_dump_json()
-
-        for i in range(body.n):
-            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+                           requests: list[EngineRequest]) -> AsyncIterator[bytes]:
+        writer = ChunkWriter(response_id, model, "chat")
+        yield sse([writer.chunk([writer.choice(i, "", role="assistant")]) for i in range(body.n)])
         usages = []
-        async for _, out in merged_outputs([self.engine.generate(r) for r in requests]):
-            if out.text or out.logprobs or out.finish_reason:
-                logprobs = chat_logprobs(out.logprobs or []) if body.logprobs else None
-                delta = ChatDelta(content=out.text) if (out.text or out.logprobs) else ChatDelta()
-                yield chunk([ChatChunkChoice(index=out.index, delta=delta, logprobs=logprobs,
-                                             finish_reason=out.finish_reason)])
-            if out.finished and out.usage is not None:
-                usages.append(out.usage)
+        async for batch in self._output_batches(requests):
+            payloads = []
+            for index, out in coalesce(batch, body.n):
+                if out.text or out.logprobs or out.finish_reason:
+                    logprobs = chat_logprobs(out.logprobs or []).model_dump() if body.logprobs else None
+                    text = out.text if (out.text or out.logprobs) else None
+                    payloads.append(writer.chunk([writer.choice(index, text, out.finish_reason, logprobs)]))
+                if out.finished and out.usage is not None:
+                    usages.append(out.usage)
+            if payloads:
+                yield sse(payloads)
         if body.include_usage_in_stream():
-            yield chunk([], usage=usage_info(usages))
+            yield sse([writer.chunk([], usage=usage_info(usages))])
 
     async def _completion_chunks(self, body: CompletionRequest, response_id: str, model: str,
-                                 requests: list[EngineRequest], echo: list[str]) -> AsyncIterator[str]:
-        def chunk(choices: list[CompletionChoice], usage=None) -> str:
-            return CompletionResponse(id=response_id, model=model, choices=choices, usage=usage).model_dump_json()
-
+                                 requests: list[EngineRequest], echo: list[str]) -> AsyncIterator[bytes]:
+        writer = ChunkWriter(response_id, model, "completion")
         offsets: dict[int, int] = {}  # choice index -> characters sent so far (for logprobs text_offset)
         if body.echo:
             for index in range(len(requests) * body.n):
-                prefix = echo[index // body.n]
-                offsets[index] = len(prefix)
-                yield chunk([CompletionChoice(index=index, text=prefix)])
+                offsets[index] = len(echo[index // body.n])
+            yield sse([writer.chunk([writer.choice(i, echo[i // body.n])]) for i in range(len(requests) * body.n)])
         usages = []
-        async for prompt_index, out in merged_outputs([self.engine.generate(r) for r in requests]):
-            index = prompt_index * body.n + out.index
-            if out.text or out.logprobs or out.finish_reason:
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = completion_logprobs(out.logprobs or [], offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + len(out.text)
-                yield chunk([CompletionChoice(index=index, text=out.text, logprobs=logprobs,
-                                              finish_reason=out.finish_reason)])
-            if out.finished and out.usage is not None:
-                usages.append(out.usage)
+        async for batch in self._output_batches(requests):
+            payloads = []
+            for index, out in coalesce(batch, body.n):
+                if out.text or out.logprobs or out.finish_reason:
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = completion_logprobs(out.logprobs or [], offsets.get(index, 0)).model_dump()
+                    offsets[index] = offsets.get(index, 0) + len(out.text)
+                    payloads.append(writer.chunk([writer.choice(index, out.text, out.finish_reason, logprobs)]))
+                if out.finished and out.usage is not None:
+                    usages.append(out.usage)
+            if payloads:
+                yield sse(payloads)
         if body.include_usage_in_stream():
-            yield chunk([], usage=usage_info(usages))
+            yield sse([writer.chunk([], usage=usage_info(usages))])

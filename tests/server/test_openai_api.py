@@ -1,12 +1,11 @@
 """The real openai client against a live server on 127.0.0.1."""
 from __future__ import annotations
 
-import json
-
 import httpx
 import openai
 import pytest
 
+from parallm.server.protocol import ChatCompletionChunk
 from tests.server.conftest import real_engine, start_server
 
 MODEL = "tiny"  # the tiny random Llama of tests/conftest.py; context 2048
@@ -72,7 +71,9 @@ def test_stream_ends_with_done(server):
         assert r.headers["content-type"].startswith("text/event-stream")
         data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
-    assert all(json.loads(d)["object"] == "chat.completion.chunk" for d in data[:-1])
+    chunks = [ChatCompletionChunk.model_validate_json(d) for d in data[:-1]]  # the documented shape
+    assert all(c.object == "chat.completion.chunk" and c.model == MODEL for c in chunks)
+    assert len({c.id for c in chunks}) == 1
 
 
 def test_completions_string_list_and_token_ids(client, hf_tokenizer):
@@ -183,7 +184,7 @@ def test_invalid_fields_are_bad_requests_naming_the_field(client, bad, field):
 
 def test_prompt_beyond_the_context_is_a_bad_request_with_the_numbers(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="hello " * 2100, max_tokens=10)
+        client.completions.create(model=MODEL, prompt="hello " * 7000, max_tokens=10)  # tokenized off the loop
     assert "2048" in e.value.message and e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10_000)

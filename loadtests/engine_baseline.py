@@ -1,0 +1,69 @@
+"""The same load as bench_serving.py, straight into an in-process AsyncEngine (no HTTP, no JSON, no
+SSE), so that `--engine-baseline` can say how much of the engine's throughput the server delivers.
+
+The prompts go through the same chat-free path as /v1/completions (tokenizer.encode), with the same
+max_tokens, greedy sampling and ignore_eos; TTFT, TPOT and ITL are taken on the asyncio side exactly
+as the HTTP client takes them (first output with text, gaps between outputs with text).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from bench_serving import RequestResult, LevelResult, summarize
+
+
+def load_engine(model_dir: str, max_num_seqs: int, max_queue: int):
+    from parallm.engine.async_engine import AsyncEngine
+    from parallm.engine.engine import EngineConfig
+    from parallm.models import load
+
+    loaded = load(model_dir, device="auto", name="bench")
+    return AsyncEngine(loaded, EngineConfig(max_num_seqs=max_num_seqs, max_queue=max_queue))
+
+
+async def _one(engine, prompt_ids: list[int], output_len: int) -> RequestResult:
+    from parallm.engine.types import EngineRequest, SamplingParams
+
+    request = EngineRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, model="bench",
+                            sampling=SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+    start = time.perf_counter()
+    first = last = None
+    itls, tokens, prompt_tokens = [], 0, None
+    try:
+        async for out in engine.generate(request):
+            if out.text:
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    itls.append(now - last)
+                last = now
+            if out.finished and out.usage:
+                tokens, prompt_tokens = out.usage.completion_tokens, out.usage.prompt_tokens
+    except Exception as e:  # a typed engine error (QueueFull...) is a failure of this request
+        return RequestResult(ok=False, error=type(e).__name__, e2e=time.perf_counter() - start)
+    end = time.perf_counter()
+    return RequestResult(ok=True, ttft=None if first is None else first - start, e2e=end - start, itls=itls,
+                         output_tokens=tokens, prompt_tokens=prompt_tokens)
+
+
+async def run_engine_level(engine, tokenizer, concurrency: int, prompts: list[str], output_len: int,
+                           level_timeout: float) -> LevelResult:
+    await engine.start()
+    encoded = [list(tokenizer.encode(p)) for p in prompts]
+    pending = list(reversed(encoded))
+    results: list[RequestResult] = []
+
+    async def worker():
+        while pending:
+            results.append(await _one(engine, pending.pop(), output_len))
+
+    start = time.perf_counter()
+    tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+    _, late = await asyncio.wait(tasks, timeout=level_timeout)
+    for t in late:
+        t.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    return summarize("engine", concurrency, results, len(prompts) - len(results), time.perf_counter() - start)

@@ -1,0 +1,47 @@
+"""The load-test harness: loopback only, percentiles, and one small real run against a live server."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
+import bench_serving  # noqa: E402
+
+from tests.server.conftest import real_engine, start_server  # noqa: E402
+
+
+@pytest.mark.parametrize("url, ok", [("http://127.0.0.1:8000", True), ("http://localhost:1", True),
+                                     ("http://[::1]:8000", True), ("http://10.1.2.3:8000", False),
+                                     ("http://example.com", False)])
+def test_only_loopback_urls_unless_allowed(url, ok):
+    assert bench_serving.is_loopback(url) is ok
+
+
+def test_remote_url_is_refused(capsys):
+    assert bench_serving.main(["--url", "http://10.1.2.3:8000"]) == 2
+    assert "--allow-remote" in capsys.readouterr().err
+
+
+def test_percentile_interpolates():
+    assert bench_serving.percentile([], 0.5) is None
+    assert bench_serving.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert bench_serving.percentile([5.0], 0.99) == 5.0
+
+
+def test_a_small_sweep_against_a_live_server(tiny_loaded, tmp_path):
+    live = start_server(real_engine(tiny_loaded))
+    try:
+        out = tmp_path / "r.json"
+        assert bench_serving.main(["--url", live.url, "--concurrency", "1,2", "--num-requests", "3",
+                                   "--input-len", "8", "--output-len", "5", "--no-plot", "--out", str(out)]) == 0
+    finally:
+        live.stop()
+    levels = json.loads(out.read_text())["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv["failures"] == 0 and lv["requests"] == 3
+        assert lv["output_tokens"] == 15  # ignore_eos: every request gets its 5 tokens
+        assert lv["ttft_p50"] > 0 and lv["throughput_tok_s"] > 0
