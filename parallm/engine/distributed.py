@@ -8,10 +8,11 @@ Roles
   calls the same ModelRunner.launch(sched)/complete(...) in the Engine's order. The sharded layers'
   all-reduces inside the forward pair up because every rank runs the same passes with the same
   shapes in the same order.
-- Collective order on every rank: plan(t), step t's all-reduces, [verify all-gather of the step
-  that completes now], plan(t+1), ... Rank 0's plan broadcast queues behind step t's work on the
-  same stream, so in distributed mode the Engine's overlap (scheduling t+1 while t computes)
-  buys little: the plan for t+1 goes out only once step t is done.
+- Collective order on every rank: plan(t), step t's all-reduces, plan(t+1), ... Only launch()
+  issues collectives; complete() only reads results back, so the followers may complete each step
+  at once while rank 0's Engine completes steps in whatever order it likes (overlap, build-ahead).
+  Rank 0's plan broadcast queues behind step t's work on the same stream, so in distributed mode
+  the Engine's overlap (scheduling t+1 while t computes) buys little.
 
 Why sampling agrees on every rank
 - Logits: mlx-lm's shard() splits q/k/v/gate/up by output and o/down by input with an all_sum
@@ -20,8 +21,9 @@ Why sampling agrees on every rank
 - Randomness: the sampler's noise is a counter-based hash of (row seed, row step, vocab id), no
   global RNG. Rank 0 gives every admitted row an explicit seed (a request without one gets a random
   seed drawn on rank 0) and ships it in the plan, so no rank ever draws its own.
-- Checked, not assumed: every `verify_every` steps all ranks all-gather a digest of the tokens they
-  sampled (and of their prefix-cache state) and fail the group on any difference.
+- Checked, not assumed: every `verify_every` steps rank 0 sends, in a later plan, a digest of the
+  tokens it sampled in that step and of its prefix-cache state; every other rank compares it with
+  its own and fails (reporting why over the liveness link) on any difference.
 """
 from __future__ import annotations
 
@@ -95,12 +97,9 @@ def use_recording_prefix_cache(engine: Engine) -> Optional[RecordingPrefixCache]
     return new
 
 
-def _step_digest(step: int, out: RunnerOutput, prefix: Optional[RecordingPrefixCache]) -> list[bytes]:
+def _step_digest(step: int, out: RunnerOutput, prefix_state: object) -> bytes:
     tokens = sorted((seq_id, s.token_id) for seq_id, s in out.sampled.items())
-    return [digest(step, tokens), digest(prefix.state_digest() if prefix else None)]
-
-
-_VERIFY_PARTS = ("sampled tokens", "prefix cache state")
+    return digest(step, tokens, prefix_state)
 
 
 @dataclass
@@ -109,15 +108,17 @@ class _LaunchedPlan:
 
     plan: StepPlan
     launched: Any
+    prefix_state: object  # the prefix cache right after this launch (what the check compares)
 
 
 class LeaderRunner:
     """Wraps rank 0's ModelRunner: broadcast the plan, then launch it like every other rank.
 
-    The Engine calls launch(sched) and, for the same step, complete(launched) later (with
-    `overlap`, after launching the next step). A plan's verify check runs in complete(), and the
-    Follower mirrors the Engine's launch/complete order, so the check's all-gather meets the same
-    collective on every rank. Every other attribute (cache, sampler, ...) is the wrapped runner's."""
+    The Engine calls launch(sched) and, for the same step, complete(launched) later, in an order of
+    its choosing (overlap, build-ahead). Only launch issues collectives (the plan, the forward's
+    all-reduces), so that order does not matter to the other ranks. complete() of a `verify` step
+    files rank 0's digest, and the next plan carries it. Every other attribute (cache, sampler,
+    ...) is the wrapped runner's."""
 
     def __init__(self, inner: Any, channel: PlanChannel, prefix: Optional[RecordingPrefixCache],
                  watchdog: Optional[GroupWatchdog], verify_every: int):
@@ -126,6 +127,7 @@ class LeaderRunner:
         self._prefix = prefix
         self._watchdog = watchdog
         self._verify_every = verify_every
+        self._checks: dict[int, bytes] = {}  # digests of completed verify steps, for the next plan
         self.plan_index = 0
         self.last_sent = time.monotonic()
 
@@ -142,20 +144,21 @@ class LeaderRunner:
                         self._prefix.take_touches() if self._prefix else [], verify)
         with self._fatal(f"step {plan.step}"):
             self._send(plan)
-            return _LaunchedPlan(plan, self._inner.launch(sched))
+            launched = self._inner.launch(sched)
+            return _LaunchedPlan(plan, launched, _prefix_state(self._prefix) if verify else None)
 
     def complete(self, step: _LaunchedPlan) -> RunnerOutput:
         with self._fatal(f"completing step {step.plan.step}"):
             out = self._inner.complete(step.launched)
-            if step.plan.verify:
-                self._channel.check_agreement(_step_digest(step.plan.step, out, self._prefix), _VERIFY_PARTS,
-                                              f"the check after step {step.plan.step}")
-            return out
+        if step.plan.verify:
+            self._checks[step.plan.step] = _step_digest(step.plan.step, out, step.prefix_state)
+        return out
 
     def send_control(self, kind: PlanKind, idle_sleep_s: float = 0.0) -> None:
         self._send(StepPlan(kind, self.plan_index, idle_sleep_s=idle_sleep_s))
 
     def _send(self, plan: StepPlan) -> None:
+        plan.checks, self._checks = self._checks, {}
         self._channel.send_plan(plan)
         self.plan_index += 1
         self.last_sent = time.monotonic()
@@ -174,6 +177,10 @@ class LeaderRunner:
         finally:
             if self._watchdog:
                 self._watchdog.leave()
+
+
+def _prefix_state(prefix: Optional[RecordingPrefixCache]) -> object:
+    return prefix.state_digest() if prefix is not None else None
 
 
 def _seed_new_rows(sched: SchedulerOutput) -> None:
@@ -230,15 +237,15 @@ class Follower:
         self.watchdog = watchdog
         self.prefix = use_recording_prefix_cache(engine)
         self.steps_run = 0
+        self.steps_verified = 0
 
     def run(self) -> None:
-        """Returns on SHUTDOWN; raises GroupFailure when the group breaks.
+        """Returns on SHUTDOWN; raises GroupFailure when the group breaks or diverges.
 
-        Launch/complete follow the Engine's order exactly (with `overlap`, step t completes after
-        step t+1 launched), so that the verify all-gathers pair up with rank 0's."""
+        Each step is launched and completed at once: completes issue no collectives, so this
+        rank need not mirror the order in which rank 0's Engine completes its steps."""
         expected = 0
-        in_flight: Optional[tuple[StepPlan, Any]] = None
-        overlap = getattr(self.engine.config, "overlap", False)
+        own_checks: dict[int, bytes] = {}  # this rank's digests of verify steps, until compared
         runner = self.engine.runner
         while True:
             # Plan 0 comes once rank 0's HTTP server is up: allow for a slow start.
@@ -247,6 +254,11 @@ class Follower:
             if plan.step != expected:
                 raise GroupFailure(f"rank {self.channel.rank}: expected plan {expected}, got {plan.step}")
             expected += 1
+            for step, theirs in sorted(plan.checks.items()):
+                if own_checks.pop(step, None) != theirs:
+                    raise GroupFailure(f"rank {self.channel.rank} diverged from rank 0 at step {step}: the "
+                                       "sampled tokens or the prefix-cache state differ")
+                self.steps_verified += 1
             if plan.kind is PlanKind.SHUTDOWN:
                 return
             if plan.kind is PlanKind.HEARTBEAT:
@@ -258,18 +270,10 @@ class Follower:
                 for entry_id in plan.prefix_touches:
                     self.prefix.touch(entry_id)
                 launched = runner.launch(plan.sched)
-                if overlap:
-                    previous, in_flight = in_flight, (plan, launched)
-                    if plan.sched.is_empty:
-                        in_flight = None
-                else:
-                    previous = (plan, launched)
-                if previous is not None:
-                    done, step = previous
-                    out = runner.complete(step)
-                    if done.verify:
-                        self.channel.check_agreement(_step_digest(done.step, out, self.prefix), _VERIFY_PARTS,
-                                                     f"the check after step {done.step}")
+                state = _prefix_state(self.prefix) if plan.verify else None
+                out = runner.complete(launched)
+                if plan.verify:
+                    own_checks[plan.step] = _step_digest(plan.step, out, state)
             finally:
                 if self.watchdog:
                     self.watchdog.leave()

@@ -1,5 +1,5 @@
-"""LivenessLink: one idle TCP connection between rank 0 and each other rank, carrying no data,
-only so that a rank notices at once when a peer *process* dies.
+"""LivenessLink: one idle TCP connection between rank 0 and each other rank, carrying no data
+(but a failing rank's one-line reason), so that a rank notices at once when a peer *process* dies.
 
 Why: when a peer dies while the ring backend is inside the model's all-reduces (a busy step), MLX
 0.32's ring does not raise to the waiting rank: the step just never finishes (measured: rank 0
@@ -111,8 +111,19 @@ class LivenessLink:
                 pass
             s.close()
 
+    def report(self, reason: str) -> None:
+        """Ranks > 0, failing: tell rank 0 why (its /health shows it), then close."""
+        self._closing = True
+        for s in list(self._peers):
+            try:
+                s.sendall(reason.encode()[:4000])
+            except OSError:
+                pass
+        self.close()
+
     def _watch(self) -> None:
         socks = list(self._peers)
+        said: dict[socket.socket, bytes] = {}  # a failing peer's last words (see report)
         while socks:
             try:
                 readable, _, broken = select.select(socks, [], socks)
@@ -120,17 +131,20 @@ class LivenessLink:
                 return
             for s in set(readable) | set(broken):
                 try:
-                    data = s.recv(1)
+                    data = s.recv(4096)
                 except OSError:
                     data = b""
                 if data:
+                    said[s] = said.get(s, b"") + data
                     continue
                 if self._closing:  # EOF during a clean shutdown: a goodbye
                     socks.remove(s)
                     continue
-                # EOF otherwise: the process at the other end is gone
-                self._on_peer_lost(f"{self._peers[s]} closed its liveness connection: the process "
-                                   "died or its host dropped off the network")
+                if said.get(s):
+                    self._on_peer_lost(f"{self._peers[s]} failed: {said[s].decode(errors='replace')}")
+                else:  # EOF and nothing said: the process at the other end is gone
+                    self._on_peer_lost(f"{self._peers[s]} closed its liveness connection: the process "
+                                       "died or its host dropped off the network")
                 return
 
 

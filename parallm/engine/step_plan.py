@@ -10,7 +10,10 @@ samples the same tokens. A plan carries everything a rank needs for that:
   slots; preemptions as freed slots plus a later re-admission.
 - `prefix_touches`: the prefix-cache entries the scheduler's lookups moved to the LRU end this step
   (see RecordingPrefixCache), so that every rank's prefix cache evicts the same entries.
-- `verify`: after the step, all ranks all-gather a fingerprint of what they sampled and compare.
+- `verify` / `checks`: rank 0 marks some steps `verify`; once it has completed such a step, the
+  next plan carries rank 0's digest of it (what it sampled, its prefix-cache state) in `checks`,
+  and every other rank compares it with its own digest of the same step. No collective is involved,
+  so the check cannot misalign the ranks' collectives whatever order the Engine completes steps in.
 
 Plans are pickled: the ranks are one trusted job started together by mlx.launch from the same code
 (the startup check compares a hash of model, config and engine settings). Never expose the ring's
@@ -38,7 +41,8 @@ class StepPlan:
     step: int  # rank 0's plan counter; every rank checks it arrives in order
     sched: Optional[SchedulerOutput] = None  # set for STEP plans only
     prefix_touches: list[int] = field(default_factory=list)  # prefix-cache entry ids, in lookup order
-    verify: bool = False  # all-gather and compare the sampled tokens after this step
+    verify: bool = False  # the ranks will compare digests of this step (in a later plan's checks)
+    checks: dict[int, bytes] = field(default_factory=dict)  # step -> rank 0's digest of that step
     idle_sleep_s: float = 0.0  # HEARTBEAT: sleep this long before waiting for the next plan
 
     def encode(self) -> bytes:

@@ -148,12 +148,12 @@ def _follow(follower, watchdog: GroupWatchdog, link, settings) -> int:
         signal.signal(sig, on_signal)
     try:
         follower.run()
-    except GroupFailure as e:
-        print(f"parallm serve --distributed: {e}", file=sys.stderr)
-        return EXIT_GROUP_FAILED
-    except Exception as e:  # noqa: BLE001 - out of lockstep: say why, exit non-zero
-        log.exception("rank %d failed", follower.channel.rank)
-        print(f"parallm serve --distributed [rank {follower.channel.rank}]: {type(e).__name__}: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - out of lockstep: say why (here and to rank 0), exit non-zero
+        if not isinstance(e, GroupFailure):
+            log.exception("rank %d failed", follower.channel.rank)
+        reason = str(e) if isinstance(e, GroupFailure) else f"{type(e).__name__}: {e}"
+        link.report(reason)
+        print(f"parallm serve --distributed [rank {follower.channel.rank}]: {reason}", file=sys.stderr)
         return EXIT_GROUP_FAILED
     link.close()
     watchdog.stop()

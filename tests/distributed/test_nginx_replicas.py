@@ -77,7 +77,7 @@ def test_sessions_stick_to_one_replica_and_streams_pass(tiny_model_dir, tmp_path
         with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True, "max_tokens": 6},
                           headers={"X-Session-ID": "conv-a"}, timeout=60) as r:
             lines = [l for l in r.iter_lines() if l.startswith("data: ")]
-        assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+        assert lines[-1] == "data: [DONE]" and any(l.startswith("data: {") for l in lines[:-1])
     finally:
         for p in procs:
             if p.poll() is None:
