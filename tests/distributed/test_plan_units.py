@@ -130,3 +130,34 @@ def test_check_shardable_names_what_does_not_divide():
         check_shardable(Shardable(), {"num_attention_heads": 9, "num_key_value_heads": 3}, 2)
     with pytest.raises(ValueError, match="has no shard"):
         check_shardable(object(), {"model_type": "weird"}, 2)
+
+
+def test_ranks_started_with_different_engine_settings_both_refuse_to_start(tiny_model_dir, tmp_path):
+    """Two real ranks (ring on loopback) whose --max-num-seqs differ: the startup check fails on
+    both, naming the part that differs, and both exit 3 before serving anything."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.distributed.cluster import REPO, free_port
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+    procs = []
+    try:
+        for rank, max_seqs in ((0, "64"), (1, "32")):
+            env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), PYTHONPATH=str(REPO))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "parallm", "serve", "--model", str(tiny_model_dir), "--port", str(free_port()),
+                 "--distributed", "--distributed-backend", "ring", "--max-num-seqs", max_seqs, "--log-level", "warning"],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 3, out[-2000:]
+        assert "rank(s) [1] differ from rank 0 in engine settings" in out
