@@ -1,5 +1,6 @@
-"""In-process pieces of the lockstep protocol (no second process): plan encoding and the channel on
-a 1-rank group, prefix-cache LRU replay, the watchdog, the startup digests, shardability."""
+"""Pieces of the lockstep protocol, mostly in-process: plan encoding and the channel on a 1-rank
+group, prefix-cache LRU replay, the watchdog, the startup digests, shardability; and the startup
+check between two real ranks (they exit before serving, so it is quick)."""
 from __future__ import annotations
 
 import time
