@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             module = _loadtests_module(module_name)
         except ModuleNotFoundError:
             continue
+        if not hasattr(module, "add_arguments"):  # a standalone program (e.g. bench_serving): not a subcommand
+            continue
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(p)
         p.set_defaults(_bench_run=module.run)

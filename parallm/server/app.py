@@ -60,7 +60,11 @@ async def health(request: Request):
                    "rejected_429": admission.rejected},
         "engine": dataclasses.asdict(state.engine.stats()),
     }
-    return JSONResponse(body, status_code=503 if admission.draining else 200)
+    # An engine may say why it cannot serve (e.g. a distributed group lost a rank).
+    error = getattr(state.engine, "health_error", lambda: None)()
+    if error:
+        body["status"], body["error"] = "unhealthy", error
+    return JSONResponse(body, status_code=503 if admission.draining or error else 200)
 
 
 def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence[APIRouter] = ()) -> FastAPI:

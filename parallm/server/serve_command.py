@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in _FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
                             default=None, help=help_text)
+    from parallm.server.distributed_serve import add_arguments as add_distributed_arguments
+
+    add_distributed_arguments(parser)  # --distributed and its tuning flags
 
 
 def build_engine(settings: ServerSettings):
@@ -72,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from parallm.server.logging_setup import LogSettings, configure_logging
     configure_logging(LogSettings(format=settings.log_format, level=settings.log_level))
+    if getattr(args, "distributed", False):  # tensor parallel under mlx.launch: its own startup
+        from parallm.server.distributed_serve import serve_distributed
+
+        return serve_distributed(args, settings)
     from parallm.models import ModelLoadError
 
     try:
