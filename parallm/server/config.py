@@ -34,6 +34,8 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after: float = 1.0  # seconds suggested to clients that get a 429
     log_level: str = "info"
+    adapters_dir: Optional[str] = None  # run-time /v1/load_lora_adapter paths must lie under it; None: off
+    adapters: Optional[str] = None  # startup LoRA adapters, "NAME=PATH[,NAME=PATH...]" (--adapter, repeatable)
 
     def __post_init__(self):
         checks = {
