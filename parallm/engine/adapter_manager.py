@@ -21,6 +21,7 @@ Invariants
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -35,6 +36,8 @@ from parallm.engine.errors import InvalidRequest, UnknownModel
 from parallm.models.adapters import AdapterError, AdapterWeights, check_adapter, read_adapter_files, resolve_under
 from parallm.models.lora import (NO_ADAPTER_SLOT, LoRARowBinding, install_adapter, multi_lora_layers,
                                  uninstall_adapter)
+
+log = logging.getLogger("parallm.adapters")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 
@@ -213,8 +216,9 @@ class AdapterManager:
 
     def bind_rows(self, adapter_per_row: Sequence[Optional[str]]) -> None:
         """Before a forward: tell every adapted layer which adapter each batch row uses (a key from
-        acquire or a name; None or "" = the base model). Applies queued loads/unloads first. An
-        adapter without a slot raises UnknownModel (the engine should have acquired it)."""
+        acquire or a name; None or "" = the base model). Applies queued loads/unloads first. A row
+        naming an adapter that is no longer loaded runs without one (logged): the engine holds a
+        reference for every live request, so only rows whose request has ended can hit this."""
         self.apply_pending()
         if not any(adapter_per_row):
             if self._binding is not None:
@@ -228,7 +232,13 @@ class AdapterManager:
                     continue
                 entry = self._lookup(name)
                 if entry is None:
-                    raise UnknownModel(name.split("#")[0], self._servable_names())
+                    # Only a row of a request that already released its adapter (finished or
+                    # aborted; its output is discarded) can get here. Failing would take the
+                    # whole engine down, so it runs without an adapter instead.
+                    log.warning("batch row bound to adapter %r, which is no longer loaded; the row runs "
+                                "without it (its request has finished)", name)
+                    slots.append(NO_ADAPTER_SLOT)
+                    continue
                 slots.append(entry.slot)
         if self._binding is None:  # only possible if every adapter was unloaded before install
             return

@@ -23,7 +23,7 @@ an adapter (or no row uses one this layer carries), the layer is exactly `base(x
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import mlx.core as mx

@@ -36,6 +36,8 @@ class ServerSettings:
     log_level: str = "info"
     log_format: str = "text"  # text | json (one JSON object per line)
     log_prompts: bool = False  # put prompt text in access-log lines (off: prompts may be private)
+    adapters_dir: Optional[str] = None  # run-time /v1/load_lora_adapter paths must lie under it; None: off
+    adapters: Optional[str] = None  # startup LoRA adapters, "NAME=PATH[,NAME=PATH...]" (--adapter, repeatable)
 
     def __post_init__(self):
         checks = {

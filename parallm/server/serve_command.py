@@ -26,6 +26,7 @@ _OPTIONS = {
     "max_body_bytes": (int, "largest request body accepted, in bytes (default 8 MiB)"),
     "log_level": (str, "debug | info | warning | error (default info)"),
     "log_format": (str, "text | json: human-readable lines (default) or one JSON object per line"),
+    "adapters_dir": (str, "directory that run-time /v1/load_lora_adapter paths must lie under (default: off)"),
 }
 # Flags without a value; each maps onto the ServerSettings field of the same name.
 _FLAGS = {"log_prompts": "include prompt text in access-log lines (off by default: prompts may be private)"}
@@ -43,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from parallm.server.distributed_serve import add_arguments as add_distributed_arguments
 
     add_distributed_arguments(parser)  # --distributed and its tuning flags
+    parser.add_argument("--adapter", dest="adapters", action="append", default=None, metavar="NAME=PATH",
+                        help="serve an mlx-lm LoRA/DoRA adapter dir as model NAME (repeatable)")
 
 
 def build_engine(settings: ServerSettings):
@@ -51,8 +54,32 @@ def build_engine(settings: ServerSettings):
     from parallm.engine.engine import EngineConfig
     from parallm.models import load
 
+    from parallm.engine.adapter_manager import build_adapter_manager
+
     loaded = load(settings.model, device=settings.device, name=settings.served_model_name)
-    return AsyncEngine(loaded, engine_config(settings, EngineConfig))
+    specs = adapter_specs(settings)
+    adapters = build_adapter_manager(loaded.name, loaded.model, adapters_dir=settings.adapters_dir, startup=specs)
+    return AsyncEngine(loaded, engine_config(settings, EngineConfig), adapters=adapters)
+
+
+def adapter_specs(settings: ServerSettings) -> list:
+    """The startup adapters of `settings.adapters` ("NAME=PATH[,NAME=PATH...]"); ConfigError if malformed."""
+    from parallm.engine.adapter_manager import AdapterSpec
+
+    try:
+        return [AdapterSpec.parse(s) for s in (settings.adapters or "").split(",") if s.strip()]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def adapter_routers(engine) -> list:
+    """The adapter routes for an engine built by build_engine (none for other engine clients)."""
+    from parallm.server.routes_adapters import create_adapter_router
+
+    manager = getattr(getattr(engine, "engine", None), "adapters", None)
+    if manager is None:
+        return []
+    return [create_adapter_router({manager.base_name: manager})]
 
 
 def engine_config(settings: ServerSettings, config_class):
@@ -68,8 +95,11 @@ def engine_config(settings: ServerSettings, config_class):
 
 def run(args: argparse.Namespace) -> int:
     cli = {name: getattr(args, name, None) for name in [*_OPTIONS, *_FLAGS]}
+    if getattr(args, "adapters", None):
+        cli["adapters"] = ",".join(args.adapters)
     try:
         settings = load_settings(cli, config_file=args.config)
+        adapter_specs(settings)  # a malformed --adapter is a usage error, before any loading
     except ConfigError as e:
         print(f"parallm serve: {e}", file=sys.stderr)
         return 2
@@ -79,12 +109,16 @@ def run(args: argparse.Namespace) -> int:
         from parallm.server.distributed_serve import serve_distributed
 
         return serve_distributed(args, settings)
+    from parallm.engine.errors import EngineError
     from parallm.models import ModelLoadError
 
     try:
         engine = build_engine(settings)
     except ModelLoadError as e:  # the input's fault: say which model and why
         print(f"parallm serve: cannot load model {settings.model or '(default)'}: {e}", file=sys.stderr)
+        return 1
+    except EngineError as e:  # a startup --adapter that cannot load (missing, corrupt, wrong shapes)
+        print(f"parallm serve: cannot load adapter: {e.message}", file=sys.stderr)
         return 1
     except Exception as e:  # ours or the platform's: still a clear line and a non-zero exit
         log.debug("load failed", exc_info=True)
@@ -97,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the server is reachable from the network%s", settings.host,
                     "" if settings.api_key else " and has no --api-key")
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, routers=adapter_routers(engine))
     log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), settings.host, settings.port)
     run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level)
     return 0

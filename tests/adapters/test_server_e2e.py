@@ -4,6 +4,7 @@ uses it lets that request finish and answers 404 to new ones; /v1/models lists a
 parent and root."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -104,7 +105,6 @@ def test_unload_while_streaming(server, tiny_model_dir, make_adapter):
                 for line in stream.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    import json
                     chunk = json.loads(line[6:])
                     text += chunk["choices"][0]["text"] if chunk.get("choices") else ""
                     if not unloaded and text:
