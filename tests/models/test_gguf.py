@@ -63,14 +63,15 @@ def test_f32_gguf_matches_safetensors(which, tiny_model_dir, untied_dir, tmp_pat
 
 def test_without_unpermuting_the_logits_differ(tiny_model_dir, tmp_path):
     """Guards the test above: if the q/k rows were left permuted, the logits would not match."""
+    import mlx.core as mx
+
     from parallm.models import load
 
     tensors, config = gguf_tensors(tiny_model_dir)
-    for name in list(tensors):  # write q/k in HF order, i.e. NOT the way llama.cpp does
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
-            tensors[name] = np.array(
-                __import__("mlx.core", fromlist=["load"]).load(str(tiny_model_dir / "model.safetensors"))[
-                    "model.layers.{}.self_attn.{}_proj.weight".format(name.split(".")[1], name.split(".")[2][-1])])
+    hf = mx.load(str(tiny_model_dir / "model.safetensors"))
+    for layer in range(config["num_hidden_layers"]):  # q/k in HF order, NOT the way llama.cpp writes them
+        for gguf_name, hf_name in (("attn_q", "q_proj"), ("attn_k", "k_proj")):
+            tensors[f"blk.{layer}.{gguf_name}.weight"] = np.array(hf[f"model.layers.{layer}.self_attn.{hf_name}.weight"])
     path = save_with_mlx(tmp_path / "unpermuted.gguf", tensors, gguf_metadata(config, TOKENIZER_DIR))
     got, want = logits_of(load(str(path), device="cpu").model), reference_logits(tiny_model_dir)
     assert np.abs(got - want).max() > 1e-2
