@@ -2,11 +2,18 @@
 `from tiny_models import write_tiny_llama`; a module named conftest is ambiguous across folders)."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tiny_models import TOKENIZER_DIR, VOCAB_SIZE, write_tiny_llama  # noqa: F401  re-exported for fixtures
+
+
+# Servers started by tests (in process or as `parallm serve` subprocesses, which inherit this) keep
+# their files and fine-tuning jobs in a throwaway folder, never in the user's ~/.local/share/parallm.
+os.environ.setdefault("PARALLM_DATA_DIR", tempfile.mkdtemp(prefix="parallm-test-data-"))
 
 
 @pytest.fixture(scope="session")

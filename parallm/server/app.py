@@ -98,7 +98,8 @@ def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence
     if settings.api_key:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
     app.add_middleware(DrainingGate, is_draining=lambda: admission.draining)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       streamed_paths={"/v1/files": settings.max_upload_bytes})
     # Outermost: request id + access log; plus /metrics (no API key, like vLLM's) and HTTP metrics.
     install_observability(app, app.state.metrics, log_prompts=settings.log_prompts)
     return app

@@ -36,6 +36,9 @@ class ServerSettings:
     log_level: str = "info"
     log_format: str = "text"  # text | json (one JSON object per line)
     log_prompts: bool = False  # put prompt text in access-log lines (off: prompts may be private)
+    data_dir: Optional[str] = None  # uploaded files, fine-tuning jobs and adapters (default ~/.local/share/parallm)
+    fine_tuning: bool = True  # /v1/files and /v1/fine_tuning/jobs
+    max_upload_bytes: int = 512 * 1024 * 1024  # a /v1/files upload; other bodies stay under max_body_bytes
     adapters_dir: Optional[str] = None  # run-time /v1/load_lora_adapter paths must lie under it; None: off
     adapters: Optional[str] = None  # startup LoRA adapters, "NAME=PATH[,NAME=PATH...]" (--adapter, repeatable)
 

@@ -34,13 +34,19 @@ class BodySizeLimit:
     back to the server's, so disconnects still arrive.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, streamed_paths: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        # path prefix -> its own limit, for uploads: streamed through (never held in memory here)
+        # and cut off once past that limit.
+        self.streamed_paths = streamed_paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        for prefix, limit in self.streamed_paths.items():
+            if scope["path"].startswith(prefix):
+                return await self._streamed(scope, receive, send, limit)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(send, int(declared))
@@ -68,9 +74,45 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send, size: int) -> None:
+    async def _streamed(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """Pass the body through while counting; past `limit` the app sees a disconnect (so it stops
+        reading and cleans up) and the client gets a 413, unless the app already answered."""
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._too_large(send, int(declared), limit)
+        size, over, started = 0, False, False
+
+        async def counting_receive() -> Message:
+            nonlocal size, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the 413 below answers instead of whatever the app made of the cut-off
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._too_large(send, size, limit)
+
+    async def _too_large(self, send: Send, size: int, limit: int | None = None) -> None:
+        limit = self.max_bytes if limit is None else limit
         await send_error(send, 413, f"The request body ({size} bytes or more) exceeds the limit of "
-                         f"{self.max_bytes} bytes.", type="invalid_request_error", code="request_too_large")
+                         f"{limit} bytes.", type="invalid_request_error", code="request_too_large")
 
 
 class ApiKeyAuth:

@@ -26,6 +26,8 @@ _OPTIONS = {
     "max_body_bytes": (int, "largest request body accepted, in bytes (default 8 MiB)"),
     "log_level": (str, "debug | info | warning | error (default info)"),
     "log_format": (str, "text | json: human-readable lines (default) or one JSON object per line"),
+    "data_dir": (str, "where uploaded files, fine-tuning jobs and their adapters live (default ~/.local/share/parallm)"),
+    "max_upload_bytes": (int, "largest /v1/files upload, in bytes (default 512 MiB)"),
     "adapters_dir": (str, "directory that run-time /v1/load_lora_adapter paths must lie under (default: off)"),
 }
 # Flags without a value; each maps onto the ServerSettings field of the same name.
@@ -41,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in _FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
                             default=None, help=help_text)
+    parser.add_argument("--no-fine-tuning", dest="fine_tuning", action="store_const", const=False, default=None,
+                        help="turn off /v1/files and /v1/fine_tuning/jobs")
     from parallm.server.distributed_serve import add_arguments as add_distributed_arguments
 
     add_distributed_arguments(parser)  # --distributed and its tuning flags
@@ -94,7 +98,7 @@ def engine_config(settings: ServerSettings, config_class):
 
 
 def run(args: argparse.Namespace) -> int:
-    cli = {name: getattr(args, name, None) for name in [*_OPTIONS, *_FLAGS]}
+    cli = {name: getattr(args, name, None) for name in [*_OPTIONS, *_FLAGS, "fine_tuning"]}
     if getattr(args, "adapters", None):
         cli["adapters"] = ",".join(args.adapters)
     try:
@@ -131,7 +135,26 @@ def run(args: argparse.Namespace) -> int:
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the server is reachable from the network%s", settings.host,
                     "" if settings.api_key else " and has no --api-key")
-    app = create_app(engine, settings, routers=adapter_routers(engine))
+    from parallm.server.fine_tuning_setup import mount_fine_tuning
+
+    try:
+        fine_tuning = mount_fine_tuning(engine, settings)
+    except Exception as e:  # e.g. an unwritable data dir: say so, do not serve half a server
+        print(f"parallm serve: cannot open the data directory for fine-tuning: {e} "
+              "(set --data-dir, or --no-fine-tuning)", file=sys.stderr)
+        return 1
+    routers = adapter_routers(engine) + (fine_tuning.routers if fine_tuning else [])
+    app = create_app(engine, settings, routers=routers)
+    manager = getattr(getattr(engine, "engine", None), "adapters", None)
+    if manager is not None:
+        app.state.metrics.sources.adapters_loaded = lambda: {manager.base_name: len(manager.names())}
+    if fine_tuning:
+        app.state.metrics.sources.fine_tuning_jobs = fine_tuning.job_counts
+        fine_tuning.service.start()
     log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), settings.host, settings.port)
-    run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level)
+    try:
+        run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level)
+    finally:
+        if fine_tuning:
+            fine_tuning.service.shutdown()
     return 0

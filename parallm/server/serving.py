@@ -155,7 +155,7 @@ class OpenAIServing:
 
     def _resolve_model(self, name: str) -> tuple[str, Optional[str]]:
         """(base model, adapter or None). `"model": "<adapter name>"` runs the adapter's base model
-        with that adapter, as in vLLM."""
+        with that adapter, as in vLLM; responses then name the adapter, the model the client asked for."""
         names = self.engine.model_names()
         if name in names:
             return name, None
@@ -180,7 +180,7 @@ class OpenAIServing:
         requests = [EngineRequest(request_id=response_id, prompt_token_ids=prompt.token_ids, sampling=params,
                                   model=model, adapter=adapter)]
         if body.stream:
-            return self._stream(requests, raw, self._chat_chunks(body, response_id, model, requests))
+            return self._stream(requests, raw, self._chat_chunks(body, response_id, body.model, requests))
         collected = await self._collect(requests, raw, n=body.n)
         if collected is None:
             return Response(status_code=499)
@@ -188,7 +188,7 @@ class OpenAIServing:
             ChatChoice(index=i, message=ChatResponseMessage(content="".join(c.text)),
                        logprobs=chat_logprobs(c.logprobs) if body.logprobs else None, finish_reason=c.finish_reason)
             for i, c in sorted(collected.choices.items())]
-        return JSONResponse(ChatCompletionResponse(id=response_id, model=model, choices=choices,
+        return JSONResponse(ChatCompletionResponse(id=response_id, model=body.model, choices=choices,
                                                    usage=usage_info(collected.usages)).model_dump())
 
     async def completions(self, body: CompletionRequest, raw: Request) -> Response:
@@ -210,7 +210,7 @@ class OpenAIServing:
                                           sampling=params, model=model, adapter=adapter))
         echo = [prompt_text(tokenizer, p) if body.echo else "" for p in prompts]
         if body.stream:
-            return self._stream(requests, raw, self._completion_chunks(body, response_id, model, requests, echo))
+            return self._stream(requests, raw, self._completion_chunks(body, response_id, body.model, requests, echo))
         collected = await self._collect(requests, raw, n=body.n)
         if collected is None:
             return Response(status_code=499)
@@ -220,7 +220,7 @@ class OpenAIServing:
             logprobs = completion_logprobs(c.logprobs, len(prefix)) if body.logprobs is not None else None
             choices.append(CompletionChoice(index=index, text=prefix + "".join(c.text), logprobs=logprobs,
                                             finish_reason=c.finish_reason))
-        return JSONResponse(CompletionResponse(id=response_id, model=model, choices=choices,
+        return JSONResponse(CompletionResponse(id=response_id, model=body.model, choices=choices,
                                                usage=usage_info(collected.usages)).model_dump())
 
     # ---- running --------------------------------------------------------------------------------

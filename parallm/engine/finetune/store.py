@@ -230,6 +230,9 @@ class Store:
         rows, more = self._page("jobs", "1 = 1", (), after, limit)
         return Page([JobRecord(**r) for r in rows], more)
 
+    def count_jobs_by_status(self) -> dict[str, int]:
+        return {status: n for status, n in self._execute("SELECT status, COUNT(*) FROM jobs GROUP BY status", ())}
+
     def jobs_with_status(self, *statuses: str) -> list[JobRecord]:
         marks = ", ".join("?" for _ in statuses)
         rows = self._execute(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq", statuses)

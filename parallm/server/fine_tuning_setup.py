@@ -1,0 +1,58 @@
+"""Wires fine-tuning jobs into `parallm serve`: the job service, its routes, and the hand-over of a
+finished adapter to the running engine's adapter manager (so `model=ft:...` works at once)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import APIRouter
+
+from parallm.engine.finetune.service import FineTuning
+from parallm.server.config import ServerSettings
+from parallm.server.routes_files import files_router
+from parallm.server.routes_fine_tuning import fine_tuning_router
+
+log = logging.getLogger("parallm.server")
+
+
+@dataclass
+class FineTuningMount:
+    service: FineTuning
+    routers: list[APIRouter]
+
+    def job_counts(self) -> dict[str, int]:
+        """Jobs by status, for the metrics gauge."""
+        return self.service.store.count_jobs_by_status()
+
+
+def mount_fine_tuning(engine: Any, settings: ServerSettings) -> Optional[FineTuningMount]:
+    """The fine-tuning service for an engine built by build_engine, or None when turned off.
+
+    Jobs train the served base model; the worker loads it from the same spec the server loaded
+    (`settings.model`, or the default model). A finished job's adapter is hot-loaded into the
+    engine's adapter manager; the server keeps priority while requests are running or waiting.
+    """
+    if not settings.fine_tuning:
+        return None
+    inner = getattr(engine, "engine", None)
+    manager = getattr(inner, "adapters", None)
+    base_name = engine.model_names()[0]
+    base_models = {base_name: settings.model or ""}
+
+    def on_adapter_ready(name: str, adapter_dir: Path, base_model: str) -> None:
+        if manager is None:
+            log.warning("fine-tuned adapter %s is ready at %s, but this engine serves no adapters", name, adapter_dir)
+            return
+        manager.load(name, str(adapter_dir), trusted=True)  # our own output: not under adapters_dir
+        log.info("fine-tuned model %s is now served (adapter %s)", name, adapter_dir)
+
+    def serving_busy() -> bool:
+        stats = engine.stats()
+        return stats.num_running + stats.num_waiting > 0
+
+    service = FineTuning.open(Path(settings.data_dir).expanduser() if settings.data_dir else None,
+                              base_models=base_models, on_adapter_ready=on_adapter_ready,
+                              serving_busy=serving_busy, max_upload_bytes=settings.max_upload_bytes)
+    return FineTuningMount(service, [files_router(service.files), fine_tuning_router(service.jobs)])
