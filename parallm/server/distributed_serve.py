@@ -80,8 +80,9 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
               file=sys.stderr)
         return 2
     rank, size = group.rank(), group.size()
-    logging.getLogger().handlers[0].setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s [rank {rank}/{size}] %(name)s: %(message)s"))
+    tag = _RankTag(rank, size)  # every rank logs to the same terminal under mlx.launch
+    for handler in logging.getLogger("parallm").handlers + logging.getLogger().handlers:
+        handler.addFilter(tag)
     try:
         loaded = load(settings.model, device=settings.device, name=settings.served_model_name)
         config = engine_config(settings, EngineConfig)
@@ -159,3 +160,16 @@ def _follow(follower, watchdog: GroupWatchdog, link, settings) -> int:
     watchdog.stop()
     log.info("rank %d: rank 0 sent shutdown after %d steps", follower.channel.rank, follower.steps_run)
     return 0
+
+
+class _RankTag(logging.Filter):
+    """Prefixes each record's message with its rank, whatever the log format (text or JSON)."""
+
+    def __init__(self, rank: int, size: int):
+        super().__init__()
+        self.prefix = f"[rank {rank}/{size}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
