@@ -97,12 +97,17 @@ def engine_config(settings: ServerSettings, config_class):
     return config_class(**values)
 
 
-def run(args: argparse.Namespace) -> int:
+def cli_settings(args: argparse.Namespace) -> dict:
+    """The ServerSettings values given on the command line (None where not given)."""
     cli = {name: getattr(args, name, None) for name in [*_OPTIONS, *_FLAGS, "fine_tuning"]}
     if getattr(args, "adapters", None):
         cli["adapters"] = ",".join(args.adapters)
+    return cli
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(cli, config_file=args.config)
+        settings = load_settings(cli_settings(args), config_file=args.config)
         adapter_specs(settings)  # a malformed --adapter is a usage error, before any loading
     except ConfigError as e:
         print(f"parallm serve: {e}", file=sys.stderr)

@@ -144,12 +144,12 @@ def test_configure_twice_does_not_duplicate_lines(log_stream):
 
 def test_serve_flags_reach_the_settings():
     from parallm.server.config import ConfigError, load_settings
-    from parallm.server.serve_command import add_arguments
+    from parallm.server.serve_command import add_arguments, cli_settings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--log-format", "json", "--log-prompts"])
-    settings = load_settings({k: v for k, v in vars(args).items() if k != "config"}, environ={})
+    settings = load_settings(cli_settings(args), environ={})
     assert (settings.log_format, settings.log_prompts) == ("json", True)
     plain = load_settings({}, environ={})
     assert (plain.log_format, plain.log_prompts) == ("text", False)
