@@ -266,6 +266,11 @@ class AdapterManager:
                 local.append(_Uninstall(op.slot, op.key))
         self.apply_ops(local)
 
+    def fingerprint_items(self) -> list[tuple[str, str, int, AdapterWeights]]:
+        """(name, key, slot, weights) of every loaded adapter, by slot (for the startup check)."""
+        with self._lock:
+            return [(e.name, e.key, e.slot, e.weights) for e in sorted(self._entries.values(), key=lambda e: e.slot)]
+
     def applied_state(self) -> tuple:
         """(name, key, slot) of every adapter the model holds, sorted (for cross-rank checks)."""
         return tuple(sorted((n, k, s) for n, (k, s) in self._applied.items()))
