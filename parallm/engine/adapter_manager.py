@@ -90,12 +90,26 @@ class _Entry:
 @dataclass(frozen=True)
 class _Install:
     slot: int
+    key: str
     weights: AdapterWeights
 
 
 @dataclass(frozen=True)
 class _Uninstall:
     slot: int
+    key: str
+
+
+@dataclass(frozen=True)
+class AdapterOp:
+    """One install/uninstall as it travels to the other ranks of a tensor-parallel job (in the step
+    plan): no tensors, only where every rank reads them (the same path on every host, like the
+    model) and the slot and key rank 0 chose, so that every rank binds rows to the same slots."""
+
+    kind: str  # "install" | "uninstall"
+    slot: int
+    key: str  # "name#n": the key rows carry (NewRow.adapter)
+    path: Optional[str] = None  # install: the adapter directory, already resolved on rank 0
 
 
 class AdapterManager:
@@ -117,6 +131,14 @@ class AdapterManager:
         self._loads = 0  # makes each load's key unique
         self._pending: deque[_Install | _Uninstall] = deque()  # applied in order by the worker
         self._binding: Optional[LoRARowBinding] = None
+        # What the model holds now, name -> (key, slot); changed only where the ops are applied
+        # (worker thread). Rows are bound through it, not through _entries (which the control side
+        # changes at any time), so that the binding follows exactly the applied ops: on a
+        # tensor-parallel job every rank applies the same ops at the same step and binds alike.
+        self._applied: dict[str, tuple[str, int]] = {}
+        # False on rank 0 of a tensor-parallel job: the LeaderRunner drains the queue (take_pending)
+        # into the step plan and applies it (apply_ops) itself, at the same step as the other ranks.
+        self.apply_on_bind = True
 
     # ---------------- control side ----------------
     def load(self, name: str, path: str | Path, *, trusted: bool = False) -> AdapterInfo:
@@ -148,7 +170,7 @@ class AdapterManager:
             entry = _Entry(name=name, key=f"{name}#{self._loads}", weights=weights, slot=slot,
                            created=int(time.time()))
             self._entries[name] = entry
-            self._pending.append(_Install(slot, weights))
+            self._pending.append(_Install(slot, entry.key, weights))
             return self._info(entry)
 
     def unload(self, name: str) -> None:
@@ -203,23 +225,63 @@ class AdapterManager:
     # ---------------- worker side ----------------
     def apply_pending(self) -> None:
         """Install/uninstall queued adapters in the model. Worker thread, between forwards only."""
-        while True:
-            with self._lock:
-                if not self._pending:
-                    return
-                op = self._pending.popleft()
+        self.apply_ops(self.take_pending())
+
+    def take_pending(self) -> list:
+        """Drain the queued installs/uninstalls, in order (to apply them, or ship them first)."""
+        with self._lock:
+            ops, self._pending = list(self._pending), deque()
+        return ops
+
+    def apply_ops(self, ops: Sequence) -> None:
+        """Apply ops drained by take_pending, in order. Worker thread, between forwards only."""
+        for op in ops:
             with self._model_lock:
                 if isinstance(op, _Install):
                     self._binding = install_adapter(self._model, op.slot, op.weights.layers)
+                    self._applied[op.key.split("#", 1)[0]] = (op.key, op.slot)
                 else:
                     uninstall_adapter(self._model, op.slot)
+                    name = op.key.split("#", 1)[0]
+                    if self._applied.get(name, (None,))[0] == op.key:
+                        del self._applied[name]
+
+    @staticmethod
+    def wire_ops(ops: Sequence) -> list[AdapterOp]:
+        """The ops as they travel to the other ranks."""
+        return [AdapterOp("install", op.slot, op.key, str(op.weights.path)) if isinstance(op, _Install)
+                else AdapterOp("uninstall", op.slot, op.key) for op in ops]
+
+    def apply_remote(self, ops: Sequence[AdapterOp]) -> None:
+        """A rank > 0: apply rank 0's ops of this step, reading each adapter from its path and
+        checking it against this rank's model (full shapes; each layer keeps its slice). Raises
+        AdapterError when the files are missing or differ here: the ranks can no longer agree."""
+        local = []
+        for op in ops:
+            if op.kind == "install":
+                with self._model_lock:
+                    weights = check_adapter(read_adapter_files(op.path), self._model)
+                local.append(_Install(op.slot, op.key, weights))
+            else:
+                local.append(_Uninstall(op.slot, op.key))
+        self.apply_ops(local)
+
+    def fingerprint_items(self) -> list[tuple[str, str, int, AdapterWeights]]:
+        """(name, key, slot, weights) of every loaded adapter, by slot (for the startup check)."""
+        with self._lock:
+            return [(e.name, e.key, e.slot, e.weights) for e in sorted(self._entries.values(), key=lambda e: e.slot)]
+
+    def applied_state(self) -> tuple:
+        """(name, key, slot) of every adapter the model holds, sorted (for cross-rank checks)."""
+        return tuple(sorted((n, k, s) for n, (k, s) in self._applied.items()))
 
     def bind_rows(self, adapter_per_row: Sequence[Optional[str]]) -> None:
         """Before a forward: tell every adapted layer which adapter each batch row uses (a key from
         acquire or a name; None or "" = the base model). Applies queued loads/unloads first. A row
         naming an adapter that is no longer loaded runs without one (logged): the engine holds a
         reference for every live request, so only rows whose request has ended can hit this."""
-        self.apply_pending()
+        if self.apply_on_bind:
+            self.apply_pending()
         if not any(adapter_per_row):
             if self._binding is not None:
                 self._binding.clear()
@@ -230,8 +292,8 @@ class AdapterManager:
                 if not name:
                     slots.append(NO_ADAPTER_SLOT)
                     continue
-                entry = self._lookup(name)
-                if entry is None:
+                applied = self._applied.get(name.split("#", 1)[0])
+                if applied is None or (name != applied[0] and "#" in name):
                     # Only a row of a request that already released its adapter (finished or
                     # aborted; its output is discarded) can get here. Failing would take the
                     # whole engine down, so it runs without an adapter instead.
@@ -239,7 +301,7 @@ class AdapterManager:
                                 "without it (its request has finished)", name)
                     slots.append(NO_ADAPTER_SLOT)
                     continue
-                slots.append(entry.slot)
+                slots.append(applied[1])
         if self._binding is None:  # only possible if every adapter was unloaded before install
             return
         self._binding.bind(slots)
@@ -273,7 +335,7 @@ class AdapterManager:
 
     def _free(self, entry: _Entry) -> None:
         del self._entries[entry.name]
-        self._pending.append(_Uninstall(entry.slot))
+        self._pending.append(_Uninstall(entry.slot, entry.key))
         self._free_slots.append(entry.slot)
         self._free_slots.sort()
 

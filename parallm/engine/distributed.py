@@ -48,7 +48,7 @@ from parallm.engine.step_plan import PlanKind, StepPlan
 log = logging.getLogger("parallm.distributed")
 
 STARTUP_WAIT_S = 300.0  # how long the other ranks wait for rank 0's first plan (its HTTP startup)
-STARTUP_PARTS = ("model config", "weights", "engine settings", "parallm plan format")
+STARTUP_PARTS = ("model config", "weights", "engine settings", "parallm plan format", "adapters")
 
 
 class RecordingPrefixCache(PrefixCache):
@@ -97,6 +97,13 @@ def use_recording_prefix_cache(engine: Engine) -> Optional[RecordingPrefixCache]
     return new
 
 
+def _rank_state(prefix: Optional[RecordingPrefixCache], adapters: Any) -> object:
+    """What the verify check compares besides the sampled tokens: the prefix cache and the
+    adapters every rank holds (name, key, slot)."""
+    applied = adapters.applied_state() if adapters is not None and hasattr(adapters, "applied_state") else ()
+    return (_prefix_state(prefix), applied)
+
+
 def _step_digest(step: int, out: RunnerOutput, prefix_state: object) -> bytes:
     tokens = sorted((seq_id, s.token_id) for seq_id, s in out.sampled.items())
     return digest(step, tokens, prefix_state)
@@ -121,8 +128,9 @@ class LeaderRunner:
     ...) is the wrapped runner's."""
 
     def __init__(self, inner: Any, channel: PlanChannel, prefix: Optional[RecordingPrefixCache],
-                 watchdog: Optional[GroupWatchdog], verify_every: int):
+                 watchdog: Optional[GroupWatchdog], verify_every: int, adapters: Any = None):
         self._inner = inner
+        self._adapters = adapters  # AdapterManager (apply_on_bind off): its ops travel in the plan
         self._channel = channel
         self._prefix = prefix
         self._watchdog = watchdog
@@ -140,12 +148,16 @@ class LeaderRunner:
     def launch(self, sched: SchedulerOutput) -> _LaunchedPlan:
         _seed_new_rows(sched)
         verify = self._verify_every > 0 and self.plan_index % self._verify_every == 0
+        ops = self._adapters.take_pending() if self._adapters is not None else []
         plan = StepPlan(PlanKind.STEP, self.plan_index, sched,
-                        self._prefix.take_touches() if self._prefix else [], verify)
+                        self._prefix.take_touches() if self._prefix else [], verify,
+                        adapter_ops=self._adapters.wire_ops(ops) if ops else [])
         with self._fatal(f"step {plan.step}"):
             self._send(plan)
+            if ops:  # the same ops, at the same step, as every other rank (Follower.run)
+                self._adapters.apply_ops(ops)
             launched = self._inner.launch(sched)
-            return _LaunchedPlan(plan, launched, _prefix_state(self._prefix) if verify else None)
+            return _LaunchedPlan(plan, launched, _rank_state(self._prefix, self._adapters) if verify else None)
 
     def complete(self, step: _LaunchedPlan) -> RunnerOutput:
         with self._fatal(f"completing step {step.plan.step}"):
@@ -207,7 +219,11 @@ class LeaderEngine(Engine):
                  verify_every: int = 32, adapters: Any = None):
         super().__init__(loaded, config, adapters=adapters)
         self.recording_prefix = use_recording_prefix_cache(self)
-        self.runner = LeaderRunner(self.runner, channel, self.recording_prefix, watchdog, verify_every)
+        if adapters is not None:
+            adapters.apply_pending()  # startup adapters: every rank installed its own already
+            adapters.apply_on_bind = False  # from now on the LeaderRunner ships and applies the ops
+        self.runner = LeaderRunner(self.runner, channel, self.recording_prefix, watchdog, verify_every,
+                                   adapters)
         self.heartbeat_s = heartbeat_s
         self.channel = channel
 
@@ -269,8 +285,10 @@ class Follower:
             try:
                 for entry_id in plan.prefix_touches:
                     self.prefix.touch(entry_id)
+                if plan.adapter_ops:
+                    self._apply_adapter_ops(plan)
                 launched = runner.launch(plan.sched)
-                state = _prefix_state(self.prefix) if plan.verify else None
+                state = _rank_state(self.prefix, self.engine.adapters) if plan.verify else None
                 out = runner.complete(launched)
                 if plan.verify:
                     own_checks[plan.step] = _step_digest(plan.step, out, state)
@@ -280,7 +298,35 @@ class Follower:
             self.steps_run += 1
 
 
+    def _apply_adapter_ops(self, plan: StepPlan) -> None:
+        adapters = self.engine.adapters
+        if adapters is None:
+            raise GroupFailure(f"rank {self.channel.rank}: rank 0 loads adapters but this rank has no adapter "
+                               "manager")
+        try:
+            adapters.apply_remote(plan.adapter_ops)
+        except Exception as e:  # noqa: BLE001 - e.g. the files are missing on this host
+            raise GroupFailure(f"rank {self.channel.rank} cannot apply rank 0's adapter change at step "
+                               f"{plan.step}: {getattr(e, 'message', e)} (every host needs the adapter "
+                               "files at the same path)") from None
+
+
 # ---- startup ------------------------------------------------------------------------------------
+def adapters_digest(adapters: Any) -> bytes:
+    """Digest of the startup adapters (name, key, slot, rank, scale and a sample of every tensor,
+    as read, before slicing): every rank must serve the same ones at the same slots."""
+    if adapters is None:
+        return digest([])
+    items = []
+    for name, key, slot, weights in adapters.fingerprint_items():
+        sums = [mx.sum(t.reshape(-1)[:4096].astype(mx.float32))
+                for lw in weights.layers.values() for t in (lw.a, lw.b)]
+        mx.eval(sums)
+        items.append((name, key, slot, weights.config.rank, weights.config.scale,
+                      sorted(weights.layers), [round(float(x.item()), 3) for x in sums]))
+    return digest(items)
+
+
 def startup_digests(model: Any, model_config: dict, engine_config: EngineConfig) -> list[bytes]:
     """Digests (one per STARTUP_PARTS entry) of what every rank must agree on, taken BEFORE
     sharding so that every rank hashes the full model: the config, every weight's name, shape and

@@ -10,6 +10,11 @@ samples the same tokens. A plan carries everything a rank needs for that:
   slots; preemptions as freed slots plus a later re-admission.
 - `prefix_touches`: the prefix-cache entries the scheduler's lookups moved to the LRU end this step
   (see RecordingPrefixCache), so that every rank's prefix cache evicts the same entries.
+- `adapter_ops`: the LoRA adapter installs/uninstalls (AdapterOp: slot, key, path) rank 0's
+  AdapterManager queued since the last step plan; every rank applies them, in order, before this
+  step's forward, so all ranks hold the same adapters at the same slots at every step (the
+  sharded-to-all adapter layers all-reduce only when a bound row uses them: a rank that
+  disagreed would misalign the collectives). Rows name their adapter in `sched` (NewRow.adapter).
 - `verify` / `checks`: rank 0 marks some steps `verify`; once it has completed such a step, the
   next plan carries rank 0's digest of it (what it sampled, its prefix-cache state) in `checks`,
   and every other rank compares it with its own digest of the same step. No collective is involved,
@@ -44,6 +49,7 @@ class StepPlan:
     verify: bool = False  # the ranks will compare digests of this step (in a later plan's checks)
     checks: dict[int, bytes] = field(default_factory=dict)  # step -> rank 0's digest of that step
     idle_sleep_s: float = 0.0  # HEARTBEAT: sleep this long before waiting for the next plan
+    adapter_ops: list = field(default_factory=list)  # STEP: AdapterOps to apply before the forward
 
     def encode(self) -> bytes:
         return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)

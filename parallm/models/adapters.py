@@ -20,7 +20,9 @@ from urllib.parse import unquote
 import mlx.core as mx
 import mlx.nn as nn
 
-from parallm.models.lora import LayerAdapterWeights, MultiLoRALinear, default_target_paths
+from parallm.models.lora import (ADAPTABLE_LINEARS, LayerAdapterWeights, MultiLoRALinear, default_target_paths,
+                                 full_dims)
+from parallm.models.lora_sharding import sharding_style
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
@@ -132,12 +134,14 @@ def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
                          keys=tuple(keys) if keys is not None else None)
 
 
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, MultiLoRALinear) else module
+
+
 def _linear_dims(module: nn.Module) -> tuple[int, int]:
-    base = module.base if isinstance(module, MultiLoRALinear) else module
-    out_dims, in_dims = base.weight.shape
-    if isinstance(base, nn.QuantizedLinear):
-        in_dims = in_dims * 32 // base.bits
-    return int(in_dims), int(out_dims)
+    """(in, out) of the whole linear; for a sharded one (tensor parallel) the unsharded shape,
+    which is what adapter files are written against (each rank slices them at install)."""
+    return full_dims(_base_of(module))
 
 
 def _allowed_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
@@ -146,7 +150,7 @@ def _allowed_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Mo
     paths = default_target_paths(model, config.num_layers, config.keys)
     if config.keys is not None:  # mlx-lm also converts model-level modules named in keys
         paths += [k for k in config.keys if k in modules]
-    linear_types = (nn.Linear, nn.QuantizedLinear, MultiLoRALinear)
+    linear_types = (*ADAPTABLE_LINEARS, MultiLoRALinear)
     return {p: modules[p] for p in paths if isinstance(modules.get(p), linear_types)}
 
 
@@ -197,6 +201,10 @@ def check_adapter(files: AdapterFiles, model: nn.Module) -> AdapterWeights:
                             f"(num_layers={config.num_layers}, keys={list(config.keys) if config.keys else 'all'})")
         else:
             grouped.setdefault(path, {})[leaf] = t
+    if config.fine_tune_type == "dora" and any(sharding_style(_base_of(targets[p])) for p in grouped):
+        raise AdapterError(f"The adapter at {str(adapter_dir)!r} is a DoRA adapter; DoRA is not supported on a "
+                           "tensor-parallel (--distributed) model yet. Serve LoRA adapters there, or serve "
+                           "this adapter without --distributed.", "adapter_invalid")
     layers: dict[str, LayerAdapterWeights] = {}
     for path, parts in sorted(grouped.items()):
         in_dims, out_dims = _linear_dims(targets[path])

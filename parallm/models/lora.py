@@ -28,9 +28,18 @@ from typing import Iterable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToShardedLinear,
+                                       QuantizedShardedToAllLinear, ShardedToAllLinear)
 from mlx.utils import tree_unflatten
 
+from parallm.models.lora_sharding import SHARDED_TO_ALL, shard_lora, sharding_style
+
 NO_ADAPTER_SLOT = 0
+
+# Linears that can carry per-row adapters: whole ones, and the sharded ones mlx-lm's
+# `model.shard(group)` installs (tensor parallel; see parallm/models/lora_sharding.py).
+_QUANTIZED = (nn.QuantizedLinear, QuantizedAllToShardedLinear, QuantizedShardedToAllLinear)
+ADAPTABLE_LINEARS = (nn.Linear, *_QUANTIZED, AllToShardedLinear, ShardedToAllLinear)
 
 
 @dataclass
@@ -79,37 +88,61 @@ class _Stacks:
     gain: Optional[mx.array]  # [n_slots, out], None when no DoRA adapter is in this layer
 
 
-def _base_dims(base: nn.Module) -> tuple[int, int]:
+def local_dims(base: nn.Module) -> tuple[int, int]:
+    """(in, out) of the weight this process holds (a sharded linear holds a slice)."""
     out_dims, in_dims = base.weight.shape
-    if isinstance(base, nn.QuantizedLinear):
+    if isinstance(base, _QUANTIZED):
         in_dims = in_dims * 32 // base.bits
     return int(in_dims), int(out_dims)
 
 
+def full_dims(base: nn.Module) -> tuple[int, int]:
+    """(in, out) of the whole, unsharded linear: what adapter files are written against."""
+    in_dims, out_dims = local_dims(base)
+    style = sharding_style(base)
+    if style is None:
+        return in_dims, out_dims
+    size = base.group.size()
+    return (in_dims * size, out_dims) if style == SHARDED_TO_ALL else (in_dims, out_dims * size)
+
+
 def _dense_weight(base: nn.Module) -> mx.array:
-    if isinstance(base, nn.QuantizedLinear):
+    if isinstance(base, _QUANTIZED):
         return mx.dequantize(base.weight, base.scales, base.biases, group_size=base.group_size,
                              bits=base.bits, mode=base.mode)
     return base.weight
 
 
 def _compute_dtype(base: nn.Module) -> mx.Dtype:
-    return base.scales.dtype if isinstance(base, nn.QuantizedLinear) else base.weight.dtype
+    return base.scales.dtype if isinstance(base, _QUANTIZED) else base.weight.dtype
 
 
 class MultiLoRALinear(nn.Module):
     """A base linear plus any number of adapters, applied per row by slot (see module docstring).
 
     Adapters are held outside the module's parameter tree (plain attributes), so the model's
-    `parameters()` and weight loading see only the base weights."""
+    `parameters()` and weight loading see only the base weights.
+
+    Sharded bases (tensor parallel): `set_adapter` takes the *full* adapter tensors and keeps this
+    rank's slice (`shard_lora`): all-to-sharded layers keep A whole and B's output columns of this
+    rank; sharded-to-all layers keep A's input rows of this rank and all-reduce the small
+    [tokens, R] product x_r @ A_r over the group before @ B (the base layer all-reduces its own
+    output). Every rank must hold the same adapters at the same slots and bind the same rows, so
+    that the extra all-reduce happens on all of them or on none. DoRA is refused on sharded bases
+    (its per-output norm would span ranks for sharded-to-all layers)."""
 
     def __init__(self, base: nn.Module, binding: LoRARowBinding):
         super().__init__()
-        if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-            raise TypeError(f"MultiLoRALinear wraps nn.Linear or nn.QuantizedLinear, not {type(base).__name__}")
+        if not isinstance(base, ADAPTABLE_LINEARS):
+            raise TypeError(f"MultiLoRALinear wraps nn.Linear, nn.QuantizedLinear or their sharded "
+                            f"versions, not {type(base).__name__}")
         self.base = base
         self._binding = binding
-        self.input_dims, self.output_dims = _base_dims(base)
+        self._style = sharding_style(base)
+        self._group = base.group if self._style is not None else None
+        self._reduce_xa = self._style == SHARDED_TO_ALL and base.group.size() > 1
+        self.input_dims, self.output_dims = full_dims(base)  # what adapter tensors must match
+        self._local_in, self._local_out = local_dims(base)
         self._adapters: dict[int, LayerAdapterWeights] = {}
         self._gains: dict[int, mx.array] = {}  # DoRA slots only
         self._stacks: Optional[_Stacks] = None
@@ -126,6 +159,13 @@ class MultiLoRALinear(nn.Module):
         if weights.magnitude is not None and tuple(weights.magnitude.shape) != (self.output_dims,):
             raise ValueError(f"DoRA magnitude shape {tuple(weights.magnitude.shape)} does not fit "
                              f"out={self.output_dims}")
+        if weights.magnitude is not None and self._style is not None:
+            raise ValueError("DoRA adapters are not supported on a tensor-parallel (sharded) model; "
+                             "serve LoRA adapters, or DoRA without --distributed")
+        if self._style is not None:
+            group = self._group
+            part = shard_lora(weights.a, weights.b, self._style, group.rank(), group.size())
+            weights = LayerAdapterWeights(a=part.a, b=part.b, scale=weights.scale)
         self._adapters[slot] = weights
         self._gains.pop(slot, None)
         if weights.magnitude is not None:
@@ -156,14 +196,14 @@ class MultiLoRALinear(nn.Module):
         n_slots = max(self._adapters) + 1
         rank = max(w.rank for w in self._adapters.values())
         dtype = _compute_dtype(self.base)
-        a = mx.zeros((n_slots, self.input_dims, rank), dtype=dtype)
-        b = mx.zeros((n_slots, rank, self.output_dims), dtype=dtype)
+        a = mx.zeros((n_slots, self._local_in, rank), dtype=dtype)
+        b = mx.zeros((n_slots, rank, self._local_out), dtype=dtype)
         for slot, w in self._adapters.items():
             a[slot, :, : w.rank] = w.a.astype(dtype)
             b[slot, : w.rank, :] = (w.scale * w.b).astype(dtype)
         gain = None
         if self._gains:
-            gain = mx.ones((n_slots, self.output_dims), dtype=dtype)
+            gain = mx.ones((n_slots, self._local_out), dtype=dtype)
             for slot, g in self._gains.items():
                 gain[slot] = g.astype(dtype)
         mx.eval(a, b, *([gain] if gain is not None else []))
@@ -185,6 +225,8 @@ class MultiLoRALinear(nn.Module):
         squeeze = x.ndim == 2
         xs = x[:, None, :] if squeeze else x  # [B, L, in]; gather_mm's batch dim is B
         xa = mx.gather_mm(xs.astype(stacks.a.dtype), stacks.a, rhs_indices=slots)
+        if self._reduce_xa:  # x is this rank's input slice: x_r @ A_r is a partial sum over ranks
+            xa = mx.distributed.all_sum(xa, group=self._group)
         delta = mx.gather_mm(xa, stacks.b, rhs_indices=slots)  # [B, L, out]
         if squeeze:
             delta = delta[:, 0, :]
@@ -220,9 +262,9 @@ def attach_multi_lora(model: nn.Module, module_paths: Iterable[str],
             raise KeyError(f"the model has no module '{path}'")
         if isinstance(module, MultiLoRALinear):
             continue
-        if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+        if not isinstance(module, ADAPTABLE_LINEARS):
             raise TypeError(f"'{path}' is a {type(module).__name__}; only Linear and QuantizedLinear "
-                            "layers can carry per-row adapters")
+                            "layers (and their sharded versions) can carry per-row adapters")
         replacements.append((path, MultiLoRALinear(module, binding)))
     if replacements:
         model.update_modules(tree_unflatten(replacements))
@@ -246,7 +288,7 @@ def default_target_paths(model: nn.Module, num_layers: int, keys: Optional[Itera
     wanted = set(keys) if keys is not None else None
     for i in range(start, len(blocks)):
         for rel, m in blocks[i].named_modules():
-            if not isinstance(m, (nn.Linear, nn.QuantizedLinear, MultiLoRALinear)):
+            if not isinstance(m, (*ADAPTABLE_LINEARS, MultiLoRALinear)):
                 continue
             if (wanted is None and rel and not rel.endswith(".base")) or (wanted is not None and rel in wanted):
                 paths.append(f"{block_prefix}.{i}.{rel}")

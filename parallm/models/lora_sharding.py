@@ -1,6 +1,6 @@
 """LoRA tensors for a tensor-parallel model: which slice of A and B each rank keeps, and the one
-small all-reduce the sharded-to-all layers need. A building block for the adapters layer
-(parallm/models/lora.py on the `adapters` branch), not yet wired into it: see docs/distributed.md.
+small all-reduce the sharded-to-all layers need. MultiLoRALinear (parallm/models/lora.py) slices
+with `shard_lora` when its base is a sharded linear; see docs/distributed.md "Adapters".
 
 mlx-lm's `model.shard(group)` replaces each linear W [out, in] by one of two kinds (segments=1):
 - all-to-sharded (q/k/v/gate/up): rank r keeps output rows [r*out/R, (r+1)*out/R); its input is

@@ -4,6 +4,8 @@ Every rank runs this same command. Rank 0 serves HTTP and schedules; the other r
 step plans (parallm/engine/distributed.py). Startup on every rank:
 1. mx.distributed.init(backend) -> the group (mlx.launch set up MLX_RANK / MLX_HOSTFILE etc.);
 2. load the model; digest config + weights + engine settings; shard it (model.shard(group));
+   load the startup adapters (`--adapter NAME=PATH`, the same on every rank: same slots, same keys)
+   into the sharded layers, each rank keeping its slice, and digest them;
 3. all-gather the digests: any rank that differs from rank 0 makes every rank exit non-zero;
 4. rank 0: HTTP server + LeaderEngine; ranks > 0: Follower loop until rank 0's SHUTDOWN plan.
 """
@@ -39,6 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="every N steps all ranks compare what they sampled; 0 turns it off (default 32)")
 
 
+def _tag_log_lines_with_rank(rank: int, size: int) -> None:
+    """Prefix every parallm log line with "[rank r/n]" (the ranks' logs often share one terminal).
+    A filter on the handlers configure_logging installed, so text and JSON formats both keep it."""
+    prefix = f"[rank {rank}/{size}] "
+
+    def tag(record: logging.LogRecord) -> bool:
+        if not getattr(record, "_parallm_rank_tagged", False):
+            record.msg, record._parallm_rank_tagged = prefix + str(record.msg), True
+        return True
+
+    for name in ("parallm", ""):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(tag)
+
+
 def _make_async_engine(loaded, config, leader, watchdog):
     """Rank 0's EngineClient: the AsyncEngine plus health_error() for /health."""
     from parallm.engine.async_engine import AsyncEngine
@@ -63,14 +80,16 @@ def _make_async_engine(loaded, config, leader, watchdog):
 def serve_distributed(args: argparse.Namespace, settings) -> int:
     import mlx.core as mx
 
-    from parallm.engine.distributed import (STARTUP_PARTS, Follower, LeaderEngine, shard_model,
+    from parallm.engine.adapter_manager import build_adapter_manager
+    from parallm.engine.distributed import (STARTUP_PARTS, Follower, LeaderEngine, adapters_digest, shard_model,
                                             startup_digests)
+    from parallm.engine.errors import EngineError
     from parallm.engine.engine import Engine, EngineConfig
     from parallm.engine.liveness import LivenessLink
     from parallm.engine.plan_channel import PlanChannel
     from parallm.models import load
     from parallm.server.app import create_app  # noqa: F401 - imported before the group waits on us
-    from parallm.server.serve_command import engine_config
+    from parallm.server.serve_command import adapter_specs, engine_config
 
     try:
         group = mx.distributed.init(strict=True, backend=args.distributed_backend)
@@ -80,9 +99,7 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
               file=sys.stderr)
         return 2
     rank, size = group.rank(), group.size()
-    tag = _RankTag(rank, size)  # every rank logs to the same terminal under mlx.launch
-    for handler in logging.getLogger("parallm").handlers + logging.getLogger().handlers:
-        handler.addFilter(tag)
+    _tag_log_lines_with_rank(rank, size)
     try:
         loaded = load(settings.model, device=settings.device, name=settings.served_model_name)
         config = engine_config(settings, EngineConfig)
@@ -91,6 +108,13 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
     except Exception as e:  # noqa: BLE001 - a clear line and a non-zero exit on every rank
         print(f"parallm serve --distributed [rank {rank}]: cannot load and shard {settings.model or '(default)'}: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    try:  # after sharding: the adapter layers wrap the sharded linears and keep this rank's slice
+        adapters = build_adapter_manager(loaded.name, loaded.model, adapters_dir=settings.adapters_dir,
+                                         startup=adapter_specs(settings))
+        digests.append(adapters_digest(adapters))
+    except EngineError as e:
+        print(f"parallm serve --distributed [rank {rank}]: cannot load adapter: {e.message}", file=sys.stderr)
         return 1
     watchdog = GroupWatchdog(rank, args.distributed_timeout, RANK0_EXIT_GRACE_S if rank == 0 else 0.0)
     watchdog.start()
@@ -107,18 +131,25 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
              "up" if linked else "off (dead peers are found by the timeout only)")
     if rank == 0:
         leader = LeaderEngine(loaded, config, channel=channel, watchdog=watchdog,
-                              heartbeat_s=args.distributed_heartbeat, verify_every=args.distributed_verify_every)
+                              heartbeat_s=args.distributed_heartbeat, verify_every=args.distributed_verify_every,
+                              adapters=adapters)
         engine = _make_async_engine(loaded, config, leader, watchdog)
         watchdog.on_fail = engine.fail_group  # end every stream now, even if the worker is stuck
         return _serve_rank0(engine, leader, watchdog, link, settings)
-    return _follow(Follower(Engine(loaded, config), channel, watchdog), watchdog, link, settings)
+    return _follow(Follower(Engine(loaded, config, adapters=adapters), channel, watchdog), watchdog, link, settings)
 
 
 def _serve_rank0(engine, leader, watchdog: GroupWatchdog, link, settings) -> int:
     from parallm.server.app import create_app
     from parallm.server.runner import run_server
+    from parallm.server.serve_command import adapter_routers
 
-    app = create_app(engine, settings)
+    # Run-time loads (--adapters-dir) go through rank 0's AdapterManager; the LeaderRunner ships
+    # them to the other ranks in the step plan.
+    app = create_app(engine, settings, routers=adapter_routers(engine))
+    manager = leader.adapters
+    if manager is not None:
+        app.state.metrics.sources.adapters_loaded = lambda: {manager.base_name: len(manager.names())}
     log.info("serving %s on http://%s:%d (tensor parallel, %d ranks)", ", ".join(engine.model_names()),
              settings.host, settings.port, leader.channel.size)
     run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level)
@@ -160,16 +191,3 @@ def _follow(follower, watchdog: GroupWatchdog, link, settings) -> int:
     watchdog.stop()
     log.info("rank %d: rank 0 sent shutdown after %d steps", follower.channel.rank, follower.steps_run)
     return 0
-
-
-class _RankTag(logging.Filter):
-    """Prefixes each record's message with its rank, whatever the log format (text or JSON)."""
-
-    def __init__(self, rank: int, size: int):
-        super().__init__()
-        self.prefix = f"[rank {rank}/{size}] "
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            record.msg = self.prefix + str(record.msg)
-        return True

@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from tests.adapters.conftest import write_adapter_dir
 from tests.distributed.cluster import start_cluster
 
 pytestmark = pytest.mark.skipif(
@@ -31,8 +32,18 @@ def prompt(seed: int, length: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory):
-    c = start_cluster(tiny_model_dir, tmp_path_factory.mktemp("tp"), extra_args=SERVER_ARGS)
+def adapter_dirs(tiny_model_dir, tmp_path_factory):
+    """Two LoRA adapters on every linear of the last 2 blocks (q/k/v/gate/up are all-to-sharded,
+    o/down sharded-to-all once split): X served from startup, Y loaded at run time."""
+    root = tmp_path_factory.mktemp("tp-adapters")
+    return {"X": write_adapter_dir(tiny_model_dir, root / "X", seed=11),
+            "Y": write_adapter_dir(tiny_model_dir, root / "Y", seed=12, rank=8)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory, adapter_dirs):
+    args = (*SERVER_ARGS, "--adapter", f"X={adapter_dirs['X']}", "--adapters-dir", str(adapter_dirs["Y"].parent))
+    c = start_cluster(tiny_model_dir, tmp_path_factory.mktemp("tp"), extra_args=args)
     try:
         yield c
     finally:
@@ -40,19 +51,26 @@ def cluster(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    """Single-process engine, same settings: request dict -> list of choice texts."""
+def reference(tiny_model_dir, adapter_dirs):
+    """Single-process engine, same settings, serving adapters X and Y: request dict -> list of
+    choice texts (body["model"] may name an adapter)."""
+    from parallm.engine.adapter_manager import AdapterManager
     from parallm.engine.engine import Engine, EngineConfig
     from parallm.engine.types import EngineRequest, SamplingParams
     from parallm.models import load
 
-    engine = Engine(load(str(tiny_model_dir), device="cpu"), EngineConfig(max_num_batched_tokens=MAX_BATCHED))
+    loaded = load(str(tiny_model_dir), device="cpu")
+    adapters = AdapterManager(loaded.name, loaded.model)
+    for name, path in adapter_dirs.items():
+        adapters.load(name, path, trusted=True)
+    engine = Engine(loaded, EngineConfig(max_num_batched_tokens=MAX_BATCHED), adapters=adapters)
     counter = iter(range(10**6))
 
     def run(body: dict) -> list[str]:
         params = SamplingParams(max_tokens=body["max_tokens"], temperature=body.get("temperature", 1.0),
                                 n=body.get("n", 1), seed=body.get("seed"), ignore_eos=True)
-        engine.add_request(EngineRequest(f"ref-{next(counter)}", list(body["prompt"]), params))
+        adapter = body.get("model") if body.get("model") in adapter_dirs else None
+        engine.add_request(EngineRequest(f"ref-{next(counter)}", list(body["prompt"]), params, adapter=adapter))
         texts = [""] * params.n
         while engine.has_unfinished():
             for out in engine.step().outputs:
@@ -135,11 +153,66 @@ def test_abort_frees_the_row_and_the_group_keeps_serving(cluster, reference):
     assert texts_of(complete(cluster.url, after)) == reference(after)
 
 
-@pytest.mark.skip(reason="adapters: the `adapters` branch (parallm/models/lora.py MultiLoRALinear) is not "
-                  "merged into engine/server yet, and MultiLoRALinear only wraps nn.Linear/QuantizedLinear, "
-                  "not the sharded linears model.shard() installs; see docs/distributed.md 'Adapters'")
-def test_adapter_request_on_two_ranks():
-    raise AssertionError("not reached")
+def _concurrently(url: str, bodies: list[dict]) -> list[dict]:
+    results: dict[int, dict] = {}
+
+    def send(i: int) -> None:
+        time.sleep(0.03 * i)
+        results[i] = complete(url, bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(results) == len(bodies)
+    return [results[i] for i in range(len(bodies))]
+
+
+def test_adapter_request_on_two_ranks(cluster, reference):
+    """Startup adapter X (--adapter on every rank): the 2-rank output equals the single-process
+    output with X and differs from the base model's; a batch mixing X and the base model gives
+    each row its own (verify-every 1 also checks both ranks bound the same slots every step)."""
+    with_x = {"model": "X", "prompt": prompt(21, 9), "max_tokens": 16, "temperature": 0}
+    base = {**with_x, "model": "tiny"}
+    got_x = texts_of(complete(cluster.url, with_x))
+    assert got_x == reference(with_x)
+    assert got_x != reference(base), "the adapter does not change the output: the test would prove nothing"
+    mixed = [{"model": m, "prompt": prompt(30 + i, 7 + 3 * i), "max_tokens": 12, "temperature": 0}
+             for i, m in enumerate(["X", "tiny", "X", "tiny"])]
+    for body, resp in zip(mixed, _concurrently(cluster.url, mixed)):
+        assert texts_of(resp) == reference(body), f"{body['model']} row differs from the single-process engine"
+    assert httpx.get(cluster.url + "/health").status_code == 200
+
+
+def test_adapter_loaded_at_run_time_reaches_every_rank(cluster, reference):
+    """/v1/load_lora_adapter on rank 0: the install travels in the step plan, every rank reads Y
+    from the same path and installs its slice at the same slot before the same step; unloading
+    it makes it unknown again and the group keeps serving."""
+    assert complete_status(cluster.url, {"model": "Y", "prompt": prompt(40, 5), "max_tokens": 4}) == 404
+    r = httpx.post(cluster.url + "/v1/load_lora_adapter", json={"lora_name": "Y", "lora_path": "Y"}, timeout=60)
+    assert r.status_code == 200, r.text
+    mixed = [{"model": m, "prompt": prompt(41 + i, 6 + 2 * i), "max_tokens": 12, "temperature": 0}
+             for i, m in enumerate(["Y", "X", "tiny", "Y"])]
+    for body, resp in zip(mixed, _concurrently(cluster.url, mixed)):
+        assert texts_of(resp) == reference(body), f"{body['model']} row differs from the single-process engine"
+    assert texts_of(complete(cluster.url, mixed[0])) != reference({**mixed[0], "model": "X"})
+    r = httpx.post(cluster.url + "/v1/unload_lora_adapter", json={"lora_name": "Y"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert complete_status(cluster.url, {"model": "Y", "prompt": prompt(40, 5), "max_tokens": 4}) == 404
+    after = {"model": "X", "prompt": prompt(42, 5), "max_tokens": 8, "temperature": 0}
+    assert texts_of(complete(cluster.url, after)) == reference(after)  # ops after the unload applied alike
+
+
+def test_dora_adapter_is_refused_in_distributed_mode(cluster, tiny_model_dir, adapter_dirs):
+    write_adapter_dir(tiny_model_dir, adapter_dirs["Y"].parent / "D", seed=13, dora=True)
+    r = httpx.post(cluster.url + "/v1/load_lora_adapter", json={"lora_name": "D", "lora_path": "D"}, timeout=60)
+    assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"], r.text
+    assert httpx.get(cluster.url + "/health").status_code == 200
+
+
+def complete_status(url: str, body: dict) -> int:
+    return httpx.post(url + "/v1/completions", json={"ignore_eos": True, **body}, timeout=60).status_code
 
 
 def test_killing_a_rank_mid_generation_fails_rank0_cleanly(cluster):
