@@ -142,3 +142,32 @@ def test_run_time_load_evicts_lru_then_unload_in_flight(served, model_dirs):
     with httpx.Client(base_url=url, timeout=60) as c:
         health = c.get("/health").json()
     assert health["models"] == []
+
+
+def test_model_lists_from_toml_and_cli(tmp_path):
+    import argparse
+
+    from parallm.server.config import ConfigError, load_settings
+    from parallm.server.multi_model_setup import ModelSpec, StartupAdapter, model_specs, startup_adapters
+    from parallm.server.serve_command import add_arguments
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = ["/m/a", "/m/b"]\nserved_model_name = ["a"]\nmemory_budget_bytes = 1000\n')
+    settings = load_settings({}, config_file=str(toml), environ={})
+    assert model_specs(settings) == [ModelSpec("/m/a", "a"), ModelSpec("/m/b", None)]
+    assert settings.memory_budget_bytes == 1000
+    assert model_specs(load_settings({"model": "/m/one"}, environ={})) == [ModelSpec("/m/one", None)]
+    with pytest.raises(ConfigError, match="pair by position"):
+        model_specs(load_settings({"model": "/m/a", "served_model_name": ["x", "y"]}, environ={}))
+    toml.write_text("model = [1, 2]\n")
+    with pytest.raises(ConfigError, match="list of strings"):
+        load_settings({}, config_file=str(toml), environ={})
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "/m/a", "--model", "/m/b", "--served-model-name", "a"])
+    assert args.model == ["/m/a", "/m/b"] and args.served_model_name == ["a"]
+    adapters = startup_adapters(load_settings({"adapters": "x=/ad/x,y=/ad/y@b"}, environ={}))
+    assert adapters == [StartupAdapter("x", "/ad/x", None), StartupAdapter("y", "/ad/y", "b")]
+    with pytest.raises(ConfigError, match="empty"):
+        startup_adapters(load_settings({"adapters": "y=/ad/y@"}, environ={}))
