@@ -19,8 +19,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ServerSettings:
-    model: Optional[str] = None  # a model spec for parallm.models.load; None is the default model
-    served_model_name: Optional[str] = None  # the name clients use; defaults to the loader's name
+    # A model spec for parallm.models.load (None: the default model), or a list of specs to serve
+    # several base models at once (--model repeated, or `model = [..]` in the TOML file).
+    model: Union[str, list, None] = None
+    # The name clients use (default: the loader's name); a list pairs with `model` by position.
+    served_model_name: Union[str, list, None] = None
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     device: str = "auto"  # auto | cpu | gpu
@@ -40,7 +43,8 @@ class ServerSettings:
     fine_tuning: bool = True  # /v1/files and /v1/fine_tuning/jobs
     max_upload_bytes: int = 512 * 1024 * 1024  # a /v1/files upload; other bodies stay under max_body_bytes
     adapters_dir: Optional[str] = None  # run-time /v1/load_lora_adapter paths must lie under it; None: off
-    adapters: Optional[str] = None  # startup LoRA adapters, "NAME=PATH[,NAME=PATH...]" (--adapter, repeatable)
+    adapters: Optional[str] = None  # startup LoRA adapters, "NAME=PATH[@MODEL][,...]" (--adapter, repeatable)
+    memory_budget_bytes: Optional[int] = None  # weights of all base models; past it, LRU idle ones are evicted
 
     def __post_init__(self):
         checks = {
@@ -66,8 +70,16 @@ class ServerSettings:
         return self.max_num_seqs + self.max_queue
 
 
+_LIST_FIELDS = ("model", "served_model_name")  # a string, or (TOML, command line) a list of strings
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Turn a TOML/env value into the field's type, or say what is wrong."""
+    if name in _LIST_FIELDS and isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{source}: setting '{name}' must be a string or a non-empty list of strings, "
+                              f"got {value!r}")
+        return value[0] if len(value) == 1 else list(value)
     hint = get_type_hints(ServerSettings)[name]
     if get_origin(hint) is Union:  # Optional[X]
         inner = [a for a in get_args(hint) if a is not type(None)][0]

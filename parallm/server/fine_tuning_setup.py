@@ -36,17 +36,26 @@ def mount_fine_tuning(engine: Any, settings: ServerSettings) -> Optional[FineTun
     """
     if not settings.fine_tuning:
         return None
-    inner = getattr(engine, "engine", None)
-    manager = getattr(inner, "adapters", None)
-    base_name = engine.model_names()[0]
-    base_models = {base_name: settings.model or ""}
+    managers = getattr(engine, "managers", None)  # MultiModelEngine: base name -> AdapterManager, live
+    if managers is None:  # a single AsyncEngine
+        manager = getattr(getattr(engine, "engine", None), "adapters", None)
+        managers = {engine.model_names()[0]: manager} if manager is not None else {}
+    specs = getattr(engine, "model_specs", None)
+    if specs is not None:  # every served model can be fine-tuned, run-time loads included
+        base_models = specs
+    else:
+        base_models = {engine.model_names()[0]: settings.model or ""}
 
     def on_adapter_ready(name: str, adapter_dir: Path, base_model: str) -> None:
+        # The adapter goes on the model the job trained; if that model has been unloaded meanwhile
+        # it is not served (its files stay in the data dir).
+        manager = managers.get(base_model)
         if manager is None:
-            log.warning("fine-tuned adapter %s is ready at %s, but this engine serves no adapters", name, adapter_dir)
+            log.warning("fine-tuned adapter %s is ready at %s, but its base model %s is not served (served: %s)",
+                        name, adapter_dir, base_model, ", ".join(managers) or "none")
             return
         manager.load(name, str(adapter_dir), trusted=True)  # our own output: not under adapters_dir
-        log.info("fine-tuned model %s is now served (adapter %s)", name, adapter_dir)
+        log.info("fine-tuned model %s is now served on %s (adapter %s)", name, base_model, adapter_dir)
 
     def serving_busy() -> bool:
         stats = engine.stats()

@@ -11,8 +11,10 @@ log = logging.getLogger("parallm.server")
 
 # option -> (type, help). Each maps onto the ServerSettings field of the same name.
 _OPTIONS = {
-    "model": (str, "model spec: an mlx-lm dir, a HF repo id, or a .gguf file (default: the built-in SmolLM2-135M)"),
-    "served_model_name": (str, "the model name clients send (default: the loader's name)"),
+    "model": (str, "model spec: an mlx-lm dir, a HF repo id, or a .gguf file (default: the built-in SmolLM2-135M); "
+                   "repeat it to serve several base models at once"),
+    "served_model_name": (str, "the model name clients send (default: the loader's name); repeated, it pairs "
+                               "with --model by position"),
     "host": (str, "address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)"),
     "port": (int, "port (default 8000)"),
     "device": (str, "auto | cpu | gpu (default auto)"),
@@ -28,8 +30,11 @@ _OPTIONS = {
     "log_format": (str, "text | json: human-readable lines (default) or one JSON object per line"),
     "data_dir": (str, "where uploaded files, fine-tuning jobs and their adapters live (default ~/.local/share/parallm)"),
     "max_upload_bytes": (int, "largest /v1/files upload, in bytes (default 512 MiB)"),
+    "memory_budget_bytes": (int, "bytes of weights all base models may take; a run-time load past it evicts "
+                                 "the least recently used idle models (default: no budget)"),
     "adapters_dir": (str, "directory that run-time /v1/load_lora_adapter paths must lie under (default: off)"),
 }
+_REPEATABLE = ("model", "served_model_name")  # append to a list; one value stays a plain string
 # Flags without a value; each maps onto the ServerSettings field of the same name.
 _FLAGS = {"log_prompts": "include prompt text in access-log lines (off by default: prompts may be private)"}
 
@@ -39,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "top level or a [server] table). Precedence: command line > PARALLM_* env > file.")
     for name, (kind, help_text) in _OPTIONS.items():
         # default=None everywhere: None means "not given", so the env var and the file can fill it.
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text,
+                            action="append" if name in _REPEATABLE else "store")
     for name, help_text in _FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
                             default=None, help=help_text)
@@ -49,37 +55,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_distributed_arguments(parser)  # --distributed and its tuning flags
     parser.add_argument("--adapter", dest="adapters", action="append", default=None, metavar="NAME=PATH",
-                        help="serve an mlx-lm LoRA/DoRA adapter dir as model NAME (repeatable)")
+                        help="serve an mlx-lm LoRA/DoRA adapter dir as model NAME (repeatable); it runs on the "
+                        "first model, or on the served model MODEL when written NAME=PATH@MODEL")
 
 
 def build_engine(settings: ServerSettings):
-    """Load the model and wrap it in the engine. Raises ModelLoadError with a readable message."""
-    from parallm.engine.async_engine import AsyncEngine
-    from parallm.engine.engine import EngineConfig
-    from parallm.models import load
+    """Load the model(s), each in its own AsyncEngine with its adapter manager, behind one
+    MultiModelEngine (parallm.server.multi_model_setup). Raises ModelLoadError, a startup adapter's
+    EngineError, or ConfigError, each with a readable message."""
+    from parallm.server.multi_model_setup import build_multi_engine
 
-    from parallm.engine.adapter_manager import build_adapter_manager
-
-    loaded = load(settings.model, device=settings.device, name=settings.served_model_name)
-    specs = adapter_specs(settings)
-    adapters = build_adapter_manager(loaded.name, loaded.model, adapters_dir=settings.adapters_dir, startup=specs)
-    return AsyncEngine(loaded, engine_config(settings, EngineConfig), adapters=adapters)
+    return build_multi_engine(settings)
 
 
 def adapter_specs(settings: ServerSettings) -> list:
-    """The startup adapters of `settings.adapters` ("NAME=PATH[,NAME=PATH...]"); ConfigError if malformed."""
+    """The startup adapters of `settings.adapters` ("NAME=PATH[@MODEL][,...]"); ConfigError if malformed."""
     from parallm.engine.adapter_manager import AdapterSpec
+    from parallm.server.multi_model_setup import startup_adapters
 
-    try:
-        return [AdapterSpec.parse(s) for s in (settings.adapters or "").split(",") if s.strip()]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    return [AdapterSpec(a.name, a.path) for a in startup_adapters(settings)]
 
 
 def adapter_routers(engine) -> list:
-    """The adapter routes for an engine built by build_engine (none for other engine clients)."""
+    """The adapter and model admin routes for an engine built by build_engine (a plain AsyncEngine
+    gets the adapter routes only; other engine clients none)."""
     from parallm.server.routes_adapters import create_adapter_router
 
+    registry = getattr(engine, "registry", None)
+    if registry is not None:  # MultiModelEngine: live managers, run-time model load/unload
+        return [create_adapter_router(engine.managers, registry, on_model_loaded=engine.on_model_loaded,
+                                      on_model_unloaded=engine.on_model_unloaded)]
     manager = getattr(getattr(engine, "engine", None), "adapters", None)
     if manager is None:
         return []
@@ -100,6 +105,9 @@ def engine_config(settings: ServerSettings, config_class):
 def cli_settings(args: argparse.Namespace) -> dict:
     """The ServerSettings values given on the command line (None where not given)."""
     cli = {name: getattr(args, name, None) for name in [*_OPTIONS, *_FLAGS, "fine_tuning"]}
+    for name in _REPEATABLE:  # one --model stays a plain string, exactly as before
+        if isinstance(cli.get(name), list) and len(cli[name]) == 1:
+            cli[name] = cli[name][0]
     if getattr(args, "adapters", None):
         cli["adapters"] = ",".join(args.adapters)
     return cli
@@ -109,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(cli_settings(args), config_file=args.config)
         adapter_specs(settings)  # a malformed --adapter is a usage error, before any loading
+        from parallm.server.multi_model_setup import model_specs
+
+        if len(model_specs(settings)) > 1 and getattr(args, "distributed", False):
+            raise ConfigError("--distributed serves one model; give --model once")
     except ConfigError as e:
         print(f"parallm serve: {e}", file=sys.stderr)
         return 2
@@ -129,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
     except EngineError as e:  # a startup --adapter that cannot load (missing, corrupt, wrong shapes)
         print(f"parallm serve: cannot load adapter: {e.message}", file=sys.stderr)
         return 1
+    except ConfigError as e:  # e.g. --adapter ...@MODEL for a model not served, a budget too small
+        print(f"parallm serve: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # ours or the platform's: still a clear line and a non-zero exit
         log.debug("load failed", exc_info=True)
         print(f"parallm serve: loading model {settings.model or '(default)'} failed: {type(e).__name__}: {e}",
@@ -150,9 +165,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     routers = adapter_routers(engine) + (fine_tuning.routers if fine_tuning else [])
     app = create_app(engine, settings, routers=routers)
-    manager = getattr(getattr(engine, "engine", None), "adapters", None)
-    if manager is not None:
-        app.state.metrics.sources.adapters_loaded = lambda: {manager.base_name: len(manager.names())}
+    managers = engine.managers  # live: models loaded at run time appear
+    app.state.metrics.sources.adapters_loaded = lambda: {base: len(m.names()) for base, m in list(managers.items())}
     if fine_tuning:
         app.state.metrics.sources.fine_tuning_jobs = fine_tuning.job_counts
         fine_tuning.service.start()

@@ -145,7 +145,10 @@ class OpenAIServing:
 
     # ---- models ---------------------------------------------------------------------------------
 
-    def models(self) -> ModelList:
+    def models(self) -> ModelList | JSONResponse:
+        model_cards = getattr(self.engine, "model_cards", None)
+        if model_cards is not None:  # a model registry: every base model and adapter, with metadata
+            return JSONResponse({"object": "list", "data": model_cards()})
         cards = [ModelCard(id=name, root=name) for name in self.engine.model_names()]
         # LoRA adapters are listed as models whose parent is their base model (vLLM's convention).
         adapter_infos = getattr(self.engine, "adapter_infos", None)
