@@ -39,7 +39,9 @@ from parallm.models.lora import (NO_ADAPTER_SLOT, LoRARowBinding, install_adapte
 
 log = logging.getLogger("parallm.adapters")
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+# "/" is allowed (org/name ids) but not a ".." segment: a name is a label, never a path, and must
+# not read like one that climbs out of a directory to a tool that maps names to folders.
+NAME_PATTERN = re.compile(r"^(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 
 
 class AdapterLoadFailed(InvalidRequest):
@@ -311,7 +313,7 @@ class AdapterManager:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise AdapterNameInvalid(
                 f"Invalid adapter name {name!r}: use 1-128 characters from letters, digits and ._:/@+- "
-                "starting with a letter or digit.", "invalid_adapter_name")
+                "starting with a letter or digit, with no '..' path segment.", "invalid_adapter_name")
         if name == self.base_name or name in set(self._reserved_names()):
             raise AdapterNameInvalid(f"The name '{name}' is already taken by a served model; choose "
                                      "another adapter name.", "name_conflict")

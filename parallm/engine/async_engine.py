@@ -46,7 +46,6 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._draining = False
         self._dead: Optional[BaseException] = None
-        self._num_queued = 0  # requests in the inbox or waiting in the scheduler
         self._stats = EngineStats()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -84,7 +83,12 @@ class AsyncEngine:
         if request.request_id in self._streams:
             from parallm.engine.errors import InvalidRequest
             raise InvalidRequest(f"request_id {request.request_id!r} is already running.", param="request_id")
-        if self._num_queued >= self.config.max_queue:
+        # The bound is on everything the engine holds (running, waiting, still in the inbox):
+        # rows + queue, the server's admission bound. Counting only "inbox + waiting" refused a
+        # burst that free rows were about to take, after the server had admitted it (a 200 stream
+        # carrying a queue_full error). _streams is current on the caller's side; the worker's
+        # counts lag by a step.
+        if len(self._streams) >= self.config.max_num_seqs + self.config.max_queue:
             raise QueueFull(self.config.max_queue)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
@@ -93,7 +97,6 @@ class AsyncEngine:
             await self.start()
         out: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = out
-        self._num_queued += 1
         self._inbox.put(_Add(request, out))
         if self._dead is not None and self._streams.pop(request.request_id, None) is not None:
             raise EngineDead(f"The engine worker died: {self._dead!r}")
@@ -153,7 +156,6 @@ class AsyncEngine:
                     result = self.engine.step()
                     self._emit(result.outputs)
                 self._stats = self.engine.stats()
-                self._num_queued = self._stats.num_waiting + self._inbox.qsize()
         except BaseException as e:  # noqa: BLE001 - every stream must hear about it
             self._dead = e
             self._fail_all(e)

@@ -26,6 +26,30 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+def lone_surrogate_path(value: Any) -> Optional[str]:
+    """Where the first string holding a lone UTF-16 surrogate is (e.g. "messages[0].content"), or None.
+
+    JSON may spell one ("\\ud800") and Python's parser keeps it, but no UTF-8 encoder (so no
+    tokenizer) accepts it. Walks iteratively: a deeply nested body must not hit the recursion limit.
+    """
+    stack = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "body"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((f"{path}.{k}" if path else str(k), k))  # keys reach templates too
+                stack.append((f"{path}.{k}" if path else str(k), x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
 class SamplingFields(_Request):
     """The fields chat and completions requests share."""
 
@@ -48,6 +72,14 @@ class SamplingFields(_Request):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        path = lone_surrogate_path(data)
+        if path is not None:
+            raise ValueError(f"{path} holds a lone UTF-16 surrogate (such as \\ud800); text must be valid Unicode")
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -74,10 +74,11 @@ def test_typed_errors_before_queueing(tiny_loaded):
         assert "tiny" in str(e.value)
         with pytest.raises(UnknownModel):
             engine.validate(EngineRequest("d", [1, 2], SamplingParams(), adapter="no-such-lora"))
-        engine._num_queued = 1  # as if one request were waiting
+        # as if every row were taken and one request were waiting
+        engine._streams = {f"held{i}": None for i in range(engine.config.max_num_seqs + 1)}
         with pytest.raises(QueueFull):
             engine.validate(req("e", [1, 2]))
-        engine._num_queued = 0
+        engine._streams = {}
         await engine.start()
         await engine.shutdown()
         with pytest.raises(EngineDraining):

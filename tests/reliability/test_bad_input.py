@@ -1,0 +1,214 @@
+"""Hand-written hostile input: every case gets a 4xx with an OpenAI-shaped error body, and the
+server stays up. Field-type cases are generated from the pydantic request models, so a new field
+is covered without editing this file."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import httpx
+import pytest
+
+from parallm.server.protocol import ChatCompletionRequest, CompletionRequest
+
+from .conftest import SHORT_CONTEXT
+from .live import MODEL, assert_openai_error
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+VOCAB = 49152
+
+
+@dataclass
+class Case:
+    name: str
+    path: str
+    method: str = "POST"
+    json: Any = None  # sent as JSON when `raw` is None
+    raw: Optional[bytes] = None  # sent byte for byte
+    status: Optional[int] = None  # None: any 4xx
+    code: Optional[str] = None  # the expected error.code, when it is part of the contract
+    headers: dict = field(default_factory=dict)
+
+
+def chat(**fields) -> dict:
+    return {**CHAT, **fields}
+
+
+def completion(**fields) -> dict:
+    return {**COMPLETION, **fields}
+
+
+def nested(depth: int) -> bytes:
+    return b'{"model": "tiny", "messages": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+CASES = [
+    # malformed, empty and deeply nested bodies
+    Case("malformed json", "/v1/chat/completions", raw=b'{"model": "tiny", "messages": [', status=400),
+    Case("trailing garbage", "/v1/completions", raw=b'{"model": "tiny", "prompt": "x"} extra', status=400),
+    Case("empty body", "/v1/chat/completions", raw=b"", status=400),
+    Case("empty object", "/v1/chat/completions", json={}, status=400),
+    Case("json null", "/v1/completions", raw=b"null", status=400),
+    Case("json array", "/v1/completions", raw=b"[1, 2, 3]", status=400),
+    Case("json string", "/v1/completions", raw=b'"prompt"', status=400),
+    Case("not utf-8", "/v1/completions", raw=b'{"model": "tiny", "prompt": "\xff\xfe"}', status=400),
+    Case("nested 100k deep", "/v1/chat/completions", raw=nested(100_000), status=400),
+    Case("nested 1k deep", "/v1/chat/completions", raw=nested(1_000), status=400),
+    Case("nested content parts", "/v1/chat/completions",
+         json=chat(messages=[{"role": "user", "content": [{"type": "text", "text": {"a": [[[[]]]]}}]}]), status=400),
+    # out-of-range numbers
+    Case("max_tokens 0", "/v1/chat/completions", json=chat(max_tokens=0), status=400),
+    Case("max_tokens 1e12", "/v1/chat/completions", json=chat(max_tokens=10**12), status=400),
+    Case("max_tokens 1e12 completion", "/v1/completions", json=completion(max_tokens=10**12), status=400),
+    Case("max_tokens 2^70", "/v1/completions", json=completion(max_tokens=2**70), status=400),
+    Case("max_tokens negative", "/v1/completions", json=completion(max_tokens=-5), status=400),
+    Case("n 0", "/v1/chat/completions", json=chat(n=0), status=400),
+    Case("n 1e5", "/v1/chat/completions", json=chat(n=10**5), status=400),
+    Case("n 1e5 completion", "/v1/completions", json=completion(n=10**5), status=400),
+    Case("temperature -1", "/v1/chat/completions", json=chat(temperature=-1), status=400),
+    Case("temperature nan", "/v1/chat/completions", raw=json.dumps(chat(temperature=float("nan"))).encode(),
+         status=400),
+    Case("temperature inf", "/v1/completions", raw=json.dumps(completion(temperature=float("inf"))).encode(),
+         status=400),
+    Case("top_p 2", "/v1/chat/completions", json=chat(top_p=2), status=400),
+    Case("top_p 0", "/v1/completions", json=completion(top_p=0), status=400),
+    Case("top_logprobs 1000", "/v1/chat/completions", json=chat(logprobs=True, top_logprobs=1000), status=400),
+    Case("logprobs 1000", "/v1/completions", json=completion(logprobs=1000), status=400),
+    Case("seed 2^80", "/v1/completions", json=completion(seed=2**80), status=400),
+    Case("presence_penalty 1e9", "/v1/completions", json=completion(presence_penalty=1e9), status=400),
+    Case("logit_bias 1e9", "/v1/completions", json=completion(logit_bias={"5": 1e9}), status=400),
+    Case("best_of 1e5", "/v1/completions", json=completion(best_of=10**5), status=400),
+    # token ids, context, stop strings
+    Case("token id past vocab", "/v1/completions", json=completion(prompt=[VOCAB]), status=400),
+    Case("token id 1e12", "/v1/completions", json=completion(prompt=[10**12]), status=400),
+    Case("negative token id", "/v1/completions", json=completion(prompt=[-1]), status=400),
+    Case("token id in 2nd prompt", "/v1/completions", json=completion(prompt=[[1, 2], [3, VOCAB + 7]]), status=400),
+    Case("empty token list", "/v1/completions", json=completion(prompt=[]), status=400),
+    Case("stop_token_ids past vocab", "/v1/completions", json=completion(stop_token_ids=[VOCAB * 3]), status=400),
+    Case("logit_bias key past vocab", "/v1/completions", json=completion(logit_bias={str(VOCAB * 2): 1}),
+         status=400),
+    Case("logit_bias key not a number", "/v1/completions", json=completion(logit_bias={"abc": 1}), status=400),
+    Case("prompt ids longer than context", "/v1/completions",
+         json=completion(prompt=[5] * (SHORT_CONTEXT + 10)), status=400, code="context_length_exceeded"),
+    Case("prompt text longer than context", "/v1/chat/completions",
+         json=chat(messages=[{"role": "user", "content": "word " * (SHORT_CONTEXT * 2)}]), status=400,
+         code="context_length_exceeded"),
+    Case("prompt + max_tokens past context", "/v1/completions",
+         json=completion(prompt=[5] * (SHORT_CONTEXT - 4), max_tokens=10), status=400,
+         code="context_length_exceeded"),
+    Case("1000 stop strings", "/v1/chat/completions", json=chat(stop=[f"s{i}" for i in range(1000)]), status=400),
+    Case("empty stop string", "/v1/completions", json=completion(stop=[""]), status=400),
+    # lone surrogates (raw JSON escapes: a Python str would refuse to encode them)
+    Case("lone surrogate in content", "/v1/chat/completions",
+         raw=b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}',
+         status=400),
+    Case("lone low surrogate in prompt", "/v1/completions",
+         raw=b'{"model": "tiny", "prompt": "\\udc00", "max_tokens": 2}', status=400),
+    Case("lone surrogate in stop", "/v1/completions",
+         raw=b'{"model": "tiny", "prompt": "x", "stop": ["\\ud83d"], "max_tokens": 2}', status=400),
+    Case("lone surrogate in model", "/v1/completions",
+         raw=b'{"model": "\\ud800", "prompt": "x", "max_tokens": 2}', status=400),
+    # unknown model, bad roles and parts
+    Case("unknown model", "/v1/chat/completions", json=chat(model="nope"), status=404, code="model_not_found"),
+    Case("empty model", "/v1/chat/completions", json=chat(model=""), status=400),
+    Case("unknown role", "/v1/chat/completions", json=chat(messages=[{"role": "wizard", "content": "x"}]),
+         status=400),
+    Case("image part", "/v1/chat/completions",
+         json=chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+         status=400),
+    Case("no messages", "/v1/chat/completions", json=chat(messages=[]), status=400),
+    # wrong methods and unknown paths
+    Case("GET chat", "/v1/chat/completions", method="GET", status=405),
+    Case("PUT completions", "/v1/completions", method="PUT", json=COMPLETION, status=405),
+    Case("DELETE models", "/v1/models", method="DELETE", status=405),
+    Case("POST health", "/health", method="POST", status=405),
+    Case("PATCH files", "/v1/files", method="PATCH", status=405),
+    Case("unknown /v1 path", "/v1/nope", method="GET", status=404),
+    Case("unknown root path", "/nope", method="POST", json={}, status=404),
+    Case("path under a route", "/v1/chat/completions/extra", status=404),
+    Case("docs are off", "/docs", method="GET", status=404),
+    # the other routers' bodies
+    Case("adapter load: malformed json", "/v1/load_lora_adapter", raw=b"{", status=400),
+    Case("adapter load: array body", "/v1/load_lora_adapter", raw=b"[]", status=400),
+    Case("adapter load: wrong types", "/v1/load_lora_adapter", json={"lora_name": 5, "lora_path": []}, status=400),
+    Case("adapter load: lone surrogate", "/v1/load_lora_adapter",
+         raw=b'{"lora_name": "\\ud800", "lora_path": "\\ud800"}', status=400),
+    Case("adapter unload: unknown", "/v1/unload_lora_adapter", json={"lora_name": "nope"}, status=404),
+    Case("job create: malformed json", "/v1/fine_tuning/jobs", raw=b"{", status=400),
+    Case("job create: wrong types", "/v1/fine_tuning/jobs", json={"model": 5, "training_file": ["x"]}, status=400),
+    Case("job create: unknown file", "/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": "file-nope"},
+         status=404),
+    Case("job create: nested hyperparameters", "/v1/fine_tuning/jobs",
+         json={"model": MODEL, "training_file": "file-x", "hyperparameters": {"n_epochs": {"a": [1]}}}),
+    Case("jobs list: limit -1", "/v1/fine_tuning/jobs?limit=-1", method="GET", status=400),
+    Case("jobs list: limit huge", "/v1/fine_tuning/jobs?limit=100000000000000000000", method="GET", status=400),
+    Case("files: upload not multipart", "/v1/files", json={"file": "x", "purpose": "fine-tune"}, status=400),
+    Case("files: no purpose", "/v1/files", raw=b"", status=400),
+]
+
+
+def field_type_cases() -> list[Case]:
+    """For every field of the two generation requests, a value of a type it never accepts."""
+    cases = []
+    for model_cls, path, base in ((ChatCompletionRequest, "/v1/chat/completions", CHAT),
+                                  (CompletionRequest, "/v1/completions", COMPLETION)):
+        for name, info in model_cls.model_fields.items():
+            wrong: Any = {"wrong": ["type"]}
+            annotation = str(info.annotation)
+            if "dict" in annotation or "Options" in annotation:
+                wrong = [1, [2]]  # fields that take an object get a list of mixed things
+            route = "chat" if model_cls is ChatCompletionRequest else "completion"
+            cases.append(Case(f"{route}.{name} wrong type", path, json={**base, name: wrong},
+                              status=400))
+    return cases
+
+
+ALL_CASES = CASES + field_type_cases()
+
+
+def send(client: httpx.Client, case: Case) -> httpx.Response:
+    headers = dict(case.headers)
+    if case.raw is not None:
+        headers.setdefault("content-type", "application/json")
+        return client.request(case.method, case.path, content=case.raw, headers=headers)
+    if case.json is not None:
+        return client.request(case.method, case.path, json=case.json, headers=headers)
+    return client.request(case.method, case.path, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def client(full_server):
+    with httpx.Client(base_url=full_server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.name for c in ALL_CASES])
+def test_bad_input_gets_an_openai_error(client, case):
+    error = assert_openai_error(send(client, case), case.status)
+    if case.code is not None:
+        assert error["code"] == case.code, error
+
+
+def test_field_type_cases_cover_every_field():
+    names = {c.name for c in field_type_cases()}
+    assert len(names) == len(ChatCompletionRequest.model_fields) + len(CompletionRequest.model_fields)
+    assert "chat.messages wrong type" in names and "completion.prompt wrong type" in names
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+def test_oversized_body_is_413(full_server, client, chunked):
+    limit = full_server.app.state.settings.max_body_bytes
+    body = b'{"model": "tiny", "prompt": "' + b"a" * (limit + 1024) + b'"}'
+    content = (body[i:i + 65536] for i in range(0, len(body), 65536)) if chunked else body
+    r = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    error = assert_openai_error(r, 413)
+    assert error["code"] == "request_too_large"
+
+
+def test_server_still_serves_after_the_bad_input(client):
+    r = client.post("/v1/completions", json=completion(max_tokens=3, ignore_eos=True))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    assert client.get("/health").json()["engine"]["num_running"] == 0
