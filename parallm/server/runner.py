@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from typing import Optional
 
 import uvicorn
@@ -22,11 +21,6 @@ log = logging.getLogger("parallm.server")
 
 # After the engine's drain deadline, aborted requests still need a moment to send their last chunk.
 _AFTER_ABORT_GRACE_S = 5.0
-# The event loop and the engine worker thread share the GIL. With CPython's default 5 ms switch
-# interval, each time the worker comes back from a GIL-free MLX wait it can sit up to 5 ms behind
-# a loop busy writing chunks, and it does so several times a step; 1 ms bounds that wait. Measured
-# (BENCHMARKS.md "Server overhead"): server throughput and TTFT both improve at 16-64 streams.
-_GIL_SWITCH_INTERVAL_S = 0.001
 
 
 async def drain(app: FastAPI, drain_timeout: float) -> bool:
@@ -76,7 +70,6 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
-    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)  # process-wide; this process is the server
     # log_config=None / access_log=False: logging_setup.configure_logging owns the handlers, and
     # our access log (with request id, route and tokens) replaces uvicorn's.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
