@@ -52,6 +52,17 @@ class ReleasingEventSource(EventSourceResponse):
         super().__init__(content, **kwargs)
         self._on_close = on_close
 
+    async def _send_with_timeout(self, send, message) -> None:
+        # sse-starlette wraps every send in anyio.move_on_after(send_timeout), even when the timeout
+        # is None (ours). That cancel scope is a third of the per-chunk cost on the event loop, and
+        # the loop's time per token is taken from the engine thread (they share the GIL). Without a
+        # timeout the scope cannot fire, so send directly. (A private hook of sse-starlette 3.x; in
+        # a version without it this override is simply unused.)
+        if self.send_timeout is None:
+            await send(message)
+        else:
+            await super()._send_with_timeout(send, message)
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
