@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_DIR = ASSETS / "tok"
@@ -44,3 +46,20 @@ def write_tiny_llama(out: Path, *, seed: int = 0, hidden_size: int = 64, num_lay
     return out
 
 
+@dataclass
+class TinyLoaded:
+    """The fields of parallm.models.LoadedModel that the engine reads, for a model loaded by mlx-lm."""
+
+    model: Any
+    tokenizer: Any
+    context_length: int = 2048
+    name: str = "tiny"
+    config: dict = field(default_factory=dict)
+
+
+def load_tiny(model_dir: Path) -> TinyLoaded:
+    """A tiny model dir loaded with mlx-lm's own loader (not parallm's), as the engine tests use it."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(model_dir))
+    return TinyLoaded(model, tokenizer, config={"vocab_size": VOCAB_SIZE})

@@ -10,7 +10,7 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
+from live_app import run_app_in_thread
 
 from parallm.server.app import create_app
 from parallm.server.config import ServerSettings
@@ -64,13 +64,7 @@ def served(model_dirs):
     engine.registry.memory_budget_bytes = int(one_model * 2.5)
     port = free_port()
     app = create_app(engine, ServerSettings(port=port), routers=adapter_routers(engine))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
+    srv, thread = run_app_in_thread(app, port)
     yield f"http://127.0.0.1:{port}", engine
     srv.should_exit = True
     thread.join(timeout=30)

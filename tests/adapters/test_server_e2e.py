@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-import uvicorn
+from live_app import run_app_in_thread
 
 from parallm.engine.adapter_manager import AdapterManager
 from parallm.engine.async_engine import AsyncEngine
@@ -34,13 +34,7 @@ def server(tiny_model_dir, tmp_path, make_adapter):
     engine = AsyncEngine(loaded, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64), adapters=manager)
     port = free_port()
     app = create_app(engine, ServerSettings(port=port), routers=[create_adapter_router({"tiny": manager})])
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
+    srv, thread = run_app_in_thread(app, port)
     yield f"http://127.0.0.1:{port}", manager
     srv.should_exit = True
     thread.join(timeout=30)

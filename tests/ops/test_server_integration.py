@@ -12,12 +12,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from tiny_models import load_tiny
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,23 +25,9 @@ from parallm.server.logging_setup import LogSettings, configure_logging
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class TinyLoaded:
-    """The LoadedModel fields the engine reads."""
-
-    model: Any
-    tokenizer: Any
-    context_length: int = 2048
-    name: str = "tiny"
-    config: dict = field(default_factory=dict)
-
-
 @pytest.fixture(scope="module")
 def tiny_loaded(tiny_model_dir):
-    from mlx_lm import load
-
-    model, tokenizer = load(str(tiny_model_dir))
-    return TinyLoaded(model, tokenizer, config={"vocab_size": 49152})
+    return load_tiny(tiny_model_dir)
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

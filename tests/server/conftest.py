@@ -1,12 +1,11 @@
 """A live server on 127.0.0.1 (uvicorn in a thread, free port) for the real openai client."""
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from dataclasses import dataclass
 
 import pytest
+from live_app import free_port, run_app_in_thread  # noqa: F401  free_port is imported from here by other tests
 import uvicorn
 
 from parallm.server.app import create_app
@@ -15,10 +14,6 @@ from parallm.server.config import ServerSettings
 from tests.conftest import TOKENIZER_DIR
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -43,15 +38,7 @@ def start_server(engine, **settings) -> LiveServer:
     port = free_port()
     settings = ServerSettings(port=port, **settings)
     app = create_app(engine, settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.01)
+    server, thread = run_app_in_thread(app, port)
     return LiveServer(url=f"http://127.0.0.1:{port}", engine=engine, app=app, server=server, thread=thread)
 
 
