@@ -77,17 +77,8 @@ class PlanChannel:
     def gather_digests(self, digests: Sequence[bytes], what: str) -> list[list[bytes]]:
         """All-gather `len(digests)` fixed-size digests; returns [rank][i]."""
         local = np.frombuffer(b"".join(_pad(d) for d in digests), np.uint8)
-        if self.watchdog:
-            self.watchdog.enter(what)
-        try:
-            out = mx.distributed.all_gather(mx.array(local), group=self.group)
-            mx.eval(out)
-        except RuntimeError as e:
-            raise self._failure(what, e) from e
-        finally:
-            if self.watchdog:
-                self.watchdog.leave()
-        flat = np.array(out, copy=False).reshape(self.size, len(digests), DIGEST_BYTES)
+        out = self._collective(mx.distributed.all_gather, local, what)
+        flat = out.reshape(self.size, len(digests), DIGEST_BYTES)
         return [[bytes(flat[r, i]) for i in range(len(digests))] for r in range(self.size)]
 
     def check_agreement(self, digests: Sequence[bytes], names: Sequence[str], what: str) -> None:
@@ -102,10 +93,14 @@ class PlanChannel:
 
     # ---- internals -------------------------------------------------------------------------------
     def _all_sum(self, buf: np.ndarray, what: str, timeout_s: Optional[float] = None) -> np.ndarray:
+        return self._collective(mx.distributed.all_sum, buf, what, timeout_s)
+
+    def _collective(self, op, buf: np.ndarray, what: str, timeout_s: Optional[float] = None) -> np.ndarray:
+        """Run one collective under the watchdog; a transport error becomes a GroupFailure."""
         if self.watchdog:
             self.watchdog.enter(what, timeout_s)
         try:
-            out = mx.distributed.all_sum(mx.array(buf), group=self.group)
+            out = op(mx.array(buf), group=self.group)
             mx.eval(out)
         except RuntimeError as e:
             raise self._failure(what, e) from e
