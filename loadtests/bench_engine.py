@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-ahead-max-kv-mb", type=float, default=None,
                    help="EngineConfig.build_ahead_max_kv_bytes in MiB (default: the engine's default)")
     p.add_argument("--no-overlap", action="store_true", help="EngineConfig.overlap=False")
-    p.add_argument("--pad-tolerance", type=float, default=None,
-                   help="model_runner.PAD_TOLERANCE (0 = one prefill pass for all chunks)")
+    p.add_argument("--pass-cost", type=int, default=None,
+                   help="PassShapes.pass_cost_tokens (how many padded tokens a prefill pass is worth)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
 
 
@@ -126,7 +126,7 @@ def run_mlx_lm(model, prompts: list[list[int]], gen: list[int]) -> tuple[float, 
 
 
 def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_tokens: int,
-                build_ahead_mb=None, overlap: bool = True) -> tuple[float, int]:
+                build_ahead_mb=None, overlap: bool = True, pass_cost=None) -> tuple[float, int]:
     import mlx.core as mx
 
     from parallm.engine.engine import Engine, EngineConfig
@@ -135,6 +135,10 @@ def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_to
     extra = {} if build_ahead_mb is None else {"build_ahead_max_kv_bytes": int(build_ahead_mb * 2**20)}
     engine = Engine(loaded, EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=max_batched_tokens,
                                          prefix_cache_bytes=0, overlap=overlap, **extra))
+    if pass_cost is not None:
+        from dataclasses import replace
+
+        engine.runner.shapes = replace(engine.runner.shapes, pass_cost_tokens=pass_cost)
     t0 = time.perf_counter()
     for i, (p, g) in enumerate(zip(prompts, gen)):
         engine.add_request(EngineRequest(f"b{i}", p, SamplingParams(max_tokens=g, temperature=0.0, ignore_eos=True)))
@@ -150,10 +154,6 @@ def measure(args) -> list[Row]:
     import mlx.core as mx
 
     loaded = _load(args)
-    if args.pad_tolerance is not None:
-        from parallm.engine import model_runner
-
-        model_runner.PAD_TOLERANCE = args.pad_tolerance
     vocab = int(loaded.config.get("vocab_size", 32000))
     print(f"model {loaded.name} on {mx.default_device()}", flush=True)
     rows = []
@@ -171,7 +171,7 @@ def measure(args) -> list[Row]:
             best_base = min(best_base, t)
             mx.clear_cache()
             t, n_ours = run_parallm(loaded, prompts, gens, args.max_batched_tokens, args.build_ahead_max_kv_mb,
-                                    not args.no_overlap)
+                                    not args.no_overlap, args.pass_cost)
             best_ours = min(best_ours, t)
             mx.clear_cache()
             if n_base != n_ours:

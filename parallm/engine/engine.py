@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from parallm.engine.choice_output import ChoiceOutput
 from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
+from parallm.engine.kv_budget import default_kv_budget_bytes
 from parallm.engine.kv_cache import probe_kv_shape
 from parallm.engine.model_runner import LaunchedStep, ModelRunner
 from parallm.engine.prefix_cache import PrefixCache
@@ -25,7 +26,9 @@ from parallm.engine.types import (EngineRequest, EngineStats, RequestOutput, Req
 class EngineConfig:
     max_num_seqs: int = 64  # rows decoding together (slots)
     max_num_batched_tokens: int = 512  # tokens per step; bounds a step's latency (chunked prefill)
-    kv_budget_bytes: int = 2 << 30  # KV of all running sequences; beyond it the newest is preempted
+    # KV of all running sequences; beyond it the newest is preempted. None: by device (kv_budget.py:
+    # half the GPU memory the model leaves free, 2 GiB on the CPU)
+    kv_budget_bytes: Optional[int] = None
     prefix_cache_bytes: int = 256 << 20  # 0 turns the prefix cache off
     prefix_block_size: int = 16
     max_queue: int = 1024  # waiting requests before QueueFull (AsyncEngine)
@@ -63,7 +66,10 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.adapters = adapters
         self.kv_shape = probe_kv_shape(loaded.model)
-        budget_tokens = config.kv_budget_bytes // self.kv_shape.bytes_per_token
+        budget_bytes = config.kv_budget_bytes
+        if budget_bytes is None:
+            budget_bytes = default_kv_budget_bytes()
+        budget_tokens = budget_bytes // self.kv_shape.bytes_per_token
         self.prefix_cache = (PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
                              if config.prefix_cache_bytes > 0 else None)
         self.scheduler = Scheduler(

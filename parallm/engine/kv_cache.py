@@ -12,7 +12,8 @@ Invariants
   this cache makes hides them, and every position is written before it becomes valid.
 - Lengths live on the host (the scheduler's `num_computed_tokens` is the source of truth; the
   runner passes them in through `begin_pass`). Nothing here reads an mx.array back to the host.
-- Buffers grow in steps (slots by SLOT_STEP, positions by POS_STEP); growth copies once, amortised.
+- Buffers grow in steps (slots at least double, positions by POS_STEP); growth copies every layer
+  once (and waits for it), so a burst of admissions grows the slots a few times, not once per 8.
   When no slot is in use the buffers are dropped, so KV memory returns to zero.
 
 A forward pass is described by a `PassLayout` (which slots the batch rows are, where each row's
@@ -27,7 +28,7 @@ from typing import Optional
 import mlx.core as mx
 
 POS_STEP = 256  # positions added per capacity growth
-SLOT_STEP = 8  # slots added per slot-capacity growth
+SLOT_STEP = 8  # slot capacity is a multiple of this, and at least doubles when it grows
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class BatchedKVCache:
         """Grow the buffers so slots [0, slots_needed) and positions [0, positions_needed) exist."""
         new_slots = self.slot_capacity
         if slots_needed > new_slots:
-            new_slots = min(self.max_slots, -(-slots_needed // SLOT_STEP) * SLOT_STEP)
+            new_slots = min(self.max_slots, max(-(-slots_needed // SLOT_STEP) * SLOT_STEP, 2 * new_slots))
             new_slots = max(new_slots, slots_needed)
         new_cap = self.capacity
         if positions_needed > new_cap:

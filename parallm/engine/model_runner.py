@@ -18,25 +18,20 @@ from typing import Any, Optional
 import mlx.core as mx
 
 from parallm.engine.kv_cache import BatchedKVCache, KVShape, PassLayout
+from parallm.engine.pass_shapes import PassShapes, group_by_length, round_up
 from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.scheduler import (PLACEHOLDER, DecodeRow, PrefillChunk, RunnerOutput, SampledToken,
                                       SchedulerOutput)
 from parallm.engine.sampler import BatchSampler, choice_seed
 
-KV_LEN_STEP = 32  # attention length is rounded up to this (fewer distinct shapes)
-PAD_TOLERANCE = 0.75  # a prefill pass takes chunks at least this fraction of its longest one
 
 
-def _length_groups(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+def _length_groups(chunks: list[PrefillChunk], pass_cost_tokens: int) -> list[list[PrefillChunk]]:
     """Split prefill chunks into passes of similar length: a pass is right-padded to its longest
-    chunk, so mixing a 16-token chunk with a 128-token one would compute 112 padding tokens."""
-    groups: list[list[PrefillChunk]] = []
-    for c in sorted(chunks, key=lambda c: -len(c.token_ids)):
-        if groups and len(c.token_ids) >= PAD_TOLERANCE * len(groups[-1][0].token_ids):
-            groups[-1].append(c)
-        else:
-            groups.append([c])
-    return [sorted(g, key=lambda c: c.slot) for g in groups]
+    chunk, so mixing a 16-token chunk with a 128-token one computes 112 padding tokens, and each
+    pass has a fixed cost too (PassShapes)."""
+    groups = group_by_length([len(c.token_ids) for c in chunks], pass_cost_tokens)
+    return [sorted((chunks[i] for i in g), key=lambda c: c.slot) for g in groups]
 
 
 @dataclass
@@ -49,8 +44,10 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, model, kv_shape: KVShape, max_slots: int, sampler: BatchSampler, *,
-                 prefix_cache: Optional[PrefixCache] = None, adapters: Any = None):
+                 prefix_cache: Optional[PrefixCache] = None, adapters: Any = None,
+                 shapes: Optional[PassShapes] = None):
         self.model = model
+        self.shapes = shapes or PassShapes.for_device()
         self.cache = BatchedKVCache(kv_shape, max_slots)
         self.sampler = sampler
         self.prefix_cache = prefix_cache
@@ -80,7 +77,7 @@ class ModelRunner:
                 self.cache.free_slot(slot)
         for row in out.new_rows:
             self._admit(row)
-        for group in _length_groups(out.prefill):
+        for group in _length_groups(out.prefill, self.shapes.pass_cost_tokens):
             self._prefill(group)
         if out.decode:
             return LaunchedStep(out.decode, self._decode(out))
@@ -109,11 +106,15 @@ class ModelRunner:
 
     # ---- passes ------------------------------------------------------------------------------
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
-        width = max(len(c.token_ids) for c in chunks)
-        tokens = mx.array([c.token_ids + [0] * (width - len(c.token_ids)) for c in chunks], dtype=mx.int32)
-        offsets = [c.offset for c in chunks]
-        layout = PassLayout(slots=[c.slot for c in chunks], offsets=offsets, num_new=width,
-                            kv_len=max(offsets) + width, contiguous=False)
+        shapes = self.shapes
+        width = shapes.prefill_width(max(len(c.token_ids) for c in chunks))
+        # Bucketed rows repeat the last chunk: the copy computes the same K/V at the same
+        # positions of the same slot, so its duplicate writes change nothing.
+        rows = chunks + [chunks[-1]] * (shapes.prefill_rows(len(chunks)) - len(chunks))
+        tokens = mx.array([c.token_ids + [0] * (width - len(c.token_ids)) for c in rows], dtype=mx.int32)
+        offsets = [c.offset for c in rows]
+        layout = PassLayout(slots=[c.slot for c in rows], offsets=offsets, num_new=width,
+                            kv_len=round_up(max(offsets) + width, shapes.prefill_kv_step), contiguous=False)
         layers = self.cache.begin_pass(layout)
         self._bind_adapters(layout.slots)
         self.model(tokens, cache=layers)  # logits unused: only K/V get evaluated
@@ -134,7 +135,10 @@ class ModelRunner:
 
     def _decode(self, out: SchedulerOutput):
         cache = self.cache
-        num_rows = cache.highest_active_slot() + 1
+        # rows beyond the highest active slot are free slots (length 0): padding that keeps the
+        # number of distinct decode shapes small where shapes are costly (PassShapes)
+        num_rows = min(round_up(cache.highest_active_slot() + 1, self.shapes.decode_row_step),
+                       cache.max_slots)
         tokens = [0] * num_rows
         from_device = [False] * num_rows
         offsets = list(cache.lengths[:num_rows])
@@ -147,7 +151,7 @@ class ModelRunner:
         inputs = mx.array(tokens, dtype=mx.int32)
         if any(from_device):
             inputs = mx.where(mx.array(from_device), self._slot_tokens[:num_rows], inputs)
-        kv_len = -(-(max(offsets) + 1) // KV_LEN_STEP) * KV_LEN_STEP
+        kv_len = round_up(max(offsets) + 1, self.shapes.decode_kv_step)
         layout = PassLayout(slots=list(range(num_rows)), offsets=offsets, num_new=1,
                             kv_len=kv_len, contiguous=True)
         layers = cache.begin_pass(layout)

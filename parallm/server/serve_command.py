@@ -21,7 +21,7 @@ _OPTIONS = {
     "max_num_seqs": (int, "sequences the engine runs at once (default 64)"),
     "max_num_batched_tokens": (int, "tokens per engine step: prefill chunks plus decodes (default 512)"),
     "max_queue": (int, "requests that may wait for a free row; past it the server answers 429 (default 256)"),
-    "kv_budget_bytes": (int, "KV cache budget of all running sequences, in bytes (default: the engine's, 2 GiB)"),
+    "kv_budget_bytes": (int, "KV cache budget of all running sequences, in bytes (default: half the GPU memory the model leaves free; 2 GiB on the CPU)"),
     "prefix_cache_bytes": (int, "prefix cache size in bytes; 0 turns it off (default: the engine's, 256 MiB)"),
     "api_key": (str, "require 'Authorization: Bearer KEY' on /v1/* (also PARALLM_API_KEY)"),
     "drain_timeout": (float, "seconds requests in flight may take to finish after SIGTERM (default 30)"),
