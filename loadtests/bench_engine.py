@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-ahead-max-kv-mb", type=float, default=None,
                    help="EngineConfig.build_ahead_max_kv_bytes in MiB (default: the engine's default)")
     p.add_argument("--no-overlap", action="store_true", help="EngineConfig.overlap=False")
+    p.add_argument("--no-decode-kernels", action="store_true", help="EngineConfig.decode_kernels=False")
     p.add_argument("--pass-cost", type=int, default=None,
                    help="PassShapes.pass_cost_tokens (how many padded tokens a prefill pass is worth)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
@@ -126,7 +127,8 @@ def run_mlx_lm(model, prompts: list[list[int]], gen: list[int]) -> tuple[float, 
 
 
 def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_tokens: int,
-                build_ahead_mb=None, overlap: bool = True, pass_cost=None) -> tuple[float, int]:
+                build_ahead_mb=None, overlap: bool = True, pass_cost=None,
+                decode_kernels: bool = True) -> tuple[float, int]:
     import mlx.core as mx
 
     from parallm.engine.engine import Engine, EngineConfig
@@ -134,7 +136,8 @@ def run_parallm(loaded, prompts: list[list[int]], gen: list[int], max_batched_to
 
     extra = {} if build_ahead_mb is None else {"build_ahead_max_kv_bytes": int(build_ahead_mb * 2**20)}
     engine = Engine(loaded, EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=max_batched_tokens,
-                                         prefix_cache_bytes=0, overlap=overlap, **extra))
+                                         prefix_cache_bytes=0, overlap=overlap,
+                                         decode_kernels=decode_kernels, **extra))
     if pass_cost is not None:
         from dataclasses import replace
 
@@ -171,7 +174,7 @@ def measure(args) -> list[Row]:
             best_base = min(best_base, t)
             mx.clear_cache()
             t, n_ours = run_parallm(loaded, prompts, gens, args.max_batched_tokens, args.build_ahead_max_kv_mb,
-                                    not args.no_overlap, args.pass_cost)
+                                    not args.no_overlap, args.pass_cost, not args.no_decode_kernels)
             best_ours = min(best_ours, t)
             mx.clear_cache()
             if n_base != n_ours:

@@ -233,8 +233,8 @@ def main(argv=None) -> int:
         if not args.skip_engine:
             engine_breakdown(loaded, min(batch, 2), 4, args.prompt_min, args.prompt_max)  # warm-up
             row["engine"] = engine_breakdown(loaded, batch, args.gen, args.prompt_min, args.prompt_max)
-            row["engine_wait_first"] = engine_breakdown(loaded, batch, args.gen, args.prompt_min,
-                                                        args.prompt_max, build_ahead_max_kv_bytes=0)
+            row["engine_no_kernels"] = engine_breakdown(loaded, batch, args.gen, args.prompt_min,
+                                                        args.prompt_max, decode_kernels=False)
         if not args.skip_forward:
             row["forward"] = forward_variants(loaded, batch, args.kv, args.steps)
         print(json.dumps(row), flush=True)

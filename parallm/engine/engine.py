@@ -39,6 +39,9 @@ class EngineConfig:
     # (the copy costs ~2x the KV bytes of bandwidth per step, the gap a fixed time; BENCHMARKS.md),
     # 32 MiB on the CPU, where copies are slow.
     build_ahead_max_kv_bytes: Optional[int] = None
+    # CUDA: decode rows write K/V in place and attend with parallm's kernels (decode_attention.py)
+    # instead of a scatter and a masked attention; ignored where the kernels do not apply
+    decode_kernels: bool = True
 
 
 @dataclass
@@ -78,7 +81,8 @@ class Engine:
         if sampler is None:
             sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))
         self.runner = ModelRunner(loaded.model, self.kv_shape, config.max_num_seqs, sampler,
-                                  prefix_cache=self.prefix_cache, adapters=adapters)
+                                  prefix_cache=self.prefix_cache, adapters=adapters,
+                                  decode_kernels=config.decode_kernels)
         self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
         self._requests: dict[str, _Request] = {}
         self._steps = 0

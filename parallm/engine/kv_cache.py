@@ -75,11 +75,15 @@ class PassLayout:
     kv_len: int
     contiguous: bool
     window_size: Optional[int] = None
+    # decode pass on CUDA: rows write and attend through DecodeAttention's kernels (no mask, no
+    # scatter); the model's attention call is routed to LayerCache.attend (decode_attention.py)
+    use_kernels: bool = False
 
 
 class BatchedKVCache:
-    def __init__(self, shape: KVShape, max_slots: int):
+    def __init__(self, shape: KVShape, max_slots: int, kernels=None):
         self.shape = shape
+        self.kernels = kernels  # DecodeAttention, or None where its kernels do not apply
         self.max_slots = max_slots
         self.keys: list[Optional[mx.array]] = [None] * shape.num_layers
         self.values: list[Optional[mx.array]] = [None] * shape.num_layers
@@ -94,6 +98,7 @@ class BatchedKVCache:
         self._row_index: Optional[mx.array] = None
         self._pos_index: Optional[mx.array] = None
         self._same_offset: Optional[int] = None
+        self._written: list[Optional[mx.array]] = [None] * shape.num_layers  # kernel mode only
 
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> Optional[int]:
@@ -194,6 +199,11 @@ class BatchedKVCache:
         # index arrays shared by every layer of this pass (one op each, not one per layer)
         B, N = len(layout.slots), layout.num_new
         self._same_offset = layout.offsets[0] if len(set(layout.offsets)) == 1 else None
+        if layout.contiguous and self._same_offset is not None and N == 1 and layout.window_size is None:
+            # one position for every row (a single stream, say): attention over exactly the valid
+            # positions needs no mask, which keeps MLX on its fused vector kernel
+            layout.kv_len = self._same_offset + 1
+            layout.use_kernels = False
         self._row_index = mx.arange(B) if layout.contiguous else self._slots_arr
         self._pos_index = self._offsets_arr[:, None] + mx.arange(N)[None] if N > 1 else self._offsets_arr
         return self.layers
@@ -209,6 +219,9 @@ class BatchedKVCache:
         B, _, N, _ = keys.shape
         kbuf, vbuf = self.keys[layer], self.values[layer]
         o = self._same_offset
+        if p.use_kernels:  # written in place; LayerCache.attend reads the buffers
+            self._written[layer] = self.kernels.write(keys, values, kbuf, vbuf, self._offsets_arr)
+            return keys, values
         if p.contiguous and o is not None:
             # every row writes at the same position: a plain slice update (what mlx-lm does)
             kbuf[:B, :, o:o + N] = keys
@@ -225,10 +238,20 @@ class BatchedKVCache:
             return kbuf[:B, :, : p.kv_len], vbuf[:B, :, : p.kv_len]
         return kbuf[self._slots_arr, :, : p.kv_len], vbuf[self._slots_arr, :, : p.kv_len]
 
-    def _mask(self, N: int, window_size: Optional[int]) -> mx.array:
+    def _attend(self, layer: int, queries: mx.array, scale: float) -> mx.array:
+        p = self._pass
+        return self.kernels.attend(queries, self.keys[layer], self.values[layer], self._offsets_arr,
+                                   self._written[layer], scale, max(p.offsets))
+
+    def _mask(self, N: int, window_size: Optional[int]) -> Optional[mx.array]:
         """[B, 1, N, kv_len] bool: query i of row b (at position offset_b + i) sees key j iff
         j <= offset_b + i (causal, which also hides everything past the row's valid length)."""
         p = self._pass
+        if p.use_kernels and (window_size or p.window_size):
+            raise RuntimeError("a windowed attention layer cannot run through the decode kernels")
+        if p.use_kernels or (p.contiguous and self._same_offset is not None and p.kv_len == self._same_offset + N
+                             and N == 1 and (window_size or p.window_size) is None):
+            return None  # the kernels need none; exact-length attention hides nothing
         q_pos = self._offsets_arr[:, None] + mx.arange(N)[None]  # [B, N]
         k_pos = mx.arange(p.kv_len)
         mask = k_pos[None, None, :] <= q_pos[:, :, None]
@@ -255,6 +278,16 @@ class LayerCache:
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **kwargs):
         return self._parent._mask(N, window_size)
+
+    def attend(self, queries: mx.array, scale: float, sinks=None) -> Optional[mx.array]:
+        """The attention output when this pass attends through the kernels, else None (the caller
+        then runs MLX's attention on what update_and_fetch returned)."""
+        parent = self._parent
+        if parent._pass is None or not parent._pass.use_kernels:
+            return None
+        if sinks is not None:
+            raise RuntimeError("attention sinks are not supported by parallm's decode kernels")
+        return parent._attend(self._layer, queries, scale)
 
     def is_trimmable(self) -> bool:
         return False

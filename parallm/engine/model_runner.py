@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
+from parallm.engine.decode_attention import kernels_for
 from parallm.engine.kv_cache import BatchedKVCache, KVShape, PassLayout
 from parallm.engine.pass_shapes import PassShapes, group_by_length, round_up
 from parallm.engine.prefix_cache import PrefixCache
@@ -45,10 +46,11 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model, kv_shape: KVShape, max_slots: int, sampler: BatchSampler, *,
                  prefix_cache: Optional[PrefixCache] = None, adapters: Any = None,
-                 shapes: Optional[PassShapes] = None):
+                 shapes: Optional[PassShapes] = None, decode_kernels: bool = True):
         self.model = model
         self.shapes = shapes or PassShapes.for_device()
-        self.cache = BatchedKVCache(kv_shape, max_slots)
+        kernels = kernels_for(model, kv_shape.n_kv_heads, kv_shape.k_head_dim) if decode_kernels else None
+        self.cache = BatchedKVCache(kv_shape, max_slots, kernels)
         self.sampler = sampler
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # optional: .bind_rows(list of adapter ids per batch row)
@@ -153,7 +155,7 @@ class ModelRunner:
             inputs = mx.where(mx.array(from_device), self._slot_tokens[:num_rows], inputs)
         kv_len = round_up(max(offsets) + 1, self.shapes.decode_kv_step)
         layout = PassLayout(slots=list(range(num_rows)), offsets=offsets, num_new=1,
-                            kv_len=kv_len, contiguous=True)
+                            kv_len=kv_len, contiguous=True, use_kernels=cache.kernels is not None)
         layers = cache.begin_pass(layout)
         self._bind_adapters(layout.slots)
         logits = self.model(inputs[:, None], cache=layers)[:, -1, :]

@@ -29,7 +29,7 @@ class PassShapes:
         import mlx.core as mx
 
         if mx.default_device() == mx.gpu and mx.cuda.is_available():
-            return cls(pass_cost_tokens=1024, decode_kv_step=128, decode_row_step=8,
+            return cls(pass_cost_tokens=1024, decode_kv_step=128, decode_row_step=1,
                        prefill_kv_step=256, bucket_prefill=True)
         if mx.default_device() == mx.gpu:  # Metal: cheap dispatch, no per-shape graph builds
             return cls(pass_cost_tokens=64, decode_kv_step=32, decode_row_step=1,
