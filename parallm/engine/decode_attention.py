@@ -30,10 +30,10 @@ from typing import Any, Optional
 import mlx.core as mx
 
 _WRITE = """
-    uint idx = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
     int B = k_new_shape[0];
     int C = kbuf_shape[2];
-    if (idx < (uint)(B * HKV * D)) {
+    if (idx < (unsigned int)(B * HKV * D)) {
         int d = idx % D;
         int bh = idx / D;
         int b = bh / HKV;
@@ -72,7 +72,7 @@ _ATTEND_BODY = """
             q[g][i] = (float)qp[i] * scale;
             acc[g][i] = 0.f;
         }
-        m[g] = -inf;
+        m[g] = __int_as_float(0xff800000);
         l[g] = 0.f;
     }
     const T* kb = kbuf + (size_t)bh * C * D + lane * VPT;
@@ -118,13 +118,13 @@ _ATTEND_BODY = """
     for (int t = threadIdx.x; t < G * D; t += blockDim.x) {
         int g = t / D;
         int d = t % D;
-        float M = -inf;
+        float M = __int_as_float(0xff800000);
         for (int w = 0; w < NW; w++) {
             M = fmaxf(M, sm_m[w][g]);
         }
         float L = 0.f;
         float A = 0.f;
-        if (M != -inf) {
+        if (M != __int_as_float(0xff800000)) {
             for (int w = 0; w < NW; w++) {
                 float f = exp2f(sm_m[w][g] - M);
                 L += sm_l[w][g] * f;
@@ -149,9 +149,9 @@ _STORE_PARTIAL = """
 """
 
 _COMBINE = """
-    uint idx = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
     int B = part_m_shape[0];
-    if (idx >= (uint)(B * HKV * G * D)) {
+    if (idx >= (unsigned int)(B * HKV * G * D)) {
         return;
     }
     int d = idx % D;
@@ -160,7 +160,7 @@ _COMBINE = """
     int hk = h / G;
     int g = h % G;
     size_t base = ((size_t)(b * HKV + hk) * SPLIT) * G + g;
-    float M = -inf;
+    float M = __int_as_float(0xff800000);
     for (int s = 0; s < SPLIT; s++) {
         M = fmaxf(M, part_m[base + (size_t)s * G]);
     }
@@ -178,6 +178,9 @@ _COMBINE = """
 NUM_WARPS = 4
 MIN_BLOCKS = 264  # ~2 blocks per multiprocessor on an H100/H200
 MIN_POSITIONS_PER_SPLIT = 32
+# Each variant is a separate NVRTC compile of 1.3-1.8 s on an H200 host (measured), paid by the
+# first step that needs it, which stalls every stream: few variants, all compiled by warm_up().
+SPLITS = (1, 4, 16)
 
 
 class DecodeAttention:
@@ -219,10 +222,7 @@ class DecodeAttention:
         B, hq, _, d = queries.shape
         hkv = kbuf.shape[1]
         g = hq // hkv
-        split = 1
-        while (split < 32 and B * hkv * split < MIN_BLOCKS
-               and (max_length + 1) / (2 * split) >= MIN_POSITIONS_PER_SPLIT):
-            split *= 2
+        split = _split_for(B * hkv, max_length + 1)
         template = [("T", queries.dtype), ("HKV", hkv), ("G", g), ("D", d), ("NW", NUM_WARPS),
                     ("SPLIT", split)]
         inputs = [mx.contiguous(queries), kbuf, vbuf, lengths, done, mx.array([scale], mx.float32)]
@@ -238,6 +238,32 @@ class DecodeAttention:
         return self._combine(inputs=[part_acc, part_m, part_l], template=template,
                              grid=(B * hq * d, 1, 1), threadgroup=(128, 1, 1),
                              output_shapes=[queries.shape], output_dtypes=[queries.dtype])[0]
+
+
+    def warm_up(self, dtype: mx.Dtype, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        """Compile every kernel variant this model can use now, not during the first requests."""
+        for split in SPLITS:
+            length = split * MIN_POSITIONS_PER_SPLIT * 2 - 1
+            rows = 1 if split > 1 else -(-MIN_BLOCKS // n_kv_heads)
+            if _split_for(rows * n_kv_heads, length + 1) != split:
+                continue  # a variant no batch of this model can reach (very many kv heads)
+            buf = mx.zeros((rows, n_kv_heads, length + 1, head_dim), dtype)
+            k_new = mx.zeros((rows, n_kv_heads, 1, head_dim), dtype)
+            lengths = mx.full((rows,), length, mx.int32)
+            done = self.write(k_new, k_new, buf, buf, lengths)
+            mx.eval(self.attend(mx.zeros((rows, n_heads, 1, head_dim), dtype), buf, buf, lengths, done,
+                                1.0, length))
+
+
+def _split_for(blocks: int, positions: int) -> int:
+    """How many blocks share one row's positions: enough blocks to fill the chip, but at least
+    MIN_POSITIONS_PER_SPLIT positions each."""
+    split = SPLITS[0]
+    for s in SPLITS[1:]:
+        if blocks * split >= MIN_BLOCKS or positions / s < MIN_POSITIONS_PER_SPLIT:
+            break
+        split = s
+    return split
 
 
 def install_attention_hook(model) -> bool:
@@ -276,7 +302,7 @@ def kernels_for(model, n_kv_heads: int, head_dim: int) -> Optional[DecodeAttenti
     if shape is None or shape[1:] != (n_kv_heads, head_dim) or not DecodeAttention.supports(*shape):
         return None
     args = getattr(model, "args", None)
-    if getattr(args, "sliding_window", None) or getattr(args, "layer_types", None):
+    if any("sliding" in str(t) for t in (getattr(args, "layer_types", None) or [])):
         return None  # windowed layers need a mask the kernels do not apply
     if not install_attention_hook(model):
         return None
