@@ -99,6 +99,7 @@ class BatchedKVCache:
         self._pos_index: Optional[mx.array] = None
         self._same_offset: Optional[int] = None
         self._written: list[Optional[mx.array]] = [None] * shape.num_layers  # kernel mode only
+        self._exact_length = False
 
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> Optional[int]:
@@ -199,9 +200,10 @@ class BatchedKVCache:
         # index arrays shared by every layer of this pass (one op each, not one per layer)
         B, N = len(layout.slots), layout.num_new
         self._same_offset = layout.offsets[0] if len(set(layout.offsets)) == 1 else None
-        if layout.contiguous and self._same_offset is not None and N == 1 and layout.window_size is None:
-            # one position for every row (a single stream, say): attention over exactly the valid
-            # positions needs no mask, which keeps MLX on its fused vector kernel
+        # one position for every row (a single stream, say): attention over exactly the valid
+        # positions needs no causal mask, which keeps MLX on its fused vector kernel
+        self._exact_length = layout.contiguous and self._same_offset is not None and N == 1
+        if self._exact_length:
             layout.kv_len = self._same_offset + 1
             layout.use_kernels = False
         self._row_index = mx.arange(B) if layout.contiguous else self._slots_arr
@@ -247,15 +249,16 @@ class BatchedKVCache:
         """[B, 1, N, kv_len] bool: query i of row b (at position offset_b + i) sees key j iff
         j <= offset_b + i (causal, which also hides everything past the row's valid length)."""
         p = self._pass
-        if p.use_kernels and (window_size or p.window_size):
-            raise RuntimeError("a windowed attention layer cannot run through the decode kernels")
-        if p.use_kernels or (p.contiguous and self._same_offset is not None and p.kv_len == self._same_offset + N
-                             and N == 1 and (window_size or p.window_size) is None):
-            return None  # the kernels need none; exact-length attention hides nothing
+        window = window_size or p.window_size
+        if p.use_kernels:
+            if window:
+                raise RuntimeError("a windowed attention layer cannot run through the decode kernels")
+            return None  # the kernels attend each row's own length
+        if self._exact_length and window is None:
+            return None  # exact-length attention has nothing to hide
         q_pos = self._offsets_arr[:, None] + mx.arange(N)[None]  # [B, N]
         k_pos = mx.arange(p.kv_len)
         mask = k_pos[None, None, :] <= q_pos[:, :, None]
-        window = window_size or p.window_size
         if window is not None:
             mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - window)
         return mask[:, None]

@@ -30,7 +30,6 @@ from parallm.engine.sampler import BatchSampler, choice_seed
 log = logging.getLogger(__name__)
 
 
-
 def _length_groups(chunks: list[PrefillChunk], pass_cost_tokens: int) -> list[list[PrefillChunk]]:
     """Split prefill chunks into passes of similar length: a pass is right-padded to its longest
     chunk, so mixing a 16-token chunk with a 128-token one computes 112 padding tokens, and each

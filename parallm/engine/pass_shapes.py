@@ -3,7 +3,8 @@
 Two costs pull against each other. Every forward pass has a fixed cost (building the graph and
 dispatching a few hundred kernels: ~3-7 ms on a CUDA host for a 16-layer model, whatever the pass
 holds), and every padded token costs compute. On the CPU a token of a 135M model costs ~5 ms, so
-padding is dear and passes are cheap; on an H200 a pass is worth ~1,000 tokens of a 1B model.
+padding is dear, but a pass of few tokens also makes small, slow GEMMs (measured best: a pass is
+worth ~256 tokens there); on an H200 a pass is worth ~1,000 tokens of a 1B model.
 
 On CUDA a third cost appears: MLX builds cuDNN attention graphs and picks GEMM kernels per distinct
 shape, and the first pass of a new shape is slow (tens of ms). A server sees a new prompt length in
@@ -34,7 +35,9 @@ class PassShapes:
         if mx.default_device() == mx.gpu:  # Metal: cheap dispatch, no per-shape graph builds
             return cls(pass_cost_tokens=64, decode_kv_step=32, decode_row_step=1,
                        prefill_kv_step=32, bucket_prefill=False)
-        return cls(pass_cost_tokens=16, decode_kv_step=32, decode_row_step=1,
+        # CPU: 256 measured best of 16 / 256 / 4096 (prefill of 32 prompts of 16-128 tokens, default
+        # model f32: 10.3 / 9.8 / 12.7 s); small passes make small, inefficient GEMMs
+        return cls(pass_cost_tokens=256, decode_kv_step=32, decode_row_step=1,
                    prefill_kv_step=32, bucket_prefill=False)
 
     def prefill_width(self, longest: int) -> int:
