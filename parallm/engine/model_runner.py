@@ -149,10 +149,7 @@ class ModelRunner:
 
     def _decode(self, out: SchedulerOutput):
         cache = self.cache
-        # rows beyond the highest active slot are free slots (length 0): padding that keeps the
-        # number of distinct decode shapes small where shapes are costly (PassShapes)
-        num_rows = min(round_up(cache.highest_active_slot() + 1, self.shapes.decode_row_step),
-                       cache.max_slots)
+        num_rows = cache.highest_active_slot() + 1
         tokens = [0] * num_rows
         from_device = [False] * num_rows
         offsets = list(cache.lengths[:num_rows])

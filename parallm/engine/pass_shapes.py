@@ -21,7 +21,6 @@ from typing import Sequence
 class PassShapes:
     pass_cost_tokens: int  # a pass's fixed cost, in padded tokens it is worth (groups prefill chunks)
     decode_kv_step: int  # the decode pass's attention length rounds up to this
-    decode_row_step: int  # the decode pass's rows round up to this (free slots fill the padding)
     prefill_kv_step: int  # a prefill pass's attention length rounds up to this
     bucket_prefill: bool  # round prefill rows and widths up to buckets
 
@@ -30,14 +29,14 @@ class PassShapes:
         import mlx.core as mx
 
         if mx.default_device() == mx.gpu and mx.cuda.is_available():
-            return cls(pass_cost_tokens=1024, decode_kv_step=128, decode_row_step=1,
+            return cls(pass_cost_tokens=1024, decode_kv_step=128,
                        prefill_kv_step=256, bucket_prefill=True)
         if mx.default_device() == mx.gpu:  # Metal: cheap dispatch, no per-shape graph builds
-            return cls(pass_cost_tokens=64, decode_kv_step=32, decode_row_step=1,
+            return cls(pass_cost_tokens=64, decode_kv_step=32,
                        prefill_kv_step=32, bucket_prefill=False)
         # CPU: 256 measured best of 16 / 256 / 4096 (prefill of 32 prompts of 16-128 tokens, default
         # model f32: 10.3 / 9.8 / 12.7 s); small passes make small, inefficient GEMMs
-        return cls(pass_cost_tokens=256, decode_kv_step=32, decode_row_step=1,
+        return cls(pass_cost_tokens=256, decode_kv_step=32,
                    prefill_kv_step=32, bucket_prefill=False)
 
     def prefill_width(self, longest: int) -> int:

@@ -1,5 +1,4 @@
-"""PassShapes: the CUDA policy (bucketed prefill rows and widths, padded decode rows, rounded
-attention lengths) must not change a single token; grouping and buckets behave as documented."""
+"""PassShapes: the CUDA policy (bucketed prefill rows and widths, rounded attention lengths) must not change a single token; grouping and buckets behave as documented."""
 from __future__ import annotations
 
 import pytest
@@ -10,11 +9,10 @@ from parallm.engine.types import EngineRequest, SamplingParams
 
 from engine_helpers import make_prompt, reference_greedy, run_to_completion, tokens_of
 
-CUDA_LIKE = PassShapes(pass_cost_tokens=1024, decode_kv_step=128, decode_row_step=8,
-                       prefill_kv_step=256, bucket_prefill=True)
+CUDA_LIKE = PassShapes(pass_cost_tokens=1024, decode_kv_step=128, prefill_kv_step=256, bucket_prefill=True)
 
 
-@pytest.mark.parametrize("shapes", [CUDA_LIKE, PassShapes(0, 1, 1, 1, False)], ids=["cuda-like", "exact"])
+@pytest.mark.parametrize("shapes", [CUDA_LIKE, PassShapes(0, 1, 1, False)], ids=["cuda-like", "exact"])
 def test_pass_shape_policy_keeps_greedy_output(tiny_loaded, shapes):
     # the first five join together (one prefill pass of 5 rows: bucketed to 6, one row repeated),
     # the rest one per step while others decode
