@@ -24,10 +24,14 @@ keeps the masked MLX path.
 """
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from typing import Any, Optional
 
 import mlx.core as mx
+
+log = logging.getLogger(__name__)
 
 _WRITE = """
     unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -296,8 +300,9 @@ def install_attention_hook(model) -> bool:
     return found
 
 
-def kernels_for(model, n_kv_heads: int, head_dim: int) -> Optional[DecodeAttention]:
-    """DecodeAttention for this model, or None where the kernels do not apply."""
+def kernels_for(model, n_kv_heads: int, head_dim: int, dtype: mx.Dtype) -> Optional[DecodeAttention]:
+    """DecodeAttention for this model with its variants compiled, or None where the kernels do
+    not apply or do not compile (then decode keeps MLX's masked attention)."""
     shape = probe_attention_shape(model)
     if shape is None or shape[1:] != (n_kv_heads, head_dim) or not DecodeAttention.supports(*shape):
         return None
@@ -306,7 +311,15 @@ def kernels_for(model, n_kv_heads: int, head_dim: int) -> Optional[DecodeAttenti
         return None  # windowed layers need a mask the kernels do not apply
     if not install_attention_hook(model):
         return None
-    return DecodeAttention()
+    started = time.monotonic()
+    try:
+        kernels = DecodeAttention()
+        kernels.warm_up(dtype, *shape)
+    except Exception as e:  # a toolchain that cannot build them: MLX's attention still works
+        log.warning("decode kernels unavailable (%s); decode uses MLX's masked attention", e)
+        return None
+    log.info("decode kernels compiled in %.1f s", time.monotonic() - started)
+    return kernels
 
 
 def probe_attention_shape(model) -> Optional[tuple[int, int, int]]:

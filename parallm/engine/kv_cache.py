@@ -27,6 +27,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from parallm.engine.pass_shapes import round_up
+
 POS_STEP = 256  # positions added per capacity growth
 SLOT_STEP = 8  # slot capacity is a multiple of this, and at least doubles when it grows
 
@@ -100,6 +102,7 @@ class BatchedKVCache:
         self._same_offset: Optional[int] = None
         self._written: list[Optional[mx.array]] = [None] * shape.num_layers  # kernel mode only
         self._exact_length = False
+        self._max_offset = 0
 
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> Optional[int]:
@@ -149,11 +152,11 @@ class BatchedKVCache:
         """Grow the buffers so slots [0, slots_needed) and positions [0, positions_needed) exist."""
         new_slots = self.slot_capacity
         if slots_needed > new_slots:
-            new_slots = min(self.max_slots, max(-(-slots_needed // SLOT_STEP) * SLOT_STEP, 2 * new_slots))
+            new_slots = min(self.max_slots, max(round_up(slots_needed, SLOT_STEP), 2 * new_slots))
             new_slots = max(new_slots, slots_needed)
         new_cap = self.capacity
         if positions_needed > new_cap:
-            new_cap = -(-positions_needed // POS_STEP) * POS_STEP
+            new_cap = round_up(positions_needed, POS_STEP)
         if (new_slots, new_cap) == (self.slot_capacity, self.capacity):
             return
         s = self.shape
@@ -196,6 +199,7 @@ class BatchedKVCache:
         self.ensure(rows_end, max(layout.kv_len, max(layout.offsets) + layout.num_new))
         self._pass = layout
         self._offsets_arr = mx.array(layout.offsets, dtype=mx.int32)
+        self._max_offset = max(layout.offsets)
         self._slots_arr = None if layout.contiguous else mx.array(layout.slots, dtype=mx.int32)
         # index arrays shared by every layer of this pass (one op each, not one per layer)
         B, N = len(layout.slots), layout.num_new
@@ -241,9 +245,8 @@ class BatchedKVCache:
         return kbuf[self._slots_arr, :, : p.kv_len], vbuf[self._slots_arr, :, : p.kv_len]
 
     def _attend(self, layer: int, queries: mx.array, scale: float) -> mx.array:
-        p = self._pass
         return self.kernels.attend(queries, self.keys[layer], self.values[layer], self._offsets_arr,
-                                   self._written[layer], scale, max(p.offsets))
+                                   self._written[layer], scale, self._max_offset)
 
     def _mask(self, N: int, window_size: Optional[int]) -> Optional[mx.array]:
         """[B, 1, N, kv_len] bool: query i of row b (at position offset_b + i) sees key j iff

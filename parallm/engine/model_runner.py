@@ -12,22 +12,18 @@ Per step, in this order:
 """
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx.core as mx
 
-from parallm.engine.decode_attention import kernels_for, probe_attention_shape
+from parallm.engine.decode_attention import kernels_for
 from parallm.engine.kv_cache import BatchedKVCache, KVShape, PassLayout
 from parallm.engine.pass_shapes import PassShapes, group_by_length, round_up
 from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.scheduler import (PLACEHOLDER, DecodeRow, PrefillChunk, RunnerOutput, SampledToken,
                                       SchedulerOutput)
 from parallm.engine.sampler import BatchSampler, choice_seed
-
-log = logging.getLogger(__name__)
 
 
 def _length_groups(chunks: list[PrefillChunk], pass_cost_tokens: int) -> list[list[PrefillChunk]]:
@@ -52,16 +48,8 @@ class ModelRunner:
                  shapes: Optional[PassShapes] = None, decode_kernels: bool = True):
         self.model = model
         self.shapes = shapes or PassShapes.for_device()
-        kernels = kernels_for(model, kv_shape.n_kv_heads, kv_shape.k_head_dim) if decode_kernels else None
-        if kernels is not None:
-            started = time.monotonic()
-            try:
-                kernels.warm_up(kv_shape.dtype, probe_attention_shape(model)[0], kv_shape.n_kv_heads,
-                                kv_shape.k_head_dim)
-                log.info("decode kernels compiled in %.1f s", time.monotonic() - started)
-            except Exception as e:  # a toolchain that cannot build them: MLX's attention still works
-                log.warning("decode kernels unavailable (%s); decode uses MLX's masked attention", e)
-                kernels = None
+        kernels = (kernels_for(model, kv_shape.n_kv_heads, kv_shape.k_head_dim, kv_shape.dtype)
+                   if decode_kernels else None)
         self.cache = BatchedKVCache(kv_shape, max_slots, kernels)
         self.sampler = sampler
         self.prefix_cache = prefix_cache
