@@ -104,7 +104,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24, help="timed decode steps per configuration")
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--no-lora-kernel", action="store_true",
+                   help="CUDA: keep the gather_mm path instead of the one-launch kernel (lora_kernel.py)")
     args = p.parse_args(argv)
+    if args.no_lora_kernel:
+        from parallm.models import lora_kernel
+        lora_kernel.set_enabled(False)
 
     dtype = getattr(mx, args.dtype)
     keys = [k for k in args.keys.split(",") if k] or None
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
         manager.apply_pending()
     print(f"device={mx.default_device()} blas={blas_in_use()} dtype={args.dtype} layers={args.layers} adapters={len(names)} "
           f"rank={args.rank} lora_layers={args.lora_layers} keys={keys or 'all linears'} "
-          f"wrapped_linears={manager.wrapped_layer_count()} steps={args.steps} (median step, interleaved)")
+          f"wrapped_linears={manager.wrapped_layer_count()} lora_kernel={not args.no_lora_kernel} steps={args.steps} (median step, interleaved)")
     print(f"{'batch':>5} {'base tok/s':>11} {'mixed tok/s':>12} {'mixed/base':>10} {'pristine tok/s':>15} "
           f"{'base/pristine':>13}")
     for batch in args.batch:

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Optional
 from parallm.engine.engine import Engine, EngineConfig
 from parallm.engine.errors import EngineDead, EngineDraining, QueueFull, UnknownModel
 from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
+from parallm.engine.warm_up import warm_up
 
 
 @dataclass
@@ -53,8 +54,10 @@ class AsyncEngine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._worker, name="parallm-engine", daemon=True)
+        ready = self._loop.create_future()
+        self._thread = threading.Thread(target=self._worker, args=(ready,), name="parallm-engine", daemon=True)
         self._thread.start()
+        await ready  # the engine is warm (or dead: then every request gets EngineDead)
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
         self._draining = True
@@ -146,8 +149,13 @@ class AsyncEngine:
         return self.engine.loaded.context_length
 
     # ---- the worker thread -------------------------------------------------------------------
-    def _worker(self) -> None:
+    def _worker(self, ready: asyncio.Future) -> None:
         try:
+            try:
+                if self.engine.wants_warm_up():
+                    warm_up(self.engine)
+            finally:
+                self._loop.call_soon_threadsafe(_set_done, ready)
             while not self._stop.is_set():
                 self._drain_inbox(block=not self.engine.has_unfinished())
                 if self._stop.is_set():
@@ -182,14 +190,22 @@ class AsyncEngine:
                     self._emit([RequestOutput(item.request_id, finish_reason="abort", finished=True)])
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
-        for o in outputs:
-            self._deliver(o.request_id, o)
+        # One hand-over per step, not one per output: each call_soon_threadsafe writes to the
+        # loop's wake-up pipe, and at batch 64+ those wake-ups and their GIL hand-offs were a
+        # visible share of the server's cost per step.
+        ready = [(stream, o) for o in outputs if (stream := self._stream_for(o.request_id, o)) is not None]
+        if ready:
+            self._loop.call_soon_threadsafe(_put_all, ready)
 
     def _deliver(self, request_id: str, item: object) -> None:
-        closes = isinstance(item, BaseException) or getattr(item, "finished", False)
-        stream = self._streams.pop(request_id, None) if closes else self._streams.get(request_id)
+        stream = self._stream_for(request_id, item)
         if stream is not None:
             self._loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _stream_for(self, request_id: str, item: object) -> Optional[asyncio.Queue]:
+        """The request's output queue (forgotten here when `item` closes the stream)."""
+        closes = isinstance(item, BaseException) or getattr(item, "finished", False)
+        return self._streams.pop(request_id, None) if closes else self._streams.get(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
@@ -201,3 +217,13 @@ class AsyncEngine:
                 return
             if isinstance(item, _Add):
                 self._deliver(item.request.request_id, EngineDead(f"The engine worker died: {error!r}"))
+
+
+def _put_all(ready: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in ready:
+        stream.put_nowait(item)
+
+
+def _set_done(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

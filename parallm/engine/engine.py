@@ -42,6 +42,10 @@ class EngineConfig:
     # CUDA: decode rows write K/V in place and attend with parallm's kernels (decode_attention.py)
     # instead of a scatter and a masked attention; ignored where the kernels do not apply
     decode_kernels: bool = True
+    # Run a few throw-away requests before taking real ones (warm_up.py), so that one-off compile
+    # and allocation costs do not land on the first clients. None = by device: on a GPU only (the
+    # CPU backend has no such costs worth a start-up delay).
+    warm_up: Optional[bool] = None
 
 
 @dataclass
@@ -220,6 +224,21 @@ class Engine:
         tok = self.tokenizer
         top = [TopLogprob(t, tok.decode([t]), lp) for t, lp in (sampled.top or [])]
         return [TokenLogprob(sampled.token_id, tok.decode([sampled.token_id]), sampled.logprob, top)]
+
+    def reset_after_warm_up(self) -> None:
+        """Forget what warm-up requests left: prefix-cache entries and counters."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        s = self.scheduler
+        s.prefix_queries = s.prefix_hits = s.num_preemptions = 0
+        self._steps = 0
+
+    def wants_warm_up(self) -> bool:
+        if self.config.warm_up is not None:
+            return self.config.warm_up
+        import mlx.core as mx
+
+        return mx.default_device() == mx.gpu
 
     # ---- introspection -----------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -32,6 +32,7 @@ from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToSharded
                                        QuantizedShardedToAllLinear, ShardedToAllLinear)
 from mlx.utils import tree_unflatten
 
+from parallm.models.lora_kernel import MAX_RANK, MAX_TOKENS, LoRADeltaKernel, shared_kernel
 from parallm.models.lora_sharding import SHARDED_TO_ALL, shard_lora, sharding_style
 
 NO_ADAPTER_SLOT = 0
@@ -146,6 +147,7 @@ class MultiLoRALinear(nn.Module):
         self._adapters: dict[int, LayerAdapterWeights] = {}
         self._gains: dict[int, mx.array] = {}  # DoRA slots only
         self._stacks: Optional[_Stacks] = None
+        self._kernel: Optional[LoRADeltaKernel] = None  # CUDA: the one-launch update (lora_kernel.py)
 
     # ---- adapters come and go between forwards ----
     def set_adapter(self, slot: int, weights: LayerAdapterWeights) -> None:
@@ -190,12 +192,18 @@ class MultiLoRALinear(nn.Module):
         return gain
 
     def _restack(self) -> None:
+        self._kernel = None
         if not self._adapters:
             self._stacks = None
             return
         n_slots = max(self._adapters) + 1
         rank = max(w.rank for w in self._adapters.values())
         dtype = _compute_dtype(self.base)
+        kernel = shared_kernel() if not self._gains and self._style is None else None
+        if kernel is not None and rank <= MAX_RANK:
+            # The kernel compiles one variant per rank: padding to a power of two (zeros, exact)
+            # keeps a server with adapters of ranks 4, 6 and 8 at one compile.
+            rank = max(8, 1 << (rank - 1).bit_length())
         a = mx.zeros((n_slots, self._local_in, rank), dtype=dtype)
         b = mx.zeros((n_slots, rank, self._local_out), dtype=dtype)
         for slot, w in self._adapters.items():
@@ -208,6 +216,8 @@ class MultiLoRALinear(nn.Module):
                 gain[slot] = g.astype(dtype)
         mx.eval(a, b, *([gain] if gain is not None else []))
         self._stacks = _Stacks(a=a, b=b, gain=gain)
+        if kernel is not None and rank <= MAX_RANK and kernel.ensure_compiled(dtype, rank):
+            self._kernel = kernel
 
     # ---- forward ----
     def __call__(self, x: mx.array) -> mx.array:
@@ -219,6 +229,10 @@ class MultiLoRALinear(nn.Module):
         if x.ndim < 2 or x.shape[0] != slots.shape[0]:
             raise ValueError(f"adapter rows bound for a batch of {slots.shape[0]}, "
                              f"but the layer got input of shape {tuple(x.shape)}")
+        kernel = self._kernel
+        if (kernel is not None and x.ndim == 3 and x.shape[0] * x.shape[1] <= MAX_TOKENS
+                and x.dtype == y.dtype == stacks.a.dtype):
+            return kernel.apply(x, y, stacks.a, stacks.b, slots)  # one launch (lora_kernel.py)
         n_slots = stacks.a.shape[0]
         # Rows whose adapter has no tensors in this layer index past the stack: send them to slot 0.
         slots = mx.where(slots < n_slots, slots, NO_ADAPTER_SLOT)

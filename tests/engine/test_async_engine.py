@@ -161,3 +161,54 @@ def test_worker_crash_gives_engine_dead(tiny_loaded):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_warm_up_runs_before_start_returns_and_leaves_no_trace(tiny_loaded):
+    """warm_up=True: start() returns after the throw-away requests ran, the engine is clean
+    (no steps, no prefix-cache entries or hits counted) and real requests give the reference."""
+    prompt = make_prompt(3, 20)
+
+    async def main():
+        engine = AsyncEngine(tiny_loaded, EngineConfig(warm_up=True))
+        ran = []
+        original_step = engine.engine.step
+
+        def counting_step():
+            ran.append(1)
+            return original_step()
+
+        engine.engine.step = counting_step
+        before_reset = []
+        original_reset = engine.engine.reset_after_warm_up
+
+        def recording_reset():
+            before_reset.append((engine.engine.prefix_cache.nbytes, engine.engine.stats().steps))
+            original_reset()
+
+        engine.engine.reset_after_warm_up = recording_reset
+        await engine.start()
+        warm_steps = len(ran)
+        stats_after_start = engine.stats()
+        cached = engine.engine.prefix_cache.nbytes if engine.engine.prefix_cache else 0
+        outs = await collect(engine, req("real", prompt, 6))
+        await engine.shutdown()
+        return warm_steps, before_reset, stats_after_start, cached, outs
+
+    warm_steps, before_reset, stats, cached, outs = asyncio.run(main())
+    assert warm_steps >= 4  # two rounds, each a prefill and decode steps
+    (cached_before, steps_before), = before_reset
+    assert cached_before > 0 and steps_before == warm_steps  # the warm-up did fill cache and counters
+    assert engine_stats_clean(stats) and cached == 0  # ... and the reset emptied both
+    assert [t for o in outs for t in o.token_ids] == reference_greedy(tiny_loaded, prompt, 6)
+
+
+def engine_stats_clean(stats) -> bool:
+    return stats.steps == 0 and stats.prefix_cache_queries == 0 and stats.prefix_cache_hits == 0
+
+
+def test_warm_up_is_off_by_default_on_the_cpu(tiny_loaded):
+    from parallm.engine.engine import Engine
+
+    engine = Engine(tiny_loaded, EngineConfig())
+    import mlx.core as mx
+    assert engine.wants_warm_up() == (mx.default_device() == mx.gpu)

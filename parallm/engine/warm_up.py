@@ -1,0 +1,61 @@
+"""Engine warm-up: run a few throw-away requests before the first real one.
+
+Why: on a GPU the first pass of each kind pays one-off costs (MLX compiling the kernels of its
+fused and indexing ops, the BLAS library choosing its algorithms, memory pools growing). Paid
+inside the first real requests they stall every stream of the batch: on an H200 the first level
+of a 64-client load test had a TTFT p99 of several seconds where later levels had a few hundred
+milliseconds (BENCHMARKS.md, serving). AsyncEngine runs this before it takes requests, so the
+server starts listening already warm.
+
+What runs: one request alone (a single stream: unmasked prefill, the exact-length decode path),
+then two together with different prompt lengths (padded prefill with a mask, decode rows at
+different offsets), one greedy, one that samples with every sampling option and asks for
+logprobs. Afterwards the prefix cache and the counters are reset, so the warm-up leaves no trace
+in the cache or in /metrics.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from parallm.engine.types import EngineRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_GREEDY = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+_SAMPLED = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, top_k=20, min_p=0.05,
+                          repetition_penalty=1.1, presence_penalty=0.1, frequency_penalty=0.1,
+                          logprobs=True, top_logprobs=2, ignore_eos=True, seed=0)
+
+
+def warm_up(engine) -> float:
+    """Run the warm-up requests through `engine` (idle, on its own thread); returns seconds taken."""
+    started = time.monotonic()
+    vocab = max(2, _vocab_size(engine))
+    limit = max(8, engine.loaded.context_length // 4)
+
+    def prompt(n: int, offset: int) -> list[int]:
+        return [(offset + 7 * i) % (vocab - 1) + 1 for i in range(min(n, limit))]
+
+    rounds = [[EngineRequest("warm-up-0", prompt(16, 3), _GREEDY)],
+              [EngineRequest("warm-up-1", prompt(24, 5), _GREEDY),
+               EngineRequest("warm-up-2", prompt(40, 11), _SAMPLED)]]
+    for requests in rounds:
+        for request in requests:
+            engine.validate(request)
+            engine.add_request(request)
+        while engine.has_unfinished():
+            engine.step()
+    engine.reset_after_warm_up()
+    seconds = time.monotonic() - started
+    log.info("engine warmed up in %.1f s", seconds)
+    return seconds
+
+
+def _vocab_size(engine) -> int:
+    size = getattr(engine.runner.sampler, "vocab_size", None)
+    if size:
+        return int(size)
+    from parallm.engine.engine import _vocab_size as from_model
+
+    return from_model(engine.loaded)

@@ -1,0 +1,76 @@
+"""The CUDA LoRA kernel (parallm/models/lora_kernel.py) against the gather_mm computation.
+
+The kernel tests run only where MLX has CUDA (the lent GPU, not CI); the routing test runs
+everywhere: off CUDA no layer takes the kernel path. test_lora.py's mlx-lm comparisons go through
+the kernel too when they run on CUDA."""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from parallm.models.lora import LayerAdapterWeights, LoRARowBinding, MultiLoRALinear
+from parallm.models.lora_kernel import LoRADeltaKernel, kernel_available
+
+cuda = pytest.mark.skipif(not kernel_available(), reason="the LoRA kernel is a CUDA kernel")
+
+
+def _gather_reference(x, y, a, b, slots):
+    slots = mx.where(slots < a.shape[0], slots, 0)
+    xa = mx.gather_mm(x.astype(mx.float32), a.astype(mx.float32), rhs_indices=slots)
+    return y.astype(mx.float32) + mx.gather_mm(xa, b.astype(mx.float32), rhs_indices=slots)
+
+
+@cuda
+@pytest.mark.parametrize("B,L,din,dout,R,S,dtype", [
+    (32, 1, 576, 576, 8, 9, mx.bfloat16), (64, 1, 576, 1536, 16, 9, mx.bfloat16),
+    (5, 7, 100, 3000, 8, 3, mx.float32), (3, 1, 4096, 14336, 64, 4, mx.float16),
+    (130, 1, 64, 64, 32, 2, mx.float32)])
+def test_kernel_matches_gather_mm(B, L, din, dout, R, S, dtype):
+    mx.random.seed(B + R)
+    x = mx.random.normal((B, L, din)).astype(dtype)
+    y = mx.random.normal((B, L, dout)).astype(dtype)
+    a = (mx.random.normal((S, din, R)) * 0.05).astype(dtype)
+    b = (mx.random.normal((S, R, dout)) * 0.05).astype(dtype)
+    a[0] = 0
+    b[0] = 0
+    # every slot, the no-adapter slot, and one past the stack (a layer that lacks that adapter)
+    slots = mx.array([i % (S + 1) for i in range(B)], mx.uint32)
+    got = LoRADeltaKernel().apply(x, y, a, b, slots)
+    assert got.dtype == dtype and got.shape == y.shape
+    want = _gather_reference(x, y, a, b, slots)
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    assert mx.allclose(got.astype(mx.float32), want, atol=tol, rtol=tol).item()
+    # rows with slot 0 or out of range are exactly the base output
+    plain = [i for i in range(B) if i % (S + 1) in (0, S)]
+    assert mx.array_equal(got[mx.array(plain)], y[mx.array(plain)]).item()
+    # and the others did change
+    changed = [i for i in range(B) if i % (S + 1) not in (0, S)]
+    assert mx.abs(got[mx.array(changed)].astype(mx.float32) - y[mx.array(changed)].astype(mx.float32)).max().item() > 1e-3
+
+
+def _layer(din=64, dout=48):
+    mx.random.seed(0)
+    layer = MultiLoRALinear(nn.Linear(din, dout, bias=False), LoRARowBinding())
+    w = LayerAdapterWeights(a=mx.random.normal((din, 6)) * 0.1, b=mx.random.normal((6, dout)) * 0.1, scale=2.0)
+    layer.set_adapter(1, w)
+    return layer, w
+
+
+def test_layer_routes_to_kernel_only_on_cuda():
+    layer, _ = _layer()
+    assert (layer._kernel is not None) == kernel_available()
+    if kernel_available():
+        assert layer._stacks.a.shape[-1] == 8  # rank 6 padded to the compiled power of two
+
+
+def test_layer_output_matches_dense_lora():
+    """Whatever path the backend takes: base(x) + scale * (x @ A) @ B on adapter rows only."""
+    layer, w = _layer()
+    x = mx.random.normal((3, 2, 64))
+    layer._binding.bind([1, 0, 1])
+    got = layer(x)
+    base = layer.base(x)
+    want = base + w.scale * (x @ w.a) @ w.b
+    assert mx.allclose(got[mx.array([0, 2])], want[mx.array([0, 2])], atol=1e-4).item()
+    assert mx.allclose(got[1], base[1], atol=1e-6).item()
