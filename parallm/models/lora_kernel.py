@@ -33,18 +33,42 @@ MAX_RANK = 128  # the per-thread register array; larger ranks keep gather_mm
 THREADS = 256
 TILE = 1024  # outputs per block (4 per thread)
 
-_SOURCE = """
+def _source(members: int) -> str:
+    """The kernel body for `members` linears that share one input x (q/k/v, gate/up): block i
+    finds its linear by walking the members' (tokens x output tiles) ranges, so one launch
+    updates them all. Inputs x, y0.., a0.., b0.., slots; outputs out0.."""
+    pick = "".join(f"""
+    if (j < 0) {{
+        int t = (y{m}_shape[2] + TILE - 1) / TILE;
+        if (blk < TOKENS * t) {{
+            j = {m}; tiles = t; OUT = y{m}_shape[2]; S = a{m}_shape[0];
+            yp = y{m}; op = out{m}; ap = a{m}; bp = b{m};
+        }} else {{
+            blk -= TOKENS * t;
+        }}
+    }}""" for m in range(members))
+    return """
     int IN = x_shape[2];
     int L = x_shape[1];
-    int OUT = y_shape[2];
-    int S = a_shape[0];
-    int tiles = (OUT + TILE - 1) / TILE;
-    int tok = blockIdx.x / tiles;
-    int o0 = (blockIdx.x % tiles) * TILE;
+    int TOKENS = x_shape[0] * L;
+    int blk = blockIdx.x;
+    int j = -1;
+    int tiles = 1;
+    int OUT = 0;
+    int S = 0;
+    const DT* yp = nullptr;
+    DT* op = nullptr;
+    const DT* ap = nullptr;
+    const DT* bp = nullptr;""" + pick + """
+    if (j < 0) {
+        return;
+    }
+    int tok = blk / tiles;
+    int o0 = (blk % tiles) * TILE;
     int o1 = min(OUT, o0 + TILE);
     unsigned int s = slots[tok / L];
-    const DT* yp = y + (size_t)tok * OUT;
-    DT* op = out + (size_t)tok * OUT;
+    yp += (size_t)tok * OUT;
+    op += (size_t)tok * OUT;
     if (s == 0 || s >= (unsigned int)S) {
         for (int o = o0 + threadIdx.x; o < o1; o += NT) {
             op[o] = yp[o];
@@ -56,7 +80,7 @@ _SOURCE = """
         acc[r] = 0.f;
     }
     const DT* xp = x + (size_t)tok * IN;
-    const DT* ap = a + (size_t)s * IN * R;
+    ap += (size_t)s * IN * R;
     for (int i = threadIdx.x; i < IN; i += NT) {
         float xv = (float)xp[i];
         const DT* arow = ap + (size_t)i * R;
@@ -86,7 +110,7 @@ _SOURCE = """
         xa[r] = v;
     }
     __syncthreads();
-    const DT* bp = b + (size_t)s * R * OUT;
+    bp += (size_t)s * R * OUT;
     for (int o = o0 + threadIdx.x; o < o1; o += NT) {
         float d = 0.f;
         for (int r = 0; r < R; r++) {
@@ -97,28 +121,43 @@ _SOURCE = """
 """
 
 
+MAX_MEMBERS = 3  # q/k/v share an input; so do gate/up
+
+
 class LoRADeltaKernel:
-    """The compiled kernel; `apply(...)` is the update, `usable(...)` says when it applies."""
+    """The compiled kernels (one per number of members); `apply` / `apply_group` are the update."""
 
     def __init__(self):
-        self._kernel = mx.fast.cuda_kernel(
-            "parallm_lora_delta", ["x", "y", "a", "b", "slots"], ["out"], _SOURCE)
+        self._kernels = {}
+        for m in range(1, MAX_MEMBERS + 1):
+            names = [f"{k}{i}" for k in ("y", "a", "b") for i in range(m)]
+            self._kernels[m] = mx.fast.cuda_kernel(
+                f"parallm_lora_delta_{m}", ["x", *names, "slots"], [f"out{i}" for i in range(m)], _source(m))
+        self._templates: dict = {}
         self._compiled: set[tuple[mx.Dtype, int]] = set()
         self._failed: set[tuple[mx.Dtype, int]] = set()
 
     def apply(self, x: mx.array, y: mx.array, a: mx.array, b: mx.array, slots: mx.array) -> mx.array:
         """x [B, L, in], y [B, L, out] (the base output), a [S, in, R], b [S, R, out], slots [B]
         uint32 -> y + per-row LoRA delta, in y's dtype."""
-        tokens, out_dims = x.shape[0] * x.shape[1], y.shape[-1]
-        tiles = -(-out_dims // TILE)
-        return self._kernel(
-            inputs=[x, y, a, b, slots],
-            template=[("DT", y.dtype), ("R", int(a.shape[-1])), ("NT", THREADS), ("TILE", TILE)],
-            grid=(tokens * tiles * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[y.shape], output_dtypes=[y.dtype])[0]
+        return self.apply_group(x, [y], [a], [b], slots)[0]
+
+    def apply_group(self, x: mx.array, ys: list, as_: list, bs: list, slots: mx.array) -> list:
+        """`apply` for up to MAX_MEMBERS linears of the same input and rank, in one launch."""
+        tokens = x.shape[0] * x.shape[1]
+        blocks = sum(tokens * -(-y.shape[-1] // TILE) for y in ys)
+        key = (ys[0].dtype, as_[0].shape[-1])
+        template = self._templates.get(key)
+        if template is None:  # built once: this runs for every wrapped linear of every step
+            template = self._templates[key] = [("DT", key[0]), ("R", int(key[1])), ("NT", THREADS), ("TILE", TILE)]
+        return self._kernels[len(ys)](
+            inputs=[x, *ys, *as_, *bs, slots],
+            template=template,
+            grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[y.shape for y in ys], output_dtypes=[y.dtype for y in ys])
 
     def ensure_compiled(self, dtype: mx.Dtype, rank: int) -> bool:
-        """Compile the (dtype, rank) variant now; False (and a warning, once) when it cannot be
+        """Compile the (dtype, rank) variants now; False (and a warning, once) when they cannot be
         built, so that the caller keeps the gather_mm path."""
         key = (dtype, rank)
         if key in self._compiled:
@@ -127,10 +166,10 @@ class LoRADeltaKernel:
             return False
         try:
             x = mx.zeros((1, 1, 32), dtype)
-            y = mx.zeros((1, 1, 32), dtype)
             a = mx.zeros((2, 32, rank), dtype)
             b = mx.zeros((2, rank, 32), dtype)
-            mx.eval(self.apply(x, y, a, b, mx.array([1], mx.uint32)))
+            for m in range(1, MAX_MEMBERS + 1):
+                mx.eval(self.apply_group(x, [x] * m, [a] * m, [b] * m, mx.array([1], mx.uint32)))
         except Exception as e:  # a toolchain that cannot build it: gather_mm still works
             log.warning("LoRA kernel unavailable for %s rank %d (%s); adapters use gather_mm", dtype, rank, e)
             self._failed.add(key)
