@@ -69,12 +69,14 @@ class LoRARowBinding:
         self.slots: Optional[mx.array] = None  # [batch] uint32
         self.active: frozenset[int] = frozenset()  # the distinct non-zero slots in `slots`
         self.generation = 0  # changes with every bind: outputs kept for a sibling expire with it
+        self.rows = 0  # len(slots), as a Python int (the hot path checks it per layer)
 
     def bind(self, slots: Iterable[int]) -> None:
         slots = [int(s) for s in slots]
         active = frozenset(s for s in slots if s != NO_ADAPTER_SLOT)
         self.active = active
         self.slots = mx.array(slots, dtype=mx.uint32) if active else None
+        self.rows = len(slots)
         self.generation += 1
 
     def clear(self) -> None:
@@ -236,25 +238,18 @@ class MultiLoRALinear(nn.Module):
                 return out
         return self._add_delta(x, self.base(x))
 
-    def _fusable(self, x: mx.array) -> bool:
-        """Whether this layer's update for input x can go through the shared kernel launch."""
-        binding, stacks = self._binding, self._stacks
-        return (self._kernel is not None and stacks is not None and binding.slots is not None
-                and not binding.active.isdisjoint(self._adapters) and x.ndim == 3
-                and x.shape[0] == binding.slots.shape[0] and x.shape[0] * x.shape[1] <= MAX_TOKENS
-                and x.dtype == stacks.a.dtype)
-
     def _add_delta(self, x: mx.array, y: mx.array) -> mx.array:
         """y (the base output for x) plus the bound rows' adapter updates."""
         binding, stacks = self._binding, self._stacks
         if binding.slots is None or stacks is None or binding.active.isdisjoint(self._adapters):
             return y
         slots = binding.slots
-        if x.ndim < 2 or x.shape[0] != slots.shape[0]:
-            raise ValueError(f"adapter rows bound for a batch of {slots.shape[0]}, "
-                             f"but the layer got input of shape {tuple(x.shape)}")
+        shape = x.shape
+        if len(shape) < 2 or shape[0] != binding.rows:
+            raise ValueError(f"adapter rows bound for a batch of {binding.rows}, "
+                             f"but the layer got input of shape {tuple(shape)}")
         kernel = self._kernel
-        if (kernel is not None and x.ndim == 3 and x.shape[0] * x.shape[1] <= MAX_TOKENS
+        if (kernel is not None and len(shape) == 3 and shape[0] * shape[1] <= MAX_TOKENS
                 and x.dtype == y.dtype == stacks.a.dtype):
             return kernel.apply(x, y, stacks.a, stacks.b, slots)  # one launch (lora_kernel.py)
         n_slots = stacks.a.shape[0]
@@ -282,11 +277,25 @@ class MultiLoRALinear(nn.Module):
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+@dataclass
+class _GroupPlan:
+    """Which members of a SharedInputGroup take the shared launch for one set of active slots."""
+
+    members: list  # MultiLoRALinear, in the group's order
+    ids: frozenset  # id() of each member
+    a: list  # their A stacks
+    b: list  # their B stacks
+    dtype: mx.Dtype  # what x and every base output must be for the kernel
+    kernel: LoRADeltaKernel
+
+
 class SharedInputGroup:
     """Wrapped linears called on the same x (a block's q/k/v, or gate/up): the first one called
     computes every member's output with ONE kernel launch (lora_kernel.apply_group) and keeps the
     others' outputs until they are called with that same x. On a GPU a decode step of a small
-    model is bound by launches: this takes a block from 7 LoRA launches to 4.
+    model is bound by launches and by Python per layer: this takes a block from 7 LoRA launches
+    to 4, and the members that can share a launch are worked out once per set of active adapters
+    (a plan), not per call.
 
     A kept output is used only by its own layer, only for the identical input array, and only
     within the same row binding (`generation`); anything else recomputes, so a model that calls
@@ -295,9 +304,12 @@ class SharedInputGroup:
     def __init__(self, members: list[MultiLoRALinear]):
         self.members = members
         self._kept: dict[int, tuple[mx.array, int, mx.array]] = {}  # id(member) -> (x, generation, out)
+        self._plans: dict[frozenset, Optional[_GroupPlan]] = {}  # binding.active -> plan
 
     def forget(self) -> None:
+        """Adapters came or went: kept outputs and plans are stale."""
         self._kept.clear()
+        self._plans.clear()
 
     def take(self, member: MultiLoRALinear, x: mx.array) -> Optional[mx.array]:
         kept = self._kept.pop(id(member), None)
@@ -305,28 +317,48 @@ class SharedInputGroup:
             return kept[2]
         return None
 
+    def _plan(self, active: frozenset) -> Optional[_GroupPlan]:
+        ready = [m for m in self.members if m._kernel is not None and m._stacks is not None
+                 and not active.isdisjoint(m._adapters)]
+        if len(ready) < 2:
+            return None
+        first = ready[0]._stacks.a
+        ready = [m for m in ready if m._stacks.a.shape[-1] == first.shape[-1] and m._stacks.a.dtype == first.dtype]
+        if len(ready) < 2:
+            return None
+        return _GroupPlan(ready, frozenset(id(m) for m in ready), [m._stacks.a for m in ready],
+                          [m._stacks.b for m in ready], first.dtype, ready[0]._kernel)
+
     def run(self, caller: MultiLoRALinear, x: mx.array) -> Optional[mx.array]:
         """The caller's output after computing (and keeping) its siblings', or None when this
         input cannot take the shared launch (the caller then computes alone)."""
-        if not caller._fusable(x):
+        binding = caller._binding
+        active = binding.active
+        plan = self._plans.get(active, False)
+        if plan is False:
+            if len(self._plans) >= 64:  # one entry per mix of adapters seen: keep it bounded
+                self._plans.clear()
+            plan = self._plans[active] = self._plan(active)
+        if plan is None or id(caller) not in plan.ids:
             return None
-        rank = caller._stacks.a.shape[-1]
-        fused = [m for m in self.members if m._fusable(x) and m._stacks.a.shape[-1] == rank]
-        if len(fused) < 2:
+        shape = x.shape
+        if (len(shape) != 3 or shape[0] != binding.rows or shape[0] * shape[1] > MAX_TOKENS
+                or x.dtype != plan.dtype):
             return None
-        ys = [m.base(x) for m in fused]
-        if any(y.dtype != x.dtype for y in ys):  # the kernel writes in the input's dtype
-            outs = [m._add_delta(x, y) for m, y in zip(fused, ys)]
+        ys = [m.base(x) for m in plan.members]
+        dtype = plan.dtype
+        if any(y.dtype != dtype for y in ys):  # the kernel writes in the input's dtype
+            outs = [m._add_delta(x, y) for m, y in zip(plan.members, ys)]
         else:
-            outs = caller._kernel.apply_group(x, ys, [m._stacks.a for m in fused],
-                                              [m._stacks.b for m in fused], caller._binding.slots)
-        generation = caller._binding.generation
+            outs = plan.kernel.apply_group(x, ys, plan.a, plan.b, binding.slots)
+        generation = binding.generation
         mine = None
-        for m, out in zip(fused, outs):
+        kept = self._kept
+        for m, out in zip(plan.members, outs):
             if m is caller:
                 mine = out
             else:
-                self._kept[id(m)] = (x, generation, out)
+                kept[id(m)] = (x, generation, out)
         return mine
 
 
