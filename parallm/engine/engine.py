@@ -14,6 +14,7 @@ from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.kv_budget import default_kv_budget_bytes
 from parallm.engine.kv_cache import probe_kv_shape
 from parallm.engine.model_runner import LaunchedStep, ModelRunner
+from parallm.engine.pass_shapes import PassShapes
 from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.sampler import BatchSampler
 from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutput, Sequence,
@@ -25,7 +26,9 @@ from parallm.engine.types import (EngineRequest, EngineStats, RequestOutput, Req
 @dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 64  # rows decoding together (slots)
-    max_num_batched_tokens: int = 512  # tokens per step; bounds a step's latency (chunked prefill)
+    # tokens per step; bounds a step's latency (chunked prefill). None = by device
+    # (pass_shapes.PassShapes.step_tokens: 2048 on CUDA, 512 elsewhere)
+    max_num_batched_tokens: Optional[int] = None
     # KV of all running sequences; beyond it the newest is preempted. None: by device (kv_budget.py:
     # half the GPU memory the model leaves free, 2 GiB on the CPU)
     kv_budget_bytes: Optional[int] = None
@@ -77,10 +80,11 @@ class Engine:
         if budget_bytes is None:
             budget_bytes = default_kv_budget_bytes()
         budget_tokens = budget_bytes // self.kv_shape.bytes_per_token
+        self.max_num_batched_tokens = config.max_num_batched_tokens or PassShapes.for_device().step_tokens
         self.prefix_cache = (PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
                              if config.prefix_cache_bytes > 0 else None)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, budget_tokens),
+            SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, budget_tokens),
             self.prefix_cache)
         if sampler is None:
             sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))

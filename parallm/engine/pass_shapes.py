@@ -23,6 +23,10 @@ class PassShapes:
     decode_kv_step: int  # the decode pass's attention length rounds up to this
     prefill_kv_step: int  # a prefill pass's attention length rounds up to this
     bucket_prefill: bool  # round prefill rows and widths up to buckets
+    # The default max_num_batched_tokens. On CUDA a step of 2048 tokens of a 1B model is ~10 ms of
+    # compute, and a burst of 64 prompts of 128 tokens then prefills in 4-5 steps instead of 16:
+    # H200, 64 clients, TTFT p50/p99 280/514 ms vs 444/738 ms at 512, 7541 vs 6180 tok/s.
+    step_tokens: int = 512
 
     @classmethod
     def for_device(cls) -> "PassShapes":
@@ -30,7 +34,7 @@ class PassShapes:
 
         if mx.default_device() == mx.gpu and mx.cuda.is_available():
             return cls(pass_cost_tokens=1024, decode_kv_step=128,
-                       prefill_kv_step=256, bucket_prefill=True)
+                       prefill_kv_step=256, bucket_prefill=True, step_tokens=2048)
         if mx.default_device() == mx.gpu:  # Metal: cheap dispatch, no per-shape graph builds
             return cls(pass_cost_tokens=64, decode_kv_step=32,
                        prefill_kv_step=32, bucket_prefill=False)

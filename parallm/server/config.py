@@ -28,7 +28,7 @@ class ServerSettings:
     port: int = 8000
     device: str = "auto"  # auto | cpu | gpu
     max_num_seqs: int = 64  # rows the engine runs at once
-    max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
+    max_num_batched_tokens: Optional[int] = None  # tokens per engine step; None: by device (2048 CUDA, else 512)
     max_queue: int = 256  # requests that may wait for a row; past it, 429
     kv_budget_bytes: Optional[int] = None  # KV of all running sequences; None: the engine's default
     prefix_cache_bytes: Optional[int] = None  # 0 turns the prefix cache off; None: the engine's default
@@ -50,7 +50,7 @@ class ServerSettings:
         checks = {
             "port": 0 <= self.port <= 65535,
             "max_num_seqs": self.max_num_seqs >= 1,
-            "max_num_batched_tokens": self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens": self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
             "max_queue": self.max_queue >= 0,
             "drain_timeout": self.drain_timeout >= 0,
             "max_body_bytes": self.max_body_bytes >= 1024,

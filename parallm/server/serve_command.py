@@ -19,7 +19,7 @@ _OPTIONS = {
     "port": (int, "port (default 8000)"),
     "device": (str, "auto | cpu | gpu (default auto)"),
     "max_num_seqs": (int, "sequences the engine runs at once (default 64)"),
-    "max_num_batched_tokens": (int, "tokens per engine step: prefill chunks plus decodes (default 512)"),
+    "max_num_batched_tokens": (int, "tokens per engine step: prefill chunks plus decodes (default 2048 on a CUDA GPU, 512 elsewhere)"),
     "max_queue": (int, "requests that may wait for a free row; past it the server answers 429 (default 256)"),
     "kv_budget_bytes": (int, "KV cache budget of all running sequences, in bytes (default: half the GPU memory the model leaves free; 2 GiB on the CPU)"),
     "prefix_cache_bytes": (int, "prefix cache size in bytes; 0 turns it off (default: the engine's, 256 MiB)"),

@@ -43,3 +43,15 @@ def test_buckets_pad_at_most_half():
     assert sorted(set(seen))[:10] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
     assert all(n <= b <= max(2, 1.5 * n) for n, b in zip(range(1, 100), seen))
     assert _bucket(16, 16) == 16 and _bucket(17, 16) == 24 and _bucket(2000, 16) == 2048
+
+
+def test_step_token_budget_comes_from_the_device_unless_set(tiny_loaded):
+    import mlx.core as mx
+
+    from parallm.engine.engine import Engine, EngineConfig
+
+    by_device = PassShapes.for_device().step_tokens
+    cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    assert by_device == (2048 if cuda else 512)
+    assert Engine(tiny_loaded, EngineConfig()).scheduler.config.max_num_batched_tokens == by_device
+    assert Engine(tiny_loaded, EngineConfig(max_num_batched_tokens=96)).scheduler.config.max_num_batched_tokens == 96
