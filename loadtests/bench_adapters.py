@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from parallm._blas import blas_in_use  # noqa: E402
 from parallm.engine.adapter_manager import AdapterManager  # noqa: E402
+from parallm.models.lora_kernel import shared_kernel  # noqa: E402
 
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
                     intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         manager.apply_pending()
     print(f"device={mx.default_device()} blas={blas_in_use()} dtype={args.dtype} layers={args.layers} adapters={len(names)} "
           f"rank={args.rank} lora_layers={args.lora_layers} keys={keys or 'all linears'} "
-          f"wrapped_linears={manager.wrapped_layer_count()} lora_kernel={not args.no_lora_kernel} steps={args.steps} (median step, interleaved)")
+          f"wrapped_linears={manager.wrapped_layer_count()} lora_kernel={shared_kernel() is not None} steps={args.steps} (median step, interleaved)")
     print(f"{'batch':>5} {'base tok/s':>11} {'mixed tok/s':>12} {'mixed/base':>10} {'pristine tok/s':>15} "
           f"{'base/pristine':>13}")
     for batch in args.batch:
