@@ -270,14 +270,32 @@ def plot(levels: list[LevelResult], out_dir: Path, stem: str) -> list[Path]:
     return [path]
 
 
+def engine_settings(args) -> dict:
+    """The engine baseline's settings: those given to parallm in --parallm-args where they are
+    engine settings (rows, step budget, queue), so that "server vs engine" compares like with
+    like; otherwise rows for the largest level."""
+    import shlex
+
+    max_conc = max(args.concurrency)
+    settings = {"max_num_seqs": max_conc, "max_queue": 4 * max_conc, "max_num_batched_tokens": None}
+    words = shlex.split(args.parallm_args or "")
+    for flag, key in (("--max-num-seqs", "max_num_seqs"), ("--max-queue", "max_queue"),
+                      ("--max-num-batched-tokens", "max_num_batched_tokens")):
+        for i, word in enumerate(words):
+            if word == flag and i + 1 < len(words):
+                settings[key] = int(words[i + 1])
+            elif word.startswith(flag + "="):
+                settings[key] = int(word.split("=", 1)[1])
+    return settings
+
+
 def engine_target(args) -> Target:
     if not args.model:
         raise SystemExit("--engine-baseline needs --model DIR")
     sys.path.insert(0, str(REPO_ROOT))  # this checkout's parallm
     import parallm  # noqa: F401  (preloads the same BLAS the server gets, before mlx)
     from engine_baseline import load_engine
-    max_conc = max(args.concurrency)
-    engine = load_engine(args.model, max_num_seqs=max_conc, max_queue=4 * max_conc)
+    engine = load_engine(args.model, **engine_settings(args))
     return Target("engine", engine=engine, tokenizer=engine.tokenizer("bench"))
 
 

@@ -45,3 +45,22 @@ def test_a_small_sweep_against_a_live_server(tiny_loaded, tmp_path):
         assert lv["failures"] == 0 and lv["requests"] == 3
         assert lv["output_tokens"] == 15  # ignore_eos: every request gets its 5 tokens
         assert lv["ttft_p50"] > 0 and lv["throughput_tok_s"] > 0
+
+
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench_serving.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_engine_baseline_takes_the_servers_engine_settings():
+    args = _parse(
+        ["--compare", "--model", "m", "--concurrency", "64,256",
+         "--parallm-args", "--max-num-seqs 128 --max-queue=300 --max-num-batched-tokens 2048"])
+    assert bench_serving.engine_settings(args) == {"max_num_seqs": 128, "max_queue": 300,
+                                                   "max_num_batched_tokens": 2048}
+    plain = _parse(["--compare", "--model", "m", "--concurrency", "4,16"])
+    assert bench_serving.engine_settings(plain) == {"max_num_seqs": 16, "max_queue": 64,
+                                                    "max_num_batched_tokens": None}
