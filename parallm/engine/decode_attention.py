@@ -31,6 +31,8 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
+from parallm.models.device import computing_on_cuda
+
 log = logging.getLogger(__name__)
 
 _WRITE = """
@@ -206,7 +208,7 @@ class DecodeAttention:
 
     @staticmethod
     def supports(n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
-        return (mx.cuda.is_available() and mx.default_device() == mx.gpu and head_dim % 32 == 0
+        return (computing_on_cuda() and head_dim % 32 == 0
                 and head_dim <= 256 and n_heads % n_kv_heads == 0 and n_heads // n_kv_heads <= 8)
 
     def write(self, k_new: mx.array, v_new: mx.array, kbuf: mx.array, vbuf: mx.array,

@@ -80,7 +80,8 @@ class Engine:
         if budget_bytes is None:
             budget_bytes = default_kv_budget_bytes()
         budget_tokens = budget_bytes // self.kv_shape.bytes_per_token
-        self.max_num_batched_tokens = config.max_num_batched_tokens or PassShapes.for_device().step_tokens
+        shapes = PassShapes.for_device()  # one policy for the step budget and the runner's passes
+        self.max_num_batched_tokens = config.max_num_batched_tokens or shapes.step_tokens
         self.prefix_cache = (PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
                              if config.prefix_cache_bytes > 0 else None)
         self.scheduler = Scheduler(
@@ -89,7 +90,7 @@ class Engine:
         if sampler is None:
             sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))
         self.runner = ModelRunner(loaded.model, self.kv_shape, config.max_num_seqs, sampler,
-                                  prefix_cache=self.prefix_cache, adapters=adapters,
+                                  prefix_cache=self.prefix_cache, adapters=adapters, shapes=shapes,
                                   decode_kernels=config.decode_kernels)
         self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
         self._requests: dict[str, _Request] = {}

@@ -32,7 +32,9 @@ class PassShapes:
     def for_device(cls) -> "PassShapes":
         import mlx.core as mx
 
-        if mx.default_device() == mx.gpu and mx.cuda.is_available():
+        from parallm.models.device import computing_on_cuda
+
+        if computing_on_cuda():
             return cls(pass_cost_tokens=1024, decode_kv_step=128,
                        prefill_kv_step=256, bucket_prefill=True, step_tokens=2048)
         if mx.default_device() == mx.gpu:  # Metal: cheap dispatch, no per-shape graph builds

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
+from parallm.engine.engine import _vocab_size
 from parallm.engine.types import EngineRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _SAMPLED = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, top_k=20, mi
 def warm_up(engine) -> float:
     """Run the warm-up requests through `engine` (idle, on its own thread); returns seconds taken."""
     started = time.monotonic()
-    vocab = max(2, _vocab_size(engine))
+    vocab = max(2, _vocab_size(engine.loaded))
     limit = max(8, engine.loaded.context_length // 4)
 
     def prompt(n: int, offset: int) -> list[int]:
@@ -51,11 +52,3 @@ def warm_up(engine) -> float:
     log.info("engine warmed up in %.1f s", seconds)
     return seconds
 
-
-def _vocab_size(engine) -> int:
-    size = getattr(engine.runner.sampler, "vocab_size", None)
-    if size:
-        return int(size)
-    from parallm.engine.engine import _vocab_size as from_model
-
-    return from_model(engine.loaded)

@@ -25,6 +25,13 @@ def gpu_backend() -> str | None:
     return None
 
 
+def computing_on_cuda() -> bool:
+    """True when MLX's default device is a CUDA GPU (where parallm's CUDA kernels apply)."""
+    import mlx.core as mx
+
+    return mx.default_device() == mx.gpu and gpu_backend() == "cuda"
+
+
 def select_device(device: str = "auto") -> str:
     """Set MLX's default device and return 'gpu' or 'cpu'."""
     import mlx.core as mx

@@ -32,7 +32,7 @@ from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToSharded
                                        QuantizedShardedToAllLinear, ShardedToAllLinear)
 from mlx.utils import tree_unflatten
 
-from parallm.models.lora_kernel import MAX_RANK, MAX_TOKENS, LoRADeltaKernel, shared_kernel
+from parallm.models.lora_kernel import MAX_RANK, LoRADeltaKernel, fits, shared_kernel
 from parallm.models.lora_sharding import SHARDED_TO_ALL, shard_lora, sharding_style
 
 NO_ADAPTER_SLOT = 0
@@ -207,8 +207,8 @@ class MultiLoRALinear(nn.Module):
         n_slots = max(self._adapters) + 1
         rank = max(w.rank for w in self._adapters.values())
         dtype = _compute_dtype(self.base)
-        kernel = shared_kernel() if not self._gains and self._style is None else None
-        if kernel is not None and rank <= MAX_RANK:
+        kernel = shared_kernel() if not self._gains and self._style is None and rank <= MAX_RANK else None
+        if kernel is not None:
             # The kernel compiles one variant per rank: padding to a power of two (zeros, exact)
             # keeps a server with adapters of ranks 4, 6 and 8 at one compile.
             rank = max(8, 1 << (rank - 1).bit_length())
@@ -224,7 +224,7 @@ class MultiLoRALinear(nn.Module):
                 gain[slot] = g.astype(dtype)
         mx.eval(a, b, *([gain] if gain is not None else []))
         self._stacks = _Stacks(a=a, b=b, gain=gain)
-        if kernel is not None and rank <= MAX_RANK and kernel.ensure_compiled(dtype, rank):
+        if kernel is not None and kernel.ensure_compiled(dtype, rank):
             self._kernel = kernel
 
     # ---- forward ----
@@ -249,8 +249,7 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"adapter rows bound for a batch of {binding.rows}, "
                              f"but the layer got input of shape {tuple(shape)}")
         kernel = self._kernel
-        if (kernel is not None and len(shape) == 3 and shape[0] * shape[1] <= MAX_TOKENS
-                and x.dtype == y.dtype == stacks.a.dtype):
+        if kernel is not None and fits(shape) and x.dtype == y.dtype == stacks.a.dtype:
             return kernel.apply(x, y, stacks.a, stacks.b, slots)  # one launch (lora_kernel.py)
         n_slots = stacks.a.shape[0]
         # Rows whose adapter has no tensors in this layer index past the stack: send them to slot 0.
@@ -342,8 +341,7 @@ class SharedInputGroup:
         if plan is None or id(caller) not in plan.ids:
             return None
         shape = x.shape
-        if (len(shape) != 3 or shape[0] != binding.rows or shape[0] * shape[1] > MAX_TOKENS
-                or x.dtype != plan.dtype):
+        if not fits(shape) or shape[0] != binding.rows or x.dtype != plan.dtype:
             return None
         ys = [m.base(x) for m in plan.members]
         dtype = plan.dtype

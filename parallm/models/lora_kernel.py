@@ -26,6 +26,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from parallm.models.device import computing_on_cuda
+
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 512  # above this a pass is a prefill: gather_mm's matmuls win
@@ -190,8 +192,13 @@ def set_enabled(enabled: bool) -> None:
 
 def kernel_available() -> bool:
     """True where the kernel can run: the default device is a CUDA GPU."""
-    cuda = getattr(mx, "cuda", None)
-    return bool(cuda is not None and cuda.is_available() and mx.default_device() == mx.gpu)
+    return computing_on_cuda()
+
+
+def fits(shape: tuple) -> bool:
+    """Whether an input of this shape is one the kernel takes: [rows, tokens per row, in], with
+    at most MAX_TOKENS tokens in all."""
+    return len(shape) == 3 and shape[0] * shape[1] <= MAX_TOKENS
 
 
 def shared_kernel() -> Optional[LoRADeltaKernel]:
