@@ -9,6 +9,7 @@ no row uses an adapter.
 The model is a random-weight Llama with SmolLM2-135M's shape (hidden 576, 30 layers, 9/3 heads,
 MLP 1536, vocab 49152) in float32 by default; adapters are mlx-lm-default: rank 8, scale 20, every
 linear of the last 16 layers (pass --keys q_proj,v_proj for attention-only adapters).
+`--shape llama-1b` uses Llama-3.2-1B's shape instead (16 layers, hidden 2048), for GPU runs.
 
     python loadtests/bench_adapters.py --batch 32 64 --adapters 8 --steps 24
 """
@@ -37,12 +38,17 @@ from parallm.models.lora_kernel import shared_kernel  # noqa: E402
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
                     intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
                     rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192)
+# Llama-3.2-1B's shape: the real-size GPU check (per-layer overheads weigh less next to wider layers)
+LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
+                intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=8192)
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama-1b": LLAMA_1B}
 
 
-def build_model(layers: int, dtype):
+def build_model(shape: dict, layers: int, dtype):
     from mlx_lm.models import llama
 
-    config = dict(SMOLLM2_135M, num_hidden_layers=layers)
+    config = dict(shape, num_hidden_layers=layers)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.update(nn.utils.tree_map(lambda p: p.astype(dtype), model.parameters()))
     mx.eval(model.parameters())
@@ -75,14 +81,14 @@ def write_adapters(model, out: Path, n: int, rank: int, num_layers: int, keys) -
 class DecodeRun:
     """One batch decoding greedily with its own KV cache; `step()` times one decode step."""
 
-    def __init__(self, model, batch: int, prompt_len: int, before_forward):
+    def __init__(self, model, batch: int, prompt_len: int, before_forward, vocab: int):
         from mlx_lm.models.cache import make_prompt_cache
 
         self.model, self.before_forward = model, before_forward
         self.cache = make_prompt_cache(model)
         before_forward()
-        mx.eval(model(mx.random.randint(0, 49152, (batch, prompt_len)), cache=self.cache))  # prefill
-        self.tokens = mx.random.randint(0, 49152, (batch, 1))
+        mx.eval(model(mx.random.randint(0, vocab, (batch, prompt_len)), cache=self.cache))  # prefill
+        self.tokens = mx.random.randint(0, vocab, (batch, 1))
         mx.eval(self.tokens)
 
     def step(self) -> float:
@@ -99,7 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[32, 64])
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--layers", type=int, default=30, help="transformer blocks of the model")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m", help="the random model's shape")
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks of the model (default: the shape's)")
     p.add_argument("--lora-layers", type=int, default=16, help="mlx-lm num_layers of the adapters")
     p.add_argument("--keys", default="", help="comma list, e.g. self_attn.q_proj,self_attn.v_proj")
     p.add_argument("--steps", type=int, default=24, help="timed decode steps per configuration")
@@ -114,7 +121,10 @@ def main(argv=None) -> int:
 
     dtype = getattr(mx, args.dtype)
     keys = [k for k in args.keys.split(",") if k] or None
-    model = build_model(args.layers, dtype)
+    shape = SHAPES[args.shape]
+    args.layers = args.layers or shape["num_hidden_layers"]
+    vocab = shape["vocab_size"]
+    model = build_model(shape, args.layers, dtype)
     pristine = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as tmp:
         dirs = write_adapters(model, Path(tmp), args.adapters, args.rank, args.lora_layers, keys)
@@ -123,7 +133,7 @@ def main(argv=None) -> int:
         for d in dirs:
             names.append(manager.load(d.name, d.name).name)
         manager.apply_pending()
-    print(f"device={mx.default_device()} blas={blas_in_use()} dtype={args.dtype} layers={args.layers} adapters={len(names)} "
+    print(f"device={mx.default_device()} blas={blas_in_use()} shape={args.shape} dtype={args.dtype} layers={args.layers} adapters={len(names)} "
           f"rank={args.rank} lora_layers={args.lora_layers} keys={keys or 'all linears'} "
           f"wrapped_linears={manager.wrapped_layer_count()} lora_kernel={shared_kernel() is not None} steps={args.steps} (median step, interleaved)")
     print(f"{'batch':>5} {'base tok/s':>11} {'mixed tok/s':>12} {'mixed/base':>10} {'pristine tok/s':>15} "
@@ -131,9 +141,9 @@ def main(argv=None) -> int:
     for batch in args.batch:
         mixed_rows = [names[i % len(names)] for i in range(batch)]
         base_rows = [None] * batch
-        runs = {"base": DecodeRun(model, batch, args.prompt_len, lambda: manager.bind_rows(base_rows)),
-                "mixed": DecodeRun(model, batch, args.prompt_len, lambda: manager.bind_rows(mixed_rows)),
-                "pristine": DecodeRun(pristine, batch, args.prompt_len, lambda: None)}
+        runs = {"base": DecodeRun(model, batch, args.prompt_len, lambda: manager.bind_rows(base_rows), vocab),
+                "mixed": DecodeRun(model, batch, args.prompt_len, lambda: manager.bind_rows(mixed_rows), vocab),
+                "pristine": DecodeRun(pristine, batch, args.prompt_len, lambda: None, vocab)}
         times = {k: [] for k in runs}
         for _ in range(args.steps):  # interleaved step by step: neighbours' load hits all three alike
             for k, run in runs.items():

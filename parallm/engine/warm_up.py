@@ -12,11 +12,17 @@ then two together with different prompt lengths (padded prefill with a mask, dec
 different offsets), one greedy, one that samples with every sampling option and asks for
 logprobs. Afterwards the prefix cache and the counters are reset, so the warm-up leaves no trace
 in the cache or in /metrics.
+
+Where prefill passes are bucketed (CUDA: PassShapes.bucket_prefill), every (rows, width) bucket
+a step can hold is then run once too: each first pass of a new shape builds cuDNN attention
+graphs and GEMM plans (tens of ms), and a burst of clients hits many of them in its first
+seconds. The buckets are few (rows and widths grow by 1.5-2x), so this is a few dozen passes.
 """
 from __future__ import annotations
 
 import logging
 import time
+from typing import Optional
 
 from parallm.engine.engine import _vocab_size
 from parallm.engine.types import EngineRequest, SamplingParams
@@ -29,8 +35,9 @@ _SAMPLED = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, top_k=20, mi
                           logprobs=True, top_logprobs=2, ignore_eos=True, seed=0)
 
 
-def warm_up(engine) -> float:
-    """Run the warm-up requests through `engine` (idle, on its own thread); returns seconds taken."""
+def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
+    """Run the warm-up requests through `engine` (idle, on its own thread); returns seconds taken.
+    `bucket_rounds` (None: where prefill is bucketed) adds a round per prefill bucket."""
     started = time.monotonic()
     vocab = max(2, _vocab_size(engine.loaded))
     limit = max(8, engine.loaded.context_length // 4)
@@ -41,6 +48,10 @@ def warm_up(engine) -> float:
     rounds = [[EngineRequest("warm-up-0", prompt(16, 3), _GREEDY)],
               [EngineRequest("warm-up-1", prompt(24, 5), _GREEDY),
                EngineRequest("warm-up-2", prompt(40, 11), _SAMPLED)]]
+    if bucket_rounds is None:
+        bucket_rounds = engine.runner.shapes.bucket_prefill
+    if bucket_rounds:
+        rounds += _bucket_rounds(engine, prompt, limit)
     for requests in rounds:
         for request in requests:
             engine.validate(request)
@@ -49,6 +60,37 @@ def warm_up(engine) -> float:
             engine.step()
     engine.reset_after_warm_up()
     seconds = time.monotonic() - started
-    log.info("engine warmed up in %.1f s", seconds)
+    log.info("engine warmed up in %.1f s (%d rounds)", seconds, len(rounds))
     return seconds
+
+
+_ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
+def bucket_sizes(upto: int, smallest: int) -> list[int]:
+    """The bucket values PassShapes rounds to (smallest x 1, 1.5, 2, 3, 4, 6, ...), up to `upto`."""
+    sizes, b = [], smallest
+    while b <= upto:
+        sizes.append(b)
+        if b >= 2 and b + b // 2 <= upto:
+            sizes.append(b + b // 2)
+        b *= 2
+    return sizes
+
+
+def _bucket_rounds(engine, prompt, limit: int) -> list[list[EngineRequest]]:
+    """One round per (width, rows) prefill bucket that fits a step: `rows` fresh prompts of
+    `width` tokens at once, one output token each (so the decode pass at that many rows runs too).
+    Prompts are all different, so no round is shortened by a prefix-cache hit."""
+    budget = engine.max_num_batched_tokens
+    max_rows = engine.config.max_num_seqs
+    rounds, n = [], 0
+    for width in bucket_sizes(min(budget, limit), 16):
+        for rows in bucket_sizes(min(max_rows, budget // width), 1):
+            batch = []
+            for _ in range(rows):
+                n += 1
+                batch.append(EngineRequest(f"warm-up-shape-{n}", prompt(width, 1000 + 13 * n), _ONE_TOKEN))
+            rounds.append(batch)
+    return rounds
 

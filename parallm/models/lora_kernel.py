@@ -35,18 +35,21 @@ MAX_RANK = 128  # the per-thread register array; larger ranks keep gather_mm
 THREADS = 256
 TILE = 1024  # outputs per block (4 per thread)
 
-def _source(members: int) -> str:
+def _source(members: int, fused: bool = False) -> str:
     """The kernel body for `members` linears that share one input x (q/k/v, gate/up): block i
     finds its linear by walking the members' (tokens x output tiles) ranges, so one launch
-    updates them all. Inputs x, y0.., a0.., b0.., slots; outputs out0.."""
+    updates them all. Inputs x, y0.. (or, `fused`, one y holding every member's base output
+    side by side: the result of one concatenated matmul), a0.., b0.., slots; outputs out0..
+    A member's output width comes from its B stack, so a fused y needs no extra arguments."""
     pick = "".join(f"""
     if (j < 0) {{
-        int t = (y{m}_shape[2] + TILE - 1) / TILE;
+        int w = b{m}_shape[2];
+        int t = (w + TILE - 1) / TILE;
         if (blk < TOKENS * t) {{
-            j = {m}; tiles = t; OUT = y{m}_shape[2]; S = a{m}_shape[0];
-            yp = y{m}; op = out{m}; ap = a{m}; bp = b{m};
+            j = {m}; tiles = t; OUT = w; S = a{m}_shape[0]; col = {"skip" if fused else "0"};
+            yp = {"y" if fused else f"y{m}"}; op = out{m}; ap = a{m}; bp = b{m};
         }} else {{
-            blk -= TOKENS * t;
+            blk -= TOKENS * t; skip += w;
         }}
     }}""" for m in range(members))
     return """
@@ -58,10 +61,13 @@ def _source(members: int) -> str:
     int tiles = 1;
     int OUT = 0;
     int S = 0;
+    int skip = 0;  // output columns of the members before this one
+    int col = 0;   // where this member's base output starts in a row of y
     const DT* yp = nullptr;
     DT* op = nullptr;
     const DT* ap = nullptr;
-    const DT* bp = nullptr;""" + pick + """
+    const DT* bp = nullptr;""" + pick + f"""
+    int YW = {"y_shape[2]" if fused else "OUT"};  // a row of y""" + """
     if (j < 0) {
         return;
     }
@@ -69,7 +75,7 @@ def _source(members: int) -> str:
     int o0 = (blk % tiles) * TILE;
     int o1 = min(OUT, o0 + TILE);
     unsigned int s = slots[tok / L];
-    yp += (size_t)tok * OUT;
+    yp += (size_t)tok * YW + col;
     op += (size_t)tok * OUT;
     if (s == 0 || s >= (unsigned int)S) {
         for (int o = o0 + threadIdx.x; o < o1; o += NT) {
@@ -135,6 +141,12 @@ class LoRADeltaKernel:
             names = [f"{k}{i}" for k in ("y", "a", "b") for i in range(m)]
             self._kernels[m] = mx.fast.cuda_kernel(
                 f"parallm_lora_delta_{m}", ["x", *names, "slots"], [f"out{i}" for i in range(m)], _source(m))
+        self._fused_kernels = {}
+        for m in range(2, MAX_MEMBERS + 1):
+            names = [f"{k}{i}" for k in ("a", "b") for i in range(m)]
+            self._fused_kernels[m] = mx.fast.cuda_kernel(
+                f"parallm_lora_delta_fused_{m}", ["x", "y", *names, "slots"], [f"out{i}" for i in range(m)],
+                _source(m, fused=True))
         self._templates: dict = {}
         self._compiled: set[tuple[mx.Dtype, int]] = set()
         self._failed: set[tuple[mx.Dtype, int]] = set()
@@ -158,6 +170,23 @@ class LoRADeltaKernel:
             grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[y.shape for y in ys], output_dtypes=[y.dtype for y in ys])
 
+    def apply_fused(self, x: mx.array, y: mx.array, as_: list, bs: list, slots: mx.array) -> list:
+        """`apply_group` where the members' base outputs come as one y [B, L, sum of outs] (one
+        matmul against their concatenated weights): returns each member's own [B, L, out] output,
+        so the split costs no extra launch either."""
+        tokens = x.shape[0] * x.shape[1]
+        blocks = sum(tokens * -(-b.shape[-1] // TILE) for b in bs)
+        key = (y.dtype, as_[0].shape[-1])
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = [("DT", key[0]), ("R", int(key[1])), ("NT", THREADS), ("TILE", TILE)]
+        lead = y.shape[:-1]
+        return self._fused_kernels[len(bs)](
+            inputs=[x, y, *as_, *bs, slots],
+            template=template,
+            grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[(*lead, b.shape[-1]) for b in bs], output_dtypes=[y.dtype] * len(bs))
+
     def ensure_compiled(self, dtype: mx.Dtype, rank: int) -> bool:
         """Compile the (dtype, rank) variants now; False (and a warning, once) when they cannot be
         built, so that the caller keeps the gather_mm path."""
@@ -170,8 +199,11 @@ class LoRADeltaKernel:
             x = mx.zeros((1, 1, 32), dtype)
             a = mx.zeros((2, 32, rank), dtype)
             b = mx.zeros((2, rank, 32), dtype)
+            one = mx.array([1], mx.uint32)
             for m in range(1, MAX_MEMBERS + 1):
-                mx.eval(self.apply_group(x, [x] * m, [a] * m, [b] * m, mx.array([1], mx.uint32)))
+                mx.eval(self.apply_group(x, [x] * m, [a] * m, [b] * m, one))
+                if m > 1:
+                    mx.eval(self.apply_fused(x, mx.zeros((1, 1, 32 * m), dtype), [a] * m, [b] * m, one))
         except Exception as e:  # a toolchain that cannot build it: gather_mm still works
             log.warning("LoRA kernel unavailable for %s rank %d (%s); adapters use gather_mm", dtype, rank, e)
             self._failed.add(key)

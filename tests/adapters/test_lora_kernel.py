@@ -49,6 +49,35 @@ def test_kernel_matches_gather_mm(B, L, din, dout, R, S, dtype):
     assert mx.abs(got[mx.array(changed)].astype(mx.float32) - y[mx.array(changed)].astype(mx.float32)).max().item() > 1e-3
 
 
+
+@cuda
+@pytest.mark.parametrize("outs,dtype", [((576, 192, 192), mx.bfloat16), ((1536, 1536), mx.bfloat16),
+                                        ((100, 3000, 7), mx.float32)])
+def test_fused_kernel_matches_gather_mm(outs, dtype):
+    """apply_fused: the members' base outputs side by side in one y; each gets its own slice plus
+    its own update, and a member with a one-slot stand-in stack is copied unchanged."""
+    mx.random.seed(len(outs))
+    B, L, din, R, S = 9, 1, 576, 8, 4
+    x = mx.random.normal((B, L, din)).astype(dtype)
+    y = mx.random.normal((B, L, sum(outs))).astype(dtype)
+    as_ = [(mx.random.normal((S, din, R)) * 0.05).astype(dtype) for _ in outs]
+    bs = [(mx.random.normal((S, R, o)) * 0.05).astype(dtype) for o in outs]
+    for a, b in zip(as_, bs):  # slot 0 is "no adapter": all zeros in a real stack
+        a[0] = 0
+        b[0] = 0
+    as_[-1], bs[-1] = mx.zeros((1, din, R), dtype), mx.zeros((1, R, outs[-1]), dtype)  # a stand-in
+    slots = mx.array([i % (S + 1) for i in range(B)], mx.uint32)
+    got = LoRADeltaKernel().apply_fused(x, y, as_, bs, slots)
+    col = 0
+    tol = 1e-4 if dtype == mx.float32 else 3e-2
+    for out, a, b, o in zip(got, as_, bs, outs):
+        part = y[..., col: col + o]
+        col += o
+        assert out.shape == (B, L, o) and out.dtype == dtype
+        assert mx.allclose(out.astype(mx.float32), _gather_reference(x, part, a, b, slots), atol=tol, rtol=tol).item()
+    assert mx.array_equal(got[-1], y[..., -outs[-1]:]).item()
+
+
 def _layer(din=64, dout=48):
     mx.random.seed(0)
     layer = MultiLoRALinear(nn.Linear(din, dout, bias=False), LoRARowBinding())
@@ -91,6 +120,15 @@ class _ReferenceKernel:
         self.calls.append(len(ys))
         return [_gather_reference(x, y, a, b, slots).astype(y.dtype) for y, a, b in zip(ys, as_, bs)]
 
+    def apply_fused(self, x, y, as_, bs, slots):
+        self.calls.append(("fused", len(bs)))
+        cuts, col = [], 0
+        for b in bs[:-1]:
+            col += b.shape[-1]
+            cuts.append(col)
+        ys = mx.split(y, cuts, axis=-1)
+        return [_gather_reference(x, yi, a, b, slots).astype(y.dtype) for yi, a, b in zip(ys, as_, bs)]
+
 
 def test_siblings_share_one_launch_and_match_separate_layers(tiny_model_dir, make_adapter):
     from pathlib import Path
@@ -130,3 +168,78 @@ def test_siblings_share_one_launch_and_match_separate_layers(tiny_model_dir, mak
     other = mx.random.normal(x.shape)
     assert mx.allclose(layers[f"{attn}.v_proj"](other),
                        layers[f"{attn}.v_proj"]._add_delta(other, layers[f"{attn}.v_proj"].base(other)), atol=1e-5).item()
+
+
+def _wrapped_tiny(tiny_model_dir, make_adapter, **adapter_kwargs):
+    from pathlib import Path
+
+    from mlx_lm.utils import load_model
+
+    from parallm.models.adapters import read_adapter
+    from parallm.models.lora import install_adapter, multi_lora_layers
+
+    model, _ = load_model(Path(tiny_model_dir))
+    binding = install_adapter(model, 1, read_adapter(make_adapter("x", seed=7, rank=8, **adapter_kwargs), model).layers)
+    layers = multi_lora_layers(model)
+    attn = [p for p in layers if p.endswith("self_attn.q_proj")][0].rsplit(".", 1)[0]
+    return model, binding, layers, attn
+
+
+def test_fused_base_is_one_matmul_and_matches_separate_layers(tiny_model_dir, make_adapter):
+    """CUDA fuses each group's base weights (q/k/v, gate/up) into one matrix whose rows the members'
+    weights are views of; the group's outputs then come from one matmul plus one kernel launch.
+    Checked here with the reference kernel: same outputs as each layer computed on its own, the
+    weights unchanged in value, and a replaced weight falling back to per-member calls."""
+    model, binding, layers, attn = _wrapped_tiny(tiny_model_dir, make_adapter)
+    names = [f"{attn}.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+    before = {p: mx.array(layers[p].base.weight) for p in names}
+    group = layers[names[0]]._siblings
+    assert group.fuse_base()
+    for p in names:  # same values, now rows of the one matrix
+        assert mx.array_equal(layers[p].base.weight, before[p]).item()
+    assert group._fused.weight.shape[0] == sum(before[p].shape[0] for p in names)
+
+    x = mx.random.normal((3, 2, model.args.hidden_size))
+    binding.bind([1, 0, 1])
+    separate = {p: layers[p]._add_delta(x, x @ before[p].T) for p in names}
+    fake = _ReferenceKernel()
+    for m in layers.values():
+        m._kernel = fake
+    got = {p: layers[p](x) for p in names}
+    assert fake.calls == [("fused", 3)]
+    for p in names:
+        assert got[p].shape == separate[p].shape
+        assert mx.allclose(got[p], separate[p], atol=1e-5).item(), p
+
+    # a member's weight replaced (a reload): the fused matrix is stale, so per-member calls again
+    fresh = mx.random.normal(before[names[1]].shape) * 0.02
+    layers[names[1]].base.weight = fresh
+    binding.bind([1, 1, 0])
+    fake.calls.clear()
+    got = {p: layers[p](x) for p in names}
+    assert ("fused", 3) not in fake.calls
+    want_k = layers[names[1]]._add_delta(x, x @ fresh.T)
+    assert mx.allclose(got[names[1]], want_k, atol=1e-5).item()
+
+
+def test_fused_base_copies_members_without_the_adapter(tiny_model_dir, make_adapter):
+    """An adapter on q and v only: k still comes out of the fused launch, exactly its base output."""
+    model, binding, layers, attn = _wrapped_tiny(tiny_model_dir, make_adapter, keys=["self_attn.q_proj",
+                                                                                      "self_attn.k_proj",
+                                                                                      "self_attn.v_proj"])
+    names = [f"{attn}.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+    layers[names[1]].remove_adapter(1)  # k carries nothing
+    group = layers[names[0]]._siblings
+    assert group.fuse_base()
+    fake = _ReferenceKernel()
+    for m in layers.values():
+        m._kernel = fake
+    x = mx.random.normal((2, 1, model.args.hidden_size))
+    binding.bind([1, 1])
+    got = {p: layers[p](x) for p in names}
+    assert fake.calls == [("fused", 3)]
+    assert mx.allclose(got[names[1]], layers[names[1]].base(x), atol=1e-6).item()
+    for p in (names[0], names[2]):
+        want = layers[p]._add_delta(x, layers[p].base(x))
+        assert mx.allclose(got[p], want, atol=1e-5).item()
+        assert not mx.allclose(got[p], layers[p].base(x), atol=1e-4).item()  # the adapter did act
