@@ -91,7 +91,8 @@ class Engine:
             sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))
         self.runner = ModelRunner(loaded.model, self.kv_shape, config.max_num_seqs, sampler,
                                   prefix_cache=self.prefix_cache, adapters=adapters, shapes=shapes,
-                                  decode_kernels=config.decode_kernels)
+                                  decode_kernels=config.decode_kernels,
+                                  pass_tokens=self.max_num_batched_tokens)
         self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
         self._requests: dict[str, _Request] = {}
         self._steps = 0

@@ -45,9 +45,12 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model, kv_shape: KVShape, max_slots: int, sampler: BatchSampler, *,
                  prefix_cache: Optional[PrefixCache] = None, adapters: Any = None,
-                 shapes: Optional[PassShapes] = None, decode_kernels: bool = True):
+                 shapes: Optional[PassShapes] = None, decode_kernels: bool = True,
+                 pass_tokens: Optional[int] = None):
         self.model = model
         self.shapes = shapes or PassShapes.for_device()
+        # the step's token budget: a bucketed prefill pass is never padded past it (_capped_parts)
+        self.pass_tokens = pass_tokens or self.shapes.step_tokens
         kernels = (kernels_for(model, kv_shape.n_kv_heads, kv_shape.k_head_dim, kv_shape.dtype)
                    if decode_kernels else None)
         self.cache = BatchedKVCache(kv_shape, max_slots, kernels)
@@ -80,7 +83,8 @@ class ModelRunner:
         for row in out.new_rows:
             self._admit(row)
         for group in _length_groups(out.prefill, self.shapes.pass_cost_tokens):
-            self._prefill(group)
+            for part in self._capped_parts(group):
+                self._prefill(part)
         if out.decode:
             return LaunchedStep(out.decode, self._decode(out))
         mx.async_eval(self.cache.keys, self.cache.values)
@@ -107,6 +111,19 @@ class ModelRunner:
             self.adapters.bind_rows([self._rows[s][1] if s in self._rows else None for s in slots])
 
     # ---- passes ------------------------------------------------------------------------------
+    def _capped_parts(self, group: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+        """A pass group split so that no bucketed pass pads past the step's tokens (rows_cap)."""
+        shapes = self.shapes
+        if not shapes.bucket_prefill:
+            return [group]
+        rest = sorted(group, key=lambda c: -len(c.token_ids))
+        parts = []
+        while rest:
+            cap = shapes.rows_cap(shapes.prefill_width(len(rest[0].token_ids)), self.pass_tokens)
+            parts.append(sorted(rest[:cap], key=lambda c: c.slot))
+            rest = rest[cap:]
+        return parts
+
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         shapes = self.shapes
         width = shapes.prefill_width(max(len(c.token_ids) for c in chunks))

@@ -51,6 +51,20 @@ class PassShapes:
     def prefill_rows(self, rows: int) -> int:
         return _bucket(rows, 1) if self.bucket_prefill else rows
 
+    def rows_cap(self, width: int, pass_tokens: int) -> int:
+        """Most rows a bucketed prefill pass of this (bucketed) width takes: the largest row
+        bucket whose padded pass stays within `pass_tokens`. Capping keeps every pass a shape the
+        warm-up ran (warm_up.py runs each bucket up to the step budget): 17 rows of 128 tokens in
+        a 2048-token step would otherwise pad to 24 rows, a shape no step of the budget makes
+        alone and whose first pass stalled a burst of clients for ~260 ms on an H200."""
+        if not self.bucket_prefill:
+            return 1 << 30
+        cap = max(1, pass_tokens // max(1, width))
+        rows = 1
+        while _bucket(rows + 1, 1) <= cap:
+            rows = _bucket(rows + 1, 1)
+        return rows
+
 
 def group_by_length(lengths: Sequence[int], pass_cost_tokens: int) -> list[list[int]]:
     """Split items (given by length) into passes: each pass is padded to its longest item.

@@ -52,6 +52,7 @@ def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
         bucket_rounds = engine.runner.shapes.bucket_prefill
     if bucket_rounds:
         rounds += _bucket_rounds(engine, prompt, limit)
+        rounds.append(_full_round(engine, prompt))
     for requests in rounds:
         for request in requests:
             engine.validate(request)
@@ -78,6 +79,18 @@ def bucket_sizes(upto: int, smallest: int) -> list[int]:
     return sizes
 
 
+def _full_round(engine, prompt) -> list[EngineRequest]:
+    """Every row at once with a 128-token prompt and a few output tokens: the K/V buffers grow
+    through each slot count a burst of clients makes them grow through. MLX's CUDA allocator
+    hands out managed memory whose first touch on the GPU is slow (page migration), and it keeps
+    freed buffers for reuse, so a burst after this one reuses warm buffers: on an H200 the first
+    burst of 64 clients after the bucket rounds alone still had one step of ~400 ms (a later
+    burst: none above ~50 ms)."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    return [EngineRequest(f"warm-up-full-{i}", prompt(128, 50000 + 17 * i), params)
+            for i in range(engine.config.max_num_seqs)]
+
+
 def _bucket_rounds(engine, prompt, limit: int) -> list[list[EngineRequest]]:
     """One round per (width, rows) prefill bucket that fits a step: `rows` fresh prompts of
     `width` tokens at once, one output token each (so the decode pass at that many rows runs too).
@@ -85,7 +98,7 @@ def _bucket_rounds(engine, prompt, limit: int) -> list[list[EngineRequest]]:
     budget = engine.max_num_batched_tokens
     max_rows = engine.config.max_num_seqs
     rounds, n = [], 0
-    for width in bucket_sizes(min(budget, limit), 16):
+    for width in bucket_sizes(engine.runner.shapes.prefill_width(min(budget, limit)), 16):
         for rows in bucket_sizes(min(max_rows, budget // width), 1):
             batch = []
             for _ in range(rows):

@@ -52,3 +52,38 @@ def test_unbucketed_warm_up_keeps_to_the_few_basic_requests(tiny_loaded):
     engine, seen = _recording_engine(tiny_loaded, bucket=False)
     warm_up(engine)
     assert 1 <= len(seen) <= 4  # the three basic requests' prefills, no shape rounds
+
+
+def test_rows_cap_is_the_largest_row_bucket_within_the_step():
+    from parallm.engine.pass_shapes import PassShapes
+
+    shapes = PassShapes(pass_cost_tokens=1024, decode_kv_step=128, prefill_kv_step=256, bucket_prefill=True)
+    assert shapes.rows_cap(128, 2048) == 16  # 17 rows would pad to 24
+    assert shapes.rows_cap(96, 2048) == 16  # 21 fit, but 24 does not: 16 is the largest bucket <= 21
+    assert shapes.rows_cap(16, 2048) == 128
+    assert shapes.rows_cap(4096, 2048) == 1  # a pass wider than the step still takes one row
+    flat = PassShapes(pass_cost_tokens=256, decode_kv_step=32, prefill_kv_step=32, bucket_prefill=False)
+    assert flat.rows_cap(128, 2048) >= 1 << 20  # unbucketed passes are not split
+
+
+def test_bucketed_passes_never_pad_past_the_step_and_give_the_same_tokens(tiny_loaded):
+    """Five prompts of 12 prefill tokens (60) in a 64-token step: 5 rows of width 16 would pad to 6 (96 tokens), so the
+    runner splits the pass (4 + 1); the greedy tokens are those of the unbucketed engine."""
+    from parallm.engine.types import EngineRequest, SamplingParams
+
+    def run(bucket: bool):
+        engine, seen = _recording_engine(tiny_loaded, bucket=bucket)
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        for i in range(5):
+            engine.add_request(EngineRequest(f"r{i}", [(11 * i + 3 * j) % 200 + 1 for j in range(13)], params))
+        tokens = {}
+        while engine.has_unfinished():
+            for out in engine.step().outputs:
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        return tokens, seen
+
+    bucketed, seen = run(True)
+    plain, _ = run(False)
+    assert bucketed == plain and len(bucketed) == 5
+    assert all(rows * width <= 64 for rows, width in seen), seen
+    assert (4, 16) in seen and (1, 16) in seen
