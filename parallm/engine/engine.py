@@ -49,6 +49,9 @@ class EngineConfig:
     # and allocation costs do not land on the first clients. None = by device: on a GPU only (the
     # CPU backend has no such costs worth a start-up delay).
     warm_up: Optional[bool] = None
+    # The warm-up also runs every prefill (rows, width) bucket once (CUDA; warm_up.py): ~40 s of
+    # start-up for a 1B model on an H200, for a gain not yet shown, hence off
+    warm_up_buckets: bool = False
 
 
 @dataclass

@@ -13,10 +13,15 @@ different offsets), one greedy, one that samples with every sampling option and 
 logprobs. Afterwards the prefix cache and the counters are reset, so the warm-up leaves no trace
 in the cache or in /metrics.
 
-Where prefill passes are bucketed (CUDA: PassShapes.bucket_prefill), every (rows, width) bucket
-a step can hold is then run once too: each first pass of a new shape builds cuDNN attention
-graphs and GEMM plans (tens of ms), and a burst of clients hits many of them in its first
-seconds. The buckets are few (rows and widths grow by 1.5-2x), so this is a few dozen passes.
+Then a round with every row at once (128-token prompts): the K/V buffers grow through each slot
+count once, so a burst of clients finds them in MLX's buffer cache (see _full_round).
+
+Optionally (EngineConfig.warm_up_buckets, off by default), where prefill passes are bucketed
+(CUDA), every (rows, width) bucket a step can hold is run once too: the first pass of a new shape
+builds cuDNN attention graphs and GEMM plans. Measured on an H200 with a 1B model: ~40 s of
+start-up for ~100 rounds, and the first burst of 64 clients still had one slow step (~260-400 ms)
+that a later burst did not, so the shapes are not the whole story; loadtests/bench_burst.py
+compares the kinds.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ _SAMPLED = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, top_k=20, mi
 
 def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
     """Run the warm-up requests through `engine` (idle, on its own thread); returns seconds taken.
-    `bucket_rounds` (None: where prefill is bucketed) adds a round per prefill bucket."""
+    `bucket_rounds` (None: EngineConfig.warm_up_buckets) adds a round per prefill bucket where
+    prefill passes are bucketed."""
     started = time.monotonic()
     vocab = max(2, _vocab_size(engine.loaded))
     limit = max(8, engine.loaded.context_length // 4)
@@ -49,10 +55,10 @@ def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
               [EngineRequest("warm-up-1", prompt(24, 5), _GREEDY),
                EngineRequest("warm-up-2", prompt(40, 11), _SAMPLED)]]
     if bucket_rounds is None:
-        bucket_rounds = engine.runner.shapes.bucket_prefill
-    if bucket_rounds:
+        bucket_rounds = engine.config.warm_up_buckets
+    if bucket_rounds and engine.runner.shapes.bucket_prefill:
         rounds += _bucket_rounds(engine, prompt, limit)
-        rounds.append(_full_round(engine, prompt))
+    rounds.append(_full_round(engine, prompt))
     for requests in rounds:
         for request in requests:
             engine.validate(request)
@@ -82,10 +88,10 @@ def bucket_sizes(upto: int, smallest: int) -> list[int]:
 def _full_round(engine, prompt) -> list[EngineRequest]:
     """Every row at once with a 128-token prompt and a few output tokens: the K/V buffers grow
     through each slot count a burst of clients makes them grow through. MLX's CUDA allocator
-    hands out managed memory whose first touch on the GPU is slow (page migration), and it keeps
-    freed buffers for reuse, so a burst after this one reuses warm buffers: on an H200 the first
-    burst of 64 clients after the bucket rounds alone still had one step of ~400 ms (a later
-    burst: none above ~50 ms)."""
+    hands out managed memory (cudaMallocManaged) whose first touch on the GPU is slow, and it keeps
+    freed buffers for reuse. Why: on an H200 the first burst of 64 clients after the bucket rounds
+    still had one step of ~260-400 ms, a later burst none above ~50 ms; new buffers are the likely
+    cause left. Not yet measured with this round (no GPU was lent after it was written)."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     return [EngineRequest(f"warm-up-full-{i}", prompt(128, 50000 + 17 * i), params)
             for i in range(engine.config.max_num_seqs)]

@@ -37,7 +37,7 @@ def _recording_engine(tiny_loaded, bucket: bool):
 
 def test_bucketed_warm_up_runs_every_prefill_bucket_a_step_holds(tiny_loaded):
     engine, seen = _recording_engine(tiny_loaded, bucket=True)
-    warm_up(engine)
+    warm_up(engine, bucket_rounds=True)
     want = {(rows, width) for width in bucket_sizes(64, 16) for rows in bucket_sizes(min(8, 64 // width), 1)}
     assert want <= set(seen), sorted(want - set(seen))
     assert (4, 16) in want and (1, 64) in want
@@ -48,10 +48,18 @@ def test_bucketed_warm_up_runs_every_prefill_bucket_a_step_holds(tiny_loaded):
     assert engine.prefix_cache is None or engine.prefix_cache.nbytes == 0
 
 
-def test_unbucketed_warm_up_keeps_to_the_few_basic_requests(tiny_loaded):
-    engine, seen = _recording_engine(tiny_loaded, bucket=False)
+def test_default_warm_up_is_the_basic_requests_and_one_full_round(tiny_loaded):
+    """Bucket rounds are opt-in (EngineConfig.warm_up_buckets); the full round (every row at
+    once) always runs, so the K/V buffers grew through every slot count."""
+    engine, _ = _recording_engine(tiny_loaded, bucket=True)
+    added = []
+    original = engine.add_request
+    engine.add_request = lambda req: (added.append(req.request_id), original(req))
     warm_up(engine)
-    assert 1 <= len(seen) <= 4  # the three basic requests' prefills, no shape rounds
+    assert not [r for r in added if r.startswith("warm-up-shape")]
+    assert len([r for r in added if r.startswith("warm-up-full")]) == engine.config.max_num_seqs
+    assert engine.runner.cache.slot_capacity == 0  # all rows done: the buffers were released
+    assert not engine.has_unfinished()
 
 
 def test_rows_cap_is_the_largest_row_bucket_within_the_step():
