@@ -13,8 +13,8 @@ different offsets), one greedy, one that samples with every sampling option and 
 logprobs. Afterwards the prefix cache and the counters are reset, so the warm-up leaves no trace
 in the cache or in /metrics.
 
-Then a round with every row at once (128-token prompts): the K/V buffers grow through each slot
-count once, so a burst of clients finds them in MLX's buffer cache (see _full_round).
+On CUDA, then a round with every row at once (128-token prompts): the K/V buffers grow through
+each slot count once, so a burst of clients finds them in MLX's buffer cache (see _full_round).
 
 Optionally (EngineConfig.warm_up_buckets, off by default), where prefill passes are bucketed
 (CUDA), every (rows, width) bucket a step can hold is run once too: the first pass of a new shape
@@ -31,6 +31,7 @@ from typing import Optional
 
 from parallm.engine.engine import _vocab_size
 from parallm.engine.types import EngineRequest, SamplingParams
+from parallm.models.device import computing_on_cuda
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
         bucket_rounds = engine.config.warm_up_buckets
     if bucket_rounds and engine.runner.shapes.bucket_prefill:
         rounds += _bucket_rounds(engine, prompt, limit)
-    rounds.append(_full_round(engine, prompt))
+    if computing_on_cuda():
+        rounds.append(_full_round(engine, prompt))
     for requests in rounds:
         for request in requests:
             engine.validate(request)
@@ -93,8 +95,8 @@ def _full_round(engine, prompt) -> list[EngineRequest]:
     still had one step of ~260-400 ms, a later burst none above ~50 ms; new buffers are the likely
     cause left. Not yet measured with this round (no GPU was lent after it was written)."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    return [EngineRequest(f"warm-up-full-{i}", prompt(128, 50000 + 17 * i), params)
-            for i in range(engine.config.max_num_seqs)]
+    rows = min(engine.config.max_num_seqs, max(1, engine.scheduler.config.kv_budget_tokens // (128 + 8)))
+    return [EngineRequest(f"warm-up-full-{i}", prompt(128, 50000 + 17 * i), params) for i in range(rows)]
 
 
 def _bucket_rounds(engine, prompt, limit: int) -> list[list[EngineRequest]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from parallm.engine.engine import Engine, EngineConfig
 from parallm.engine.pass_shapes import _bucket
 from parallm.engine.warm_up import bucket_sizes, warm_up
@@ -48,16 +50,21 @@ def test_bucketed_warm_up_runs_every_prefill_bucket_a_step_holds(tiny_loaded):
     assert engine.prefix_cache is None or engine.prefix_cache.nbytes == 0
 
 
-def test_default_warm_up_is_the_basic_requests_and_one_full_round(tiny_loaded):
-    """Bucket rounds are opt-in (EngineConfig.warm_up_buckets); the full round (every row at
-    once) always runs, so the K/V buffers grew through every slot count."""
+@pytest.mark.parametrize("cuda", [False, True], ids=["elsewhere", "cuda"])
+def test_default_warm_up_is_the_basic_requests_and_on_cuda_one_full_round(tiny_loaded, monkeypatch, cuda):
+    """Bucket rounds are opt-in (EngineConfig.warm_up_buckets). On CUDA a full round (every row at
+    once) runs too, so the K/V buffers grew through every slot count; elsewhere it does not."""
+    from parallm.engine import warm_up as warm_up_module
+
+    monkeypatch.setattr(warm_up_module, "computing_on_cuda", lambda: cuda)
     engine, _ = _recording_engine(tiny_loaded, bucket=True)
     added = []
     original = engine.add_request
     engine.add_request = lambda req: (added.append(req.request_id), original(req))
     warm_up(engine)
     assert not [r for r in added if r.startswith("warm-up-shape")]
-    assert len([r for r in added if r.startswith("warm-up-full")]) == engine.config.max_num_seqs
+    full = [r for r in added if r.startswith("warm-up-full")]
+    assert len(full) == (engine.config.max_num_seqs if cuda else 0)
     assert engine.runner.cache.slot_capacity == 0  # all rows done: the buffers were released
     assert not engine.has_unfinished()
 
