@@ -153,6 +153,7 @@ class MultiLoRALinear(nn.Module):
         self._gains: dict[int, mx.array] = {}  # DoRA slots only
         self._stacks: Optional[_Stacks] = None
         self._kernel: Optional[LoRADeltaKernel] = None  # CUDA: the one-launch update (lora_kernel.py)
+        self._launch = None  # _kernel prepared for this layer's stacks (PreparedLaunch), made on first use
         self._siblings: Optional[SharedInputGroup] = None  # q/k/v or gate/up of the same block
 
     # ---- adapters come and go between forwards ----
@@ -199,6 +200,7 @@ class MultiLoRALinear(nn.Module):
 
     def _restack(self) -> None:
         self._kernel = None
+        self._launch = None
         if self._siblings is not None:
             self._siblings.forget()
         if not self._adapters:
@@ -250,7 +252,10 @@ class MultiLoRALinear(nn.Module):
                              f"but the layer got input of shape {tuple(shape)}")
         kernel = self._kernel
         if kernel is not None and fits(shape) and x.dtype == y.dtype == stacks.a.dtype:
-            return kernel.apply(x, y, stacks.a, stacks.b, slots)  # one launch (lora_kernel.py)
+            launch = self._launch
+            if launch is None:
+                launch = self._launch = kernel.prepare([stacks.a], [stacks.b], stacks.a.dtype)
+            return launch(x, [y], slots)[0]  # one launch (lora_kernel.py)
         n_slots = stacks.a.shape[0]
         # Rows whose adapter has no tensors in this layer index past the stack: send them to slot 0.
         slots = mx.where(slots < n_slots, slots, NO_ADAPTER_SLOT)
@@ -287,6 +292,10 @@ class _GroupPlan:
     dtype: mx.Dtype  # what x and every base output must be for the kernel
     kernel: LoRADeltaKernel
     fused: Optional["_FusedBase"] = None  # members are the whole group and one matmul gives their base outputs
+    launch: object = None  # kernel.prepare(a, b, dtype, fused): the group's one launch
+
+    def __post_init__(self):
+        self.launch = self.kernel.prepare(self.a, self.b, self.dtype, fused=self.fused is not None)
 
 
 class _FusedBase:
@@ -315,7 +324,7 @@ class _FusedBase:
                 m.base.bias = self.bias[row: row + w.shape[0]]
             row += w.shape[0]
         mx.eval(*self._views)  # the views now share the concatenated buffer; the originals can go
-        self._members = members
+        self._bases = [m.base for m in members]
 
     @staticmethod
     def possible(members: list) -> bool:
@@ -328,7 +337,8 @@ class _FusedBase:
                    and ("bias" in b) == with_bias for b in bases)
 
     def valid(self) -> bool:
-        return all(m.base.weight is v for m, v in zip(self._members, self._views))
+        # dict lookups, not attribute access: nn.Module's __getattr__ is Python, and this runs per call
+        return all(base["weight"] is v for base, v in zip(self._bases, self._views))
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.bias is not None:
@@ -432,14 +442,14 @@ class SharedInputGroup:
                 self._fused = None
                 self._plans.clear()
                 return None
-            outs = plan.kernel.apply_fused(x, plan.fused(x), plan.a, plan.b, binding.slots)
+            outs = plan.launch(x, [plan.fused(x)], binding.slots)
             return self._keep(caller, plan, x, binding.generation, outs)
         ys = [m.base(x) for m in plan.members]
         dtype = plan.dtype
         if any(y.dtype != dtype for y in ys):  # the kernel writes in the input's dtype
             outs = [m._add_delta(x, y) for m, y in zip(plan.members, ys)]
         else:
-            outs = plan.kernel.apply_group(x, ys, plan.a, plan.b, binding.slots)
+            outs = plan.launch(x, ys, binding.slots)
         return self._keep(caller, plan, x, binding.generation, outs)
 
     def _keep(self, caller, plan: _GroupPlan, x: mx.array, generation: int, outs: list) -> mx.array:

@@ -154,38 +154,28 @@ class LoRADeltaKernel:
     def apply(self, x: mx.array, y: mx.array, a: mx.array, b: mx.array, slots: mx.array) -> mx.array:
         """x [B, L, in], y [B, L, out] (the base output), a [S, in, R], b [S, R, out], slots [B]
         uint32 -> y + per-row LoRA delta, in y's dtype."""
-        return self.apply_group(x, [y], [a], [b], slots)[0]
+        return self.prepare([a], [b], y.dtype)(x, [y], slots)[0]
 
     def apply_group(self, x: mx.array, ys: list, as_: list, bs: list, slots: mx.array) -> list:
         """`apply` for up to MAX_MEMBERS linears of the same input and rank, in one launch."""
-        tokens = x.shape[0] * x.shape[1]
-        blocks = sum(tokens * -(-y.shape[-1] // TILE) for y in ys)
-        key = (ys[0].dtype, as_[0].shape[-1])
-        template = self._templates.get(key)
-        if template is None:  # built once: this runs for every wrapped linear of every step
-            template = self._templates[key] = [("DT", key[0]), ("R", int(key[1])), ("NT", THREADS), ("TILE", TILE)]
-        return self._kernels[len(ys)](
-            inputs=[x, *ys, *as_, *bs, slots],
-            template=template,
-            grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[y.shape for y in ys], output_dtypes=[y.dtype for y in ys])
+        return self.prepare(as_, bs, ys[0].dtype)(x, ys, slots)
 
     def apply_fused(self, x: mx.array, y: mx.array, as_: list, bs: list, slots: mx.array) -> list:
         """`apply_group` where the members' base outputs come as one y [B, L, sum of outs] (one
         matmul against their concatenated weights): returns each member's own [B, L, out] output,
         so the split costs no extra launch either."""
-        tokens = x.shape[0] * x.shape[1]
-        blocks = sum(tokens * -(-b.shape[-1] // TILE) for b in bs)
-        key = (y.dtype, as_[0].shape[-1])
+        return self.prepare(as_, bs, y.dtype, fused=True)(x, [y], slots)
+
+    def prepare(self, as_: list, bs: list, dtype: mx.Dtype, fused: bool = False) -> "PreparedLaunch":
+        """The launch for these stacks with all that does not change per call worked out now
+        (layers keep it until their adapters change): a decode step calls it for every wrapped
+        linear, and on a GPU host that per-call Python is part of what a mixed batch pays."""
+        key = (dtype, int(as_[0].shape[-1]))
         template = self._templates.get(key)
         if template is None:
-            template = self._templates[key] = [("DT", key[0]), ("R", int(key[1])), ("NT", THREADS), ("TILE", TILE)]
-        lead = y.shape[:-1]
-        return self._fused_kernels[len(bs)](
-            inputs=[x, y, *as_, *bs, slots],
-            template=template,
-            grid=(blocks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[(*lead, b.shape[-1]) for b in bs], output_dtypes=[y.dtype] * len(bs))
+            template = self._templates[key] = [("DT", key[0]), ("R", key[1]), ("NT", THREADS), ("TILE", TILE)]
+        fn = self._fused_kernels[len(bs)] if fused else self._kernels[len(bs)]
+        return PreparedLaunch(fn, [*as_, *bs], template, [int(b.shape[-1]) for b in bs], dtype)
 
     def ensure_compiled(self, dtype: mx.Dtype, rank: int) -> bool:
         """Compile the (dtype, rank) variants now; False (and a warning, once) when they cannot be
@@ -210,6 +200,25 @@ class LoRADeltaKernel:
             return False
         self._compiled.add(key)
         return True
+
+
+class PreparedLaunch:
+    """One LoRADeltaKernel launch for fixed stacks: call it with (x, ys, slots), where ys is the
+    members' base outputs (or, fused, the one concatenated output); returns the members' outputs."""
+
+    __slots__ = ("_fn", "_tail", "_template", "_widths", "_tiles", "_dtypes", "_threads")
+
+    def __init__(self, fn, tail: list, template: list, widths: list, dtype: mx.Dtype):
+        self._fn, self._tail, self._template, self._widths = fn, tail, template, widths
+        self._tiles = sum(-(-w // TILE) for w in widths)  # blocks per token
+        self._dtypes = [dtype] * len(widths)
+        self._threads = (THREADS, 1, 1)
+
+    def __call__(self, x: mx.array, ys: list, slots: mx.array) -> list:
+        rows, per_row = x.shape[0], x.shape[1]
+        return self._fn(inputs=[x, *ys, *self._tail, slots], template=self._template,
+                        grid=(rows * per_row * self._tiles * THREADS, 1, 1), threadgroup=self._threads,
+                        output_shapes=[(rows, per_row, w) for w in self._widths], output_dtypes=self._dtypes)
 
 
 _shared: Optional[LoRADeltaKernel] = None

@@ -109,27 +109,32 @@ def test_layer_output_matches_dense_lora():
 
 
 class _ReferenceKernel:
-    """Stands in for the CUDA kernel on any backend (same contract, gather_mm arithmetic), so the
-    sibling grouping around it is tested everywhere; records the group sizes it was called with."""
+    """Stands in for the CUDA kernel on any backend (same contract as LoRADeltaKernel.prepare,
+    gather_mm arithmetic), so the sibling grouping around it is tested everywhere; records each
+    launch: the number of members, or ("fused", members)."""
 
     def __init__(self):
-        self.calls: list[int] = []
+        self.calls: list = []
 
-    def apply(self, x, y, a, b, slots):
-        return self.apply_group(x, [y], [a], [b], slots)[0]
+    def prepare(self, as_, bs, dtype, fused=False):
+        def launch(x, ys, slots):
+            if fused:
+                self.calls.append(("fused", len(bs)))
+                cuts, col = [], 0
+                for b in bs[:-1]:
+                    col += b.shape[-1]
+                    cuts.append(col)
+                ys = mx.split(ys[0], cuts, axis=-1)
+            else:
+                self.calls.append(len(bs))
+            return [_gather_reference(x, y, a, b, slots).astype(dtype) for y, a, b in zip(ys, as_, bs)]
+        return launch
 
-    def apply_group(self, x, ys, as_, bs, slots):
-        self.calls.append(len(ys))
-        return [_gather_reference(x, y, a, b, slots).astype(y.dtype) for y, a, b in zip(ys, as_, bs)]
 
-    def apply_fused(self, x, y, as_, bs, slots):
-        self.calls.append(("fused", len(bs)))
-        cuts, col = [], 0
-        for b in bs[:-1]:
-            col += b.shape[-1]
-            cuts.append(col)
-        ys = mx.split(y, cuts, axis=-1)
-        return [_gather_reference(x, yi, a, b, slots).astype(y.dtype) for yi, a, b in zip(ys, as_, bs)]
+def _use_kernel(layers, kernel):
+    for m in layers.values():
+        m._kernel = kernel
+        m._launch = None
 
 
 def test_siblings_share_one_launch_and_match_separate_layers(tiny_model_dir, make_adapter):
@@ -152,8 +157,8 @@ def test_siblings_share_one_launch_and_match_separate_layers(tiny_model_dir, mak
     separate = {p: layers[p]._add_delta(x, layers[p].base(x)) for p in calls}  # each layer on its own
 
     fake = _ReferenceKernel()
+    _use_kernel(layers, fake)
     for m in layers.values():
-        m._kernel = fake
         if m._siblings is not None:  # CUDA fuses the base weights at link time: test the unfused plan here
             m._siblings._fused = None
             m._siblings.forget()
@@ -208,8 +213,7 @@ def test_fused_base_is_one_matmul_and_matches_separate_layers(tiny_model_dir, ma
     binding.bind([1, 0, 1])
     separate = {p: layers[p]._add_delta(x, x @ before[p].T) for p in names}
     fake = _ReferenceKernel()
-    for m in layers.values():
-        m._kernel = fake
+    _use_kernel(layers, fake)
     got = {p: layers[p](x) for p in names}
     assert fake.calls == [("fused", 3)]
     for p in names:
@@ -237,8 +241,7 @@ def test_fused_base_copies_members_without_the_adapter(tiny_model_dir, make_adap
     group = layers[names[0]]._siblings
     assert group.fuse_base()
     fake = _ReferenceKernel()
-    for m in layers.values():
-        m._kernel = fake
+    _use_kernel(layers, fake)
     x = mx.random.normal((2, 1, model.args.hidden_size))
     binding.bind([1, 1])
     got = {p: layers[p](x) for p in names}
