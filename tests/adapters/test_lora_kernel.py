@@ -251,3 +251,63 @@ def test_fused_base_copies_members_without_the_adapter(tiny_model_dir, make_adap
         want = layers[p]._add_delta(x, layers[p].base(x))
         assert mx.allclose(got[p], want, atol=1e-5).item()
         assert not mx.allclose(got[p], layers[p].base(x), atol=1e-4).item()  # the adapter did act
+
+
+def _emulated_kernel():
+    """A LoRADeltaKernel whose compiled kernels are replaced by an emulation of the CUDA source's
+    contract (inputs in the declared order; grid = a block of THREADS per token and 1024-output
+    tile of every member; one output per member): the Python around the launch (prepare,
+    PreparedLaunch) is then checked on any backend, argument order and grid included."""
+    from parallm.models import lora_kernel as lk
+
+    def emulate(m, fused):
+        names = ["x", *(["y"] if fused else [f"y{i}" for i in range(m)]),
+                 *[f"a{i}" for i in range(m)], *[f"b{i}" for i in range(m)], "slots"]
+
+        def fn(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            kernel.launches.append((m, fused))
+            d = dict(zip(names, inputs, strict=True))
+            t = dict(template)
+            x, slots = d["x"], d["slots"]
+            widths = [d[f"b{i}"].shape[2] for i in range(m)]
+            assert t["R"] == d["a0"].shape[2] and t["NT"] == lk.THREADS and t["TILE"] == lk.TILE
+            assert threadgroup == (lk.THREADS, 1, 1)
+            tokens = x.shape[0] * x.shape[1]
+            assert grid == (tokens * sum(-(-w // lk.TILE) for w in widths) * lk.THREADS, 1, 1)
+            assert output_shapes == [(x.shape[0], x.shape[1], w) for w in widths]
+            if fused:
+                cuts = [sum(widths[: i + 1]) for i in range(m - 1)]
+                ys = mx.split(d["y"], cuts, axis=-1)
+            else:
+                ys = [d[f"y{i}"] for i in range(m)]
+            return [_gather_reference(x, y, d[f"a{i}"], d[f"b{i}"], slots).astype(dt)
+                    for i, (y, dt) in enumerate(zip(ys, output_dtypes))]
+        return fn
+
+    kernel = object.__new__(lk.LoRADeltaKernel)
+    kernel._kernels = {m: emulate(m, False) for m in range(1, lk.MAX_MEMBERS + 1)}
+    kernel._fused_kernels = {m: emulate(m, True) for m in range(2, lk.MAX_MEMBERS + 1)}
+    kernel._templates, kernel._compiled, kernel._failed = {}, set(), set()
+    kernel.launches = []
+    return kernel
+
+
+def test_prepared_launches_pass_the_kernel_what_its_source_expects(tiny_model_dir, make_adapter):
+    model, binding, layers, attn = _wrapped_tiny(tiny_model_dir, make_adapter)
+    x = mx.random.normal((3, 2, model.args.hidden_size))
+    binding.bind([1, 0, 1])
+    names = [f"{attn}.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    want = {p: layers[p]._add_delta(x, layers[p].base(x)) for p in names}  # gather_mm path (CPU)
+    kernel = _emulated_kernel()
+    _use_kernel(layers, kernel)
+    group = layers[names[0]]._siblings
+    group._fused = None  # CUDA fuses at link time: start from the unfused group on every backend
+    for fused in (False, True):
+        if fused:
+            assert group.fuse_base()
+        group.forget()
+        binding.bind([1, 0, 1])  # a new generation: nothing kept from the last pass
+        kernel.launches.clear()
+        for p in names:
+            assert mx.allclose(layers[p](x), want[p], atol=1e-5).item(), (p, fused)
+        assert kernel.launches == [(3, fused), (1, False)]  # q/k/v together, then o_proj alone
