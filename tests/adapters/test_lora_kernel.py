@@ -311,3 +311,23 @@ def test_prepared_launches_pass_the_kernel_what_its_source_expects(tiny_model_di
         for p in names:
             assert mx.allclose(layers[p](x), want[p], atol=1e-5).item(), (p, fused)
         assert kernel.launches == [(3, fused), (1, False)]  # q/k/v together, then o_proj alone
+
+
+def test_fused_base_weights_take_no_extra_memory():
+    """The members' weights become views of the one concatenated matrix: once the originals are
+    dropped, fusing has not added a second copy of the group's weights."""
+    import gc
+
+    from parallm.models.lora import SharedInputGroup
+
+    binding = LoRARowBinding()
+    members = [MultiLoRALinear(nn.Linear(1024, out, bias=False), binding) for out in (1024, 256, 256)]
+    mx.eval([m.base.parameters() for m in members])
+    gc.collect()
+    before = mx.get_active_memory()
+    group = SharedInputGroup(members)
+    assert group.fuse_base()
+    gc.collect()
+    weight_bytes = sum(m.base.weight.nbytes for m in members)
+    assert mx.get_active_memory() - before < 0.1 * weight_bytes
+    assert group._fused.weight.nbytes == weight_bytes
