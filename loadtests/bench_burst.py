@@ -11,7 +11,9 @@ its own:
     done
 
 No HTTP: the requests go straight into `Engine` from one thread; TTFT is taken when the step
-loop hands back a request's first token. Prints one JSON object per (warm-up, round).
+loop hands back a request's first token. Prints one JSON object per round, with the process's
+peak device memory. It also checks that the engine survives a burst as wide as its rows
+(`--burst 256 --max-num-seqs 256`).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def run_round(engine, burst: int, input_len: int, output_len: int, vocab: int, t
     return {"ttft_p50_ms": round(1000 * statistics.median(ttft), 1),
             "ttft_p99_ms": round(1000 * _percentile(ttft, 99), 1),
             "ttft_max_ms": round(1000 * max(ttft), 1),
-            "tok_s": round(tokens / wall, 1), "steps": len(steps),
+            "tok_s": round(tokens / wall, 1), "steps": len(steps), "answered": len(first),
             "slowest_steps_ms_tokens": [(round(1000 * s, 1), n) for s, n in slowest]}
 
 
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
         row = run_round(engine, args.burst, args.input_len, args.output_len, vocab, f"{kind}-{r}")
         print(json.dumps({"warm_up": kind, "warm_up_s": round(seconds, 2), "round": r + 1,
                           "device": str(mx.default_device()), "burst": args.burst,
-                          "step_tokens": engine.max_num_batched_tokens, **row}), flush=True)
+                          "step_tokens": engine.max_num_batched_tokens, **row,
+                          "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 2)}), flush=True)
     return 0
 
 

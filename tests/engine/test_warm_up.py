@@ -102,3 +102,24 @@ def test_bucketed_passes_never_pad_past_the_step_and_give_the_same_tokens(tiny_l
     assert bucketed == plain and len(bucketed) == 5
     assert all(rows * width <= 64 for rows, width in seen), seen
     assert (4, 16) in seen and (1, 16) in seen
+
+
+def test_bench_burst_reports_each_round(tiny_model_dir, capsys):
+    """loadtests/bench_burst.py end to end on the tiny model: one JSON row per round, every
+    request of the burst got its first token, and the slowest steps are listed."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests"))
+    import bench_burst
+
+    assert bench_burst.main(["--model", str(tiny_model_dir), "--burst", "6", "--input-len", "20",
+                             "--output-len", "3", "--rounds", "2", "--max-num-seqs", "8",
+                             "--warm-up", "basic"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["burst"] == 6 and r["answered"] == 6 and r["warm_up"] == "basic" and r["warm_up_s"] > 0
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] <= r["ttft_max_ms"]
+        assert r["tok_s"] > 0 and r["steps"] >= 3 and len(r["slowest_steps_ms_tokens"]) <= 5

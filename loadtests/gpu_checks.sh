@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks the open issues still need, in parts that each fit one 10-minute device call.
+# Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
+# (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
+# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving
+set -o pipefail
+part=${1:?tests|adapters|burst|serving}
+OUT=${OUT:-loadtests/out/gpu}
+mkdir -p "$OUT"
+MODEL=${MODEL:-/tmp/m1b}
+need_model() {
+  [ -d "$MODEL" ] || python3 "${MAKE_MODEL:-../shared/gpu/make_random_model.py}" 1b "${TOK:-../shared/gpu/tok}" "$MODEL" bfloat16 > /dev/null
+}
+case "$part" in
+  tests)  # the CUDA-only kernel tests and the mlx-lm comparisons that run through them
+    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_lora_kernel.py \
+      tests/adapters/test_lora.py tests/engine/test_warm_up.py 2>&1 | tee "$OUT/tests.log" | tail -15
+    timeout 280 python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_decode_kernels.py 2>&1 | tail -5 ;;
+  adapters)  # issue 5: mixed/base at batch 32 and 64, default-model shape and Llama-1B shape
+    for shape in smollm2-135m llama-1b; do
+      timeout 200 python3 loadtests/bench_adapters.py --shape $shape --batch 32 64 --adapters 8 --steps 40 \
+        --dtype bfloat16 2>&1 | tail -4 | tee "$OUT/adapters-$shape.log"
+    done ;;
+  burst)  # issue 4: first-burst TTFT by warm-up kind, each in its own process (logs kept whole)
+    need_model
+    for w in none basic buckets; do
+      timeout 150 python3 loadtests/bench_burst.py --model "$MODEL" --burst 64 --input-len 128 --output-len 128 \
+        --rounds 3 --warm-up $w > "$OUT/burst-$w.log" 2>&1; echo "warm-up $w: rc=$?"; grep '^{' "$OUT/burst-$w.log"
+    done ;;
+  serving)  # issue 4: the harness's targets (>= 4x mlx_lm.server, TTFT p99 <= 0.5 s, 0 failures, >= 0.9 of the engine)
+    need_model
+    timeout 560 python3 loadtests/bench_serving.py --compare --model "$MODEL" --engine-baseline \
+      --parallm-args "--max-num-seqs 128 --max-queue 256" --concurrency 64,128,256 --requests-per-client 2 \
+      --input-len 128 --output-len 128 --level-timeout 60 --no-plot --out "$OUT/serving.json" 2>&1 | tail -30 ;;
+  *) echo "unknown part: $part" >&2; exit 2 ;;
+esac
