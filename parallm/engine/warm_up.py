@@ -91,9 +91,10 @@ def _full_round(engine, prompt) -> list[EngineRequest]:
     """Every row at once with a 128-token prompt and a few output tokens: the K/V buffers grow
     through each slot count a burst of clients makes them grow through. MLX's CUDA allocator
     hands out managed memory (cudaMallocManaged, in the MLX CUDA sources we read) whose first
-    touch on the GPU is slow, and it keeps freed buffers for reuse. Why: on an H200 the first burst of 64 clients after the bucket rounds
-    still had one step of ~260-400 ms, a later burst none above ~50 ms; new buffers are the likely
-    cause left. Not yet measured with this round (no GPU was lent after it was written)."""
+    touch on the GPU is slow, and it keeps freed buffers for reuse. Why: on an H200 the first
+    burst of 64 clients after the bucket rounds still had one step of ~260-400 ms, a later burst
+    none above ~50 ms; new buffers are the likely cause left. Not yet measured with this round
+    (no GPU was lent after it was written)."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     rows = min(engine.config.max_num_seqs, max(1, engine.scheduler.config.kv_budget_tokens // (128 + 8)))
     return [EngineRequest(f"warm-up-full-{i}", prompt(128, 50000 + 17 * i), params) for i in range(rows)]
