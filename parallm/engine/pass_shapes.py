@@ -54,16 +54,12 @@ class PassShapes:
     def rows_cap(self, width: int, pass_tokens: int) -> int:
         """Most rows a bucketed prefill pass of this (bucketed) width takes: the largest row
         bucket whose padded pass stays within `pass_tokens`. Capping keeps every pass a shape the
-        warm-up ran (warm_up.py runs each bucket up to the step budget): 17 rows of 128 tokens in
-        a 2048-token step would otherwise pad to 24 rows, a shape no step of the budget makes
-        alone and whose first pass stalled a burst of clients for ~260 ms on an H200."""
+        warm-up's bucket rounds cover (each bucket up to the step budget): 17 rows of 128 tokens
+        in a 2048-token step would otherwise pad to 24 rows, a shape no full pass of the budget
+        makes on its own."""
         if not self.bucket_prefill:
             return 1 << 30
-        cap = max(1, pass_tokens // max(1, width))
-        rows = 1
-        while _bucket(rows + 1, 1) <= cap:
-            rows = _bucket(rows + 1, 1)
-        return rows
+        return bucket_sizes(max(1, pass_tokens // max(1, width)), 1)[-1]
 
 
 def group_by_length(lengths: Sequence[int], pass_cost_tokens: int) -> list[list[int]]:
@@ -86,6 +82,17 @@ def group_by_length(lengths: Sequence[int], pass_cost_tokens: int) -> list[list[
 
 def round_up(n: int, step: int) -> int:
     return -(-n // step) * step
+
+
+def bucket_sizes(upto: int, smallest: int) -> list[int]:
+    """Every value _bucket rounds to (smallest x 1, 1.5, 2, 3, 4, 6, ...), up to `upto`."""
+    sizes, b = [], smallest
+    while b <= upto:
+        sizes.append(b)
+        if b >= 2 and b + b // 2 <= upto:
+            sizes.append(b + b // 2)
+        b *= 2
+    return sizes
 
 
 def _bucket(n: int, smallest: int) -> int:

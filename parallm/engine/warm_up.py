@@ -30,6 +30,7 @@ import time
 from typing import Optional
 
 from parallm.engine.engine import _vocab_size
+from parallm.engine.pass_shapes import bucket_sizes
 from parallm.engine.types import EngineRequest, SamplingParams
 from parallm.models.device import computing_on_cuda
 
@@ -74,17 +75,6 @@ def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
 
 
 _ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-
-
-def bucket_sizes(upto: int, smallest: int) -> list[int]:
-    """The bucket values PassShapes rounds to (smallest x 1, 1.5, 2, 3, 4, 6, ...), up to `upto`."""
-    sizes, b = [], smallest
-    while b <= upto:
-        sizes.append(b)
-        if b >= 2 and b + b // 2 <= upto:
-            sizes.append(b + b // 2)
-        b *= 2
-    return sizes
 
 
 def _full_round(engine, prompt) -> list[EngineRequest]:

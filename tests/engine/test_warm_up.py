@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from parallm.engine.engine import Engine, EngineConfig
-from parallm.engine.pass_shapes import _bucket
-from parallm.engine.warm_up import bucket_sizes, warm_up
+from parallm.engine.pass_shapes import _bucket, bucket_sizes
+from parallm.engine.warm_up import warm_up
 
 
 def test_bucket_sizes_are_exactly_the_values_pass_shapes_rounds_to():
