@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import parallm  # noqa: E402,F401  first: preloads an optimized BLAS before mlx loads
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+from bench_serving import percentile  # noqa: E402  the serving harness's p50/p99, so the two compare
 
 
 def run_round(engine, burst: int, input_len: int, output_len: int, vocab: int, tag: str) -> dict:
@@ -43,7 +39,7 @@ def run_round(engine, burst: int, input_len: int, output_len: int, vocab: int, t
     for i in range(burst):
         rid = f"{tag}-{i}"
         # a different first token per request, so no prompt is a prefix-cache hit of another
-        ids = [(hash(rid) + 7 * j) % (vocab - 1) + 1 for j in range(input_len)]
+        ids = [(zlib.crc32(rid.encode()) + 7 * j) % (vocab - 1) + 1 for j in range(input_len)]
         request = EngineRequest(rid, ids, params)
         engine.validate(request)
         engine.add_request(request)
@@ -62,8 +58,8 @@ def run_round(engine, burst: int, input_len: int, output_len: int, vocab: int, t
     wall = time.perf_counter() - start
     ttft = list(first.values())
     slowest = sorted(steps, reverse=True)[:5]
-    return {"ttft_p50_ms": round(1000 * statistics.median(ttft), 1),
-            "ttft_p99_ms": round(1000 * _percentile(ttft, 99), 1),
+    return {"ttft_p50_ms": round(1000 * percentile(ttft, 0.5), 1),
+            "ttft_p99_ms": round(1000 * percentile(ttft, 0.99), 1),
             "ttft_max_ms": round(1000 * max(ttft), 1),
             "tok_s": round(tokens / wall, 1), "steps": len(steps), "answered": len(first),
             "slowest_steps_ms_tokens": [(round(1000 * s, 1), n) for s, n in slowest]}
