@@ -35,13 +35,21 @@ from parallm._blas import blas_in_use  # noqa: E402
 from parallm.engine.adapter_manager import AdapterManager  # noqa: E402
 from parallm.models.lora_kernel import shared_kernel  # noqa: E402
 
-SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
-                    intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
-                    rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192)
-# Llama-3.2-1B's shape: the real-size GPU check (per-layer overheads weigh less next to wider layers)
-LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
-                intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
-                rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=8192)
+from bench_engine import SHAPES as LAYER_SHAPES  # noqa: E402  hidden, layers, heads, kv heads, MLP, head dim
+
+
+def _llama_config(shape: str, vocab_size: int, rope_theta: float) -> dict:
+    """A random Llama of one of bench_engine's layer shapes, with this benchmark's vocabulary."""
+    hidden, layers, heads, kv_heads, intermediate, head_dim = LAYER_SHAPES[shape]
+    return dict(model_type="llama", vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=rope_theta, tie_word_embeddings=True,
+                max_position_embeddings=8192)
+
+
+SMOLLM2_135M = _llama_config("135m", 49152, 100000.0)
+# Llama-3.2-1B's shape (and vocabulary): the real-size GPU check
+LLAMA_1B = _llama_config("1b", 128256, 500000.0)
 SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama-1b": LLAMA_1B}
 
 
