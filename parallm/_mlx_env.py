@@ -1,29 +1,60 @@
 """MLX settings parallm changes from MLX's defaults, set in the environment before MLX reads them.
 
-MLX_CUDA_GRAPH_CACHE_SIZE (CUDA build): MLX records the kernels of each evaluation as CUDA graphs of
-about 20 nodes and keeps the instantiated graphs in a cache keyed by their topology. When the cache
-holds more than this many, MLX drops *all* of them, and every graph must be instantiated again.
-MLX's default is 100; a decode step of a 16-layer model alone makes a few dozen, and prefill passes,
-sampling options and adapters add more, so a server crossed the limit again and again. Measured on
-an H200 (1B model, BENCHMARKS.md, "graph cache"): the engine warm-up took 77.5 s with the default
-and 1.5 s with 2000, and the first burst of 64 requests after start had a TTFT p99 of 6.6 s with the
-default and 0.5 s with 2000. A user's own value wins (we only set what is unset). Other backends
-ignore the variable.
+MLX_PTX_CACHE_DIR (CUDA build): MLX compiles its CUDA kernels at run time (NVRTC) and keeps the
+results on disk, by default under the system temp dir (/tmp/mlx/<version>/ptx). What that cache is
+worth, measured on an H200 with a 1B model (BENCHMARKS.md, "kernel cache"): the engine warm-up of
+the first process on a fresh machine took 68-91 s, and 1.5 s in a later process once the kernels
+were on disk. /tmp is emptied at reboot on many systems (or is a tmpfs), and a /tmp/mlx made by
+another user is not writable for a service's user, so a server would pay the first number again
+after every reboot. parallm points the cache at the user's cache dir instead
+($XDG_CACHE_HOME or ~/.cache, then parallm/mlx-ptx/<mlx version>: compiled kernels are only valid
+for the MLX version that made them, which is why MLX's own default has the version in it too).
+
+Only on Linux (the CUDA build; Metal does not use it), only if unset (a user's value wins), and
+only if the directory can be made; otherwise MLX keeps its default.
 
 This module must never import mlx: it runs before the first `import mlx` (parallm/__init__.py).
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from typing import MutableMapping, Optional
 
-DEFAULTS = {"MLX_CUDA_GRAPH_CACHE_SIZE": "2000"}
+PTX_CACHE_VAR = "MLX_PTX_CACHE_DIR"
 
 
-def apply_mlx_defaults(environ=os.environ) -> dict[str, str]:
-    """Set each of DEFAULTS that the environment does not set; returns what was set."""
-    applied = {}
-    for key, value in DEFAULTS.items():
-        if key not in environ:
-            environ[key] = value
-            applied[key] = value
-    return applied
+def installed_mlx_version() -> Optional[str]:
+    """MLX's version from its dist-info directory, without importing mlx (None if not found)."""
+    spec = importlib.util.find_spec("mlx")  # locates the package; does not run it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        for info in glob.glob(os.path.join(os.path.dirname(location), "mlx-*.dist-info")):
+            return os.path.basename(info)[len("mlx-"):-len(".dist-info")]
+    return None
+
+
+def ptx_cache_dir(environ: MutableMapping[str, str], version: str) -> Path:
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "parallm" / "mlx-ptx" / version
+
+
+def apply_mlx_defaults(environ: MutableMapping[str, str] = os.environ, platform: str = sys.platform,
+                       version: Optional[str] = None) -> dict[str, str]:
+    """Set the defaults above that the environment does not set; returns what was set."""
+    if not platform.startswith("linux") or PTX_CACHE_VAR in environ:
+        return {}
+    version = version or installed_mlx_version()
+    if version is None:
+        return {}
+    path = ptx_cache_dir(environ, version)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home: MLX's temp-dir default is better than no cache
+        return {}
+    environ[PTX_CACHE_VAR] = str(path)
+    return {PTX_CACHE_VAR: str(path)}

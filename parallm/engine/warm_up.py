@@ -21,8 +21,8 @@ Optionally (EngineConfig.warm_up_buckets, off by default), where prefill passes 
 builds cuDNN attention graphs and GEMM plans. Measured on an H200 with a 1B model it costs ~40 s of
 start-up (~100 rounds) and is not needed: the basic rounds plus the full round gave the first
 burst of 64 clients a TTFT p99 of 182 ms against 118 ms for the second (BENCHMARKS.md, "graph
-cache"). That needs MLX's CUDA graph cache to be big enough (parallm/_mlx_env.py): with MLX's
-default size this warm-up took 77 s.
+cache"). Those figures are with MLX's compiled kernels already on disk: the first process on a
+machine compiles them and its warm-up took 68-91 s (parallm/_mlx_env.py keeps that cache).
 """
 from __future__ import annotations
 
@@ -82,10 +82,10 @@ def _full_round(engine, prompt) -> list[EngineRequest]:
     """Every row at once with a 128-token prompt and a few output tokens: the K/V buffers grow
     through each slot count a burst of clients makes them grow through, and MLX's CUDA allocator
     keeps freed buffers for reuse, so a burst finds them already made. Measured on an H200 (1B
-    model, 64 x 128-token prompts, graph cache of parallm/_mlx_env.py): the first burst after this
+    model, 64 x 128-token prompts, kernels already compiled): the first burst after this
     warm-up had a TTFT p99 of 182 ms, the second 118 ms. Before this round existed, with every
     prefill bucket warmed instead, the first burst still had one step of ~260-400 ms (another
-    session, with MLX's smaller graph cache, so the two are not a clean A/B)."""
+    session, so the two are not a clean A/B)."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     rows = min(engine.config.max_num_seqs, max(1, engine.scheduler.config.kv_budget_tokens // (128 + 8)))
     return [EngineRequest(f"warm-up-full-{i}", prompt(128, 50000 + 17 * i), params) for i in range(rows)]
