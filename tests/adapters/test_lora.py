@@ -16,9 +16,13 @@ from parallm.models.lora import MultiLoRALinear, install_adapter, multi_lora_lay
 
 STEPS = 6
 # Logits agree to 1e-3 on the CPU. MLX's CUDA backend does float32 matmuls at TF32-class precision
-# and picks kernels by batch shape (a batch of 3 vs mlx-lm's batch of 1), which moved logits by up
-# to ~4% on an H200 (greedy tokens still equal, which every test checks exactly).
-LOGIT_TOL = 1e-3 if mx.default_device() == mx.cpu else 5e-2
+# and picks kernels by batch shape, so on an H200 mlx-lm's own logits moved by up to 0.055 between a
+# batch of 1 and a batch of 2 of the same rows (docs/bench-data/h200-quantized-lora-diag.json), and
+# ours vs mlx-lm by up to ~0.065: an absolute 0.05 failed now and then. 0.15 is ~2x that noise and
+# ~200x below what these adapters change (max |adapted - base| logit 27-35 at step 0); greedy tokens
+# are compared exactly on every backend.
+LOGIT_TOL = 1e-3 if mx.default_device() == mx.cpu else 0.15
+RTOL = 1e-3 if mx.default_device() == mx.cpu else 5e-2
 PROMPTS = [[5, 17, 300, 42, 9000, 7], [11, 12, 13, 14, 15, 16], [1000, 2000, 3000, 4000, 5000, 6000]]
 
 
@@ -63,7 +67,7 @@ def test_mixed_batch_matches_mlx_lm_per_row(tiny_model_dir, make_adapter, dora):
         ref_toks, ref_logits = reference(tiny_model_dir, adapter_dir, PROMPTS[row])
         assert toks[row] == ref_toks[0], f"row {row}"
         for step in range(STEPS):
-            assert mx.allclose(logits[step][row], ref_logits[step][0], atol=LOGIT_TOL, rtol=LOGIT_TOL).item(), (row, step)
+            assert mx.allclose(logits[step][row], ref_logits[step][0], atol=LOGIT_TOL, rtol=RTOL).item(), (row, step)
 
     # The adapters do change the output (otherwise the test above proves nothing).
     # (DoRA renormalises each output row, so on this tiny copy-prone model it moves logits but not
@@ -120,4 +124,4 @@ def test_quantized_base(tiny_model_dir, make_adapter):
     load_adapters(ref, str(x_dir))
     ref_toks, ref_logits = greedy(ref, [PROMPTS[0]])
     assert toks[0] == ref_toks[0]
-    assert mx.allclose(logits[0][0], ref_logits[0][0], atol=LOGIT_TOL, rtol=LOGIT_TOL).item()
+    assert mx.allclose(logits[0][0], ref_logits[0][0], atol=LOGIT_TOL, rtol=RTOL).item()
