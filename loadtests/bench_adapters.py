@@ -122,7 +122,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-lora-kernel", action="store_true",
                    help="CUDA: keep the gather_mm path instead of the one-launch kernel (lora_kernel.py)")
+    p.add_argument("--kernel-tile", default=None, metavar="TILExTHREADS",
+                   help="CUDA: the LoRA kernel's outputs per block and threads, e.g. 1024x256 (default: lora_kernel's)")
     args = p.parse_args(argv)
+    if args.kernel_tile:
+        from parallm.models import lora_kernel
+        lora_kernel.TILE, lora_kernel.THREADS = (int(v) for v in args.kernel_tile.lower().split("x"))
     if args.no_lora_kernel:
         from parallm.models import lora_kernel
         lora_kernel.set_enabled(False)
