@@ -308,9 +308,12 @@ class OpenAIServing:
             payloads = []
             for index, out in coalesce(batch, body.n):
                 if out.text or out.logprobs or out.finish_reason:
-                    logprobs = chat_logprobs(out.logprobs or []).model_dump() if body.logprobs else None
                     text = out.text if (out.text or out.logprobs) else None
-                    payloads.append(writer.chunk([writer.choice(index, text, out.finish_reason, logprobs)]))
+                    if body.logprobs:
+                        logprobs = chat_logprobs(out.logprobs or []).model_dump()
+                        payloads.append(writer.chunk([writer.choice(index, text, out.finish_reason, logprobs)]))
+                    else:
+                        payloads.append(writer.text_chunk(index, text, out.finish_reason))
                 if out.finished and out.usage is not None:
                     usages.append(out.usage)
             if payloads:
@@ -331,11 +334,12 @@ class OpenAIServing:
             payloads = []
             for index, out in coalesce(batch, body.n):
                 if out.text or out.logprobs or out.finish_reason:
-                    logprobs = None
                     if body.logprobs is not None:
                         logprobs = completion_logprobs(out.logprobs or [], offsets.get(index, 0)).model_dump()
+                        payloads.append(writer.chunk([writer.choice(index, out.text, out.finish_reason, logprobs)]))
+                    else:
+                        payloads.append(writer.text_chunk(index, out.text, out.finish_reason))
                     offsets[index] = offsets.get(index, 0) + len(out.text)
-                    payloads.append(writer.chunk([writer.choice(index, out.text, out.finish_reason, logprobs)]))
                 if out.finished and out.usage is not None:
                     usages.append(out.usage)
             if payloads:

@@ -67,6 +67,9 @@ async def batches(stream: AsyncIterator[T]) -> AsyncIterator[list[T]]:
 
 def coalesce(batch: list[tuple[int, RequestOutput]], n: int) -> list[tuple[int, RequestOutput]]:
     """Merge consecutive outputs of the same choice: (response choice index, merged output)."""
+    if len(batch) == 1:  # the usual case under load: nothing to merge, so no copy either
+        prompt_index, out = batch[0]
+        return [(prompt_index * n + out.index, out)]
     merged: dict[int, RequestOutput] = {}
     for prompt_index, out in batch:
         index = prompt_index * n + out.index
@@ -108,6 +111,19 @@ class ChunkWriter:
     def chunk(self, choices: list[dict], usage: Optional[UsageInfo] = None) -> str:
         tail = "null" if usage is None else usage.model_dump_json()
         return f'{self._prefix}{json.dumps(choices, ensure_ascii=False)},"usage":{tail}}}'
+
+    def text_chunk(self, index: int, text: Optional[str], finish_reason: Optional[str]) -> str:
+        """`chunk([choice(index, text, finish_reason)])` for a choice without logprobs or role, the
+        one every streamed token makes: formatted directly rather than through json.dumps of dicts
+        (the event loop's time per token is taken from the engine thread; they share the GIL)."""
+        reason = "null" if finish_reason is None else json.dumps(finish_reason)
+        if self.kind == "chat":
+            delta = "{}" if text is None else f'{{"content":{json.dumps(text, ensure_ascii=False)}}}'
+            choice = f'{{"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{reason}}}'
+        else:
+            choice = (f'{{"index":{index},"text":{json.dumps(text or "", ensure_ascii=False)},'
+                      f'"logprobs":null,"finish_reason":{reason}}}')
+        return f'{self._prefix}[{choice}],"usage":null}}'
 
     def choice(self, index: int, text: Optional[str], finish_reason: Optional[str] = None,
                logprobs: Optional[dict] = None, role: Optional[str] = None) -> dict:
