@@ -20,7 +20,7 @@ Optionally (EngineConfig.warm_up_buckets, off by default), where prefill passes 
 (CUDA), every (rows, width) bucket a step can hold is run once too: the first pass of a new shape
 builds cuDNN attention graphs and GEMM plans. Measured on an H200 with a 1B model it costs ~40 s of
 start-up (~100 rounds) and is not needed: the basic rounds plus the full round gave the first
-burst of 64 clients a TTFT p99 of 182 ms against 118 ms for the second (BENCHMARKS.md, "graph
+burst of 64 clients a TTFT p99 of 182 ms against 118 ms for the second (BENCHMARKS.md, "kernel
 cache"). Those figures are with MLX's compiled kernels already on disk: the first process on a
 machine compiles them and its warm-up took 68-91 s (parallm/_mlx_env.py keeps that cache).
 """
