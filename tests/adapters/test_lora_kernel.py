@@ -255,7 +255,7 @@ def test_fused_base_copies_members_without_the_adapter(tiny_model_dir, make_adap
 
 def _emulated_kernel():
     """A LoRADeltaKernel whose compiled kernels are replaced by an emulation of the CUDA source's
-    contract (inputs in the declared order; grid = a block of THREADS per token and 1024-output
+    contract (inputs in the declared order; grid = a block of THREADS per token and TILE-output
     tile of every member; one output per member): the Python around the launch (prepare,
     PreparedLaunch) is then checked on any backend, argument order and grid included."""
     from parallm.models import lora_kernel as lk
