@@ -3,7 +3,7 @@
 # Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
 # (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
 # (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving
-# The first process on a fresh machine compiles MLX's CUDA kernels (68-91 s of engine warm-up for
+# The first process on a machine to run new shapes compiles MLX's CUDA kernels (68-91 s of engine warm-up for
 # the 1B model on an H200, BENCHMARKS.md "kernel cache"); later processes read them from disk. So
 # compare runs only after one process has run the same shapes, and read a first run's start-up as
 # compile time.
