@@ -4,11 +4,12 @@ MLX_PTX_CACHE_DIR (CUDA build): MLX compiles its CUDA kernels at run time (NVRTC
 results on disk, by default under the system temp dir (/tmp/mlx/<version>/ptx). What that cache is
 worth, measured on an H200 with a 1B model (BENCHMARKS.md, "kernel cache"): the engine warm-up of
 the first process on a machine to run the engine at a model's shapes took 68-91 s, and 1.5 s in a
-later process once the kernels were on disk. /tmp is emptied at reboot on many systems (or is a tmpfs), and a /tmp/mlx made by
-another user is not writable for a service's user, so a server would pay the first number again
-after every reboot. parallm points the cache at the user's cache dir instead
-($XDG_CACHE_HOME or ~/.cache, then parallm/mlx-ptx/<mlx version>: compiled kernels are only valid
-for the MLX version that made them, which is why MLX's own default has the version in it too).
+later process once the kernels were on disk. /tmp is emptied at reboot on many systems (or is a
+tmpfs), and a /tmp/mlx made by another user is not writable for a service's user, so a server
+would pay the first number again after every reboot. parallm points the cache at the user's cache
+dir instead ($XDG_CACHE_HOME or ~/.cache, then parallm/mlx-ptx/<mlx version>: compiled kernels are
+only valid for the MLX version that made them, which is why MLX's own default has the version in
+it too).
 
 Only on Linux (the CUDA build; Metal does not use it), only if unset (a user's value wins), and
 only if the directory can be made; otherwise MLX keeps its default.
