@@ -11,8 +11,9 @@ dir instead ($XDG_CACHE_HOME or ~/.cache, then parallm/mlx-ptx/<mlx version>: co
 only valid for the MLX version that made them, which is why MLX's own default has the version in
 it too).
 
-Only on Linux (the CUDA build; Metal does not use it), only if unset (a user's value wins), and
-only if the directory can be made; otherwise MLX keeps its default.
+Only where MLX's CUDA build is installed (the `mlx_cuda*` package beside `mlx`; the CPU and Metal
+builds compile no PTX), only if unset (a user's value wins), and only if the directory can be
+made; otherwise MLX keeps its default.
 
 This module must never import mlx: it runs before the first `import mlx` (parallm/__init__.py).
 """
@@ -21,22 +22,33 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import MutableMapping, Optional
 
 PTX_CACHE_VAR = "MLX_PTX_CACHE_DIR"
 
 
-def installed_mlx_version() -> Optional[str]:
-    """MLX's version from its dist-info directory, without importing mlx (None if not found)."""
+def _mlx_dist_infos(prefix: str) -> list[str]:
+    """Names of the `<prefix>*.dist-info` dirs beside the mlx package, without importing mlx."""
     spec = importlib.util.find_spec("mlx")  # locates the package; does not run it
     if spec is None or not spec.submodule_search_locations:
-        return None
+        return []
+    found = []
     for location in spec.submodule_search_locations:
-        for info in glob.glob(os.path.join(os.path.dirname(location), "mlx-*.dist-info")):
-            return os.path.basename(info)[len("mlx-"):-len(".dist-info")]
+        found += [os.path.basename(p) for p in glob.glob(os.path.join(os.path.dirname(location), prefix + "*.dist-info"))]
+    return found
+
+
+def installed_mlx_version() -> Optional[str]:
+    """MLX's version from its dist-info directory (None if not found)."""
+    for name in _mlx_dist_infos("mlx-"):
+        return name[len("mlx-"):-len(".dist-info")]
     return None
+
+
+def cuda_build_installed() -> bool:
+    """Whether MLX's CUDA backend package (mlx_cuda_12, mlx_cuda_13, ...) is installed."""
+    return bool(_mlx_dist_infos("mlx_cuda"))
 
 
 def ptx_cache_dir(environ: MutableMapping[str, str], version: str) -> Path:
@@ -44,10 +56,11 @@ def ptx_cache_dir(environ: MutableMapping[str, str], version: str) -> Path:
     return Path(base) / "parallm" / "mlx-ptx" / version
 
 
-def apply_mlx_defaults(environ: MutableMapping[str, str] = os.environ, platform: str = sys.platform,
+def apply_mlx_defaults(environ: MutableMapping[str, str] = os.environ, cuda: Optional[bool] = None,
                        version: Optional[str] = None) -> dict[str, str]:
-    """Set the defaults above that the environment does not set; returns what was set."""
-    if not platform.startswith("linux") or PTX_CACHE_VAR in environ:
+    """Set the defaults above that the environment does not set; returns what was set.
+    `cuda` / `version`: None finds them from the installed packages."""
+    if PTX_CACHE_VAR in environ or not (cuda_build_installed() if cuda is None else cuda):
         return {}
     version = version or installed_mlx_version()
     if version is None:
