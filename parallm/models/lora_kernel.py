@@ -150,7 +150,6 @@ class LoRADeltaKernel:
             self._fused_kernels[m] = mx.fast.cuda_kernel(
                 f"parallm_lora_delta_fused_{m}", ["x", "y", *names, "slots"], [f"out{i}" for i in range(m)],
                 _source(m, fused=True))
-        self._templates: dict = {}
         self._compiled: set[tuple[mx.Dtype, int]] = set()
         self._failed: set[tuple[mx.Dtype, int]] = set()
 
@@ -173,10 +172,7 @@ class LoRADeltaKernel:
         """The launch for these stacks with all that does not change per call worked out now
         (layers keep it until their adapters change): a decode step calls it for every wrapped
         linear, and on a GPU host that per-call Python is part of what a mixed batch pays."""
-        key = (dtype, int(as_[0].shape[-1]))
-        template = self._templates.get(key)
-        if template is None:
-            template = self._templates[key] = [("DT", key[0]), ("R", key[1]), ("NT", THREADS), ("TILE", TILE)]
+        template = [("DT", dtype), ("R", int(as_[0].shape[-1])), ("NT", THREADS), ("TILE", TILE)]
         fn = self._fused_kernels[len(bs)] if fused else self._kernels[len(bs)]
         return PreparedLaunch(fn, [*as_, *bs], template, [int(b.shape[-1]) for b in bs], dtype)
 

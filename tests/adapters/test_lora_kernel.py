@@ -287,7 +287,7 @@ def _emulated_kernel():
     kernel = object.__new__(lk.LoRADeltaKernel)
     kernel._kernels = {m: emulate(m, False) for m in range(1, lk.MAX_MEMBERS + 1)}
     kernel._fused_kernels = {m: emulate(m, True) for m in range(2, lk.MAX_MEMBERS + 1)}
-    kernel._templates, kernel._compiled, kernel._failed = {}, set(), set()
+    kernel._compiled, kernel._failed = set(), set()
     kernel.launches = []
     return kernel
 
