@@ -126,8 +126,8 @@ def main(argv=None) -> int:
                    help="CUDA: the LoRA kernel's outputs per block and threads, e.g. 1024x256 (default: lora_kernel's)")
     args = p.parse_args(argv)
     if args.kernel_tile:
-        from parallm.models import lora_kernel
-        lora_kernel.TILE, lora_kernel.THREADS = (int(v) for v in args.kernel_tile.lower().split("x"))
+        from bench_lora_kernel import use_tiles
+        use_tiles(args.kernel_tile)
     if args.no_lora_kernel:
         from parallm.models import lora_kernel
         lora_kernel.set_enabled(False)

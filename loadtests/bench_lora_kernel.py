@@ -25,6 +25,14 @@ import mlx.core as mx  # noqa: E402
 from parallm.models import lora_kernel  # noqa: E402
 
 
+def use_tiles(spec: str) -> tuple[int, int]:
+    """Set the LoRA kernel's tile shape from "TILExTHREADS" (read by prepare() and PreparedLaunch,
+    so kernels prepared from now on use it); returns (tile, threads)."""
+    tile, threads = (int(v) for v in spec.lower().split("x"))
+    lora_kernel.TILE, lora_kernel.THREADS = tile, threads
+    return tile, threads
+
+
 def per_launch(make, n: int = 100, reps: int = 3) -> list[float]:
     best = None
     for _ in range(reps):
@@ -71,8 +79,7 @@ def main(argv=None) -> int:
               "matmul_gate_up": per_launch(lambda: x @ w_gu.T), "matmul_o": per_launch(lambda: x @ w_o.T),
               "matmul_down": per_launch(lambda: xd @ w_d.T), "add": per_launch(lambda: x + 1)}
     for spec in args.tiles.split(","):
-        tile, threads = (int(v) for v in spec.lower().split("x"))
-        lora_kernel.TILE, lora_kernel.THREADS = tile, threads  # read by prepare() and PreparedLaunch
+        tile, threads = use_tiles(spec)
         kernel = lora_kernel.LoRADeltaKernel()
         qkv = kernel.prepare(a_qkv, b_qkv, dt, fused=True)
         gu = kernel.prepare(a_gu, b_gu, dt, fused=True)
