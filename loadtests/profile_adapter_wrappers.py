@@ -29,6 +29,9 @@ import mlx.core as mx  # noqa: E402
 from parallm.models import lora  # noqa: E402
 
 
+LORA_LAYERS = 16  # the adapters cover the last 16 blocks (mlx-lm's default num_layers)
+
+
 class NoopKernel:
     """LoRADeltaKernel's contract (ensure_compiled, prepare -> launch(x, ys, slots)) doing nothing."""
 
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
 
     model = ba.build_model(ba.SMOLLM2_135M, 30, mx.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = ba.write_adapters(model, Path(tmp), 8, 8, 16, None)
+        dirs = ba.write_adapters(model, Path(tmp), 8, 8, LORA_LAYERS, None)
         manager = AdapterManager("base", model, adapters_dir=tmp)
         names = [manager.load(d.name, d.name).name for d in dirs]
         manager.apply_pending()
@@ -79,9 +82,8 @@ def main(argv=None) -> int:
             build(kind)
             times[kind].append(time.perf_counter() - start)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    blocks = 16  # the adapters cover the last 16 blocks
     print(f"graph build ms per forward: base {med['base']:.3f}, mixed {med['mixed']:.3f}; extra "
-          f"{med['mixed'] - med['base']:.3f} ms = {(med['mixed'] - med['base']) * 1e3 / blocks:.1f} us per wrapped block")
+          f"{med['mixed'] - med['base']:.3f} ms = {(med['mixed'] - med['base']) * 1e3 / LORA_LAYERS:.1f} us per wrapped block")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
