@@ -3,8 +3,10 @@
 The first round after start-up pays every one-off cost a new pass shape brings (on CUDA: cuDNN
 attention graphs and GEMM plans per prefill shape, tens of ms each); later rounds run on shapes
 already built. The gap between round 1 and round 2 is what a warm-up can still remove. MLX keeps
-its kernel and graph caches for the life of the process, so each warm-up kind needs a process of
-its own:
+its graph and buffer caches for the life of the process, so each warm-up kind needs a process of
+its own; its compiled CUDA kernels it keeps on disk (parallm/_mlx_env.py), so the first process on
+a machine at these shapes also pays the compiles (tens of seconds): run one throwaway process
+before comparing kinds.
 
     for w in none basic buckets; do
         python loadtests/bench_burst.py --model DIR --burst 64 --input-len 128 --output-len 128 --warm-up $w
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--warm-up", default="buckets", choices=["none", "basic", "buckets"],
-                   help="none; the three basic requests; those plus a round per prefill bucket")
+                   help="none; the default warm-up (basic requests, and on CUDA a round of every row); those plus a round per prefill bucket")
     args = p.parse_args(argv)
 
     import mlx.core as mx
