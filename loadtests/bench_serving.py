@@ -80,6 +80,9 @@ class LevelResult:
     itl_p99: Optional[float]
     mean_prompt_tokens: Optional[float]
     errors: dict = field(default_factory=dict)  # error text -> count
+    # CPU seconds this harness process spent during the level, per wall second. Near 1.0 the
+    # load generator (one asyncio loop parsing every SSE event) is what limits the figures, not the server.
+    client_cpu: Optional[float] = None
 
 
 def percentile(values: list[float], q: float) -> Optional[float]:
@@ -155,28 +158,86 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                          output_tokens=tokens, prompt_tokens=(usage or {}).get("prompt_tokens"))
 
 
-async def run_level(server: str, url: str, model: str, concurrency: int, prompts: list[str], output_len: int,
-                    endpoint: str, level_timeout: float) -> LevelResult:
+async def _run_clients(url: str, model: str, concurrency: int, prompts: list[str], output_len: int,
+                       endpoint: str, level_timeout: float,
+                       start_at: Optional[float] = None) -> tuple[list[RequestResult], int, float, float]:
+    """`concurrency` clients in this process's loop, each sending the next prompt when its last one ended.
+    The connections are opened (and httpx's lazy imports done) before the clock starts, so that a
+    level's first requests do not carry them. Returns the results, how many prompts were not finished
+    within the timeout, the wall seconds and this process's CPU seconds over that time."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     results: list[RequestResult] = []
     pending = list(reversed(prompts))
     async with httpx.AsyncClient(timeout=httpx.Timeout(level_timeout, connect=30), limits=limits) as client:
+        await asyncio.gather(*(client.get(url + "/health") for _ in range(concurrency)), return_exceptions=True)
+        if start_at is not None:  # the agreed start of a level spread over processes
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+
         async def worker():
             while pending:
                 results.append(await one_request(client, url, model, pending.pop(), output_len, endpoint))
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
         _, late = await asyncio.wait(tasks, timeout=level_timeout)
         for t in late:
             t.cancel()
         await asyncio.gather(*late, return_exceptions=True)
-        wall = time.perf_counter() - start
-    unfinished = len(prompts) - len(results)
-    return summarize(server, concurrency, results, unfinished, wall)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return results, len(prompts) - len(results), wall, cpu
 
 
-def summarize(server: str, concurrency: int, results: list[RequestResult], unfinished: int, wall: float) -> LevelResult:
+async def run_level(server: str, url: str, model: str, concurrency: int, prompts: list[str], output_len: int,
+                    endpoint: str, level_timeout: float, client_procs: int = 1) -> LevelResult:
+    if client_procs > 1:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, _run_level_in_processes, server, url, model, concurrency, prompts, output_len, endpoint,
+            level_timeout, client_procs)
+    results, unfinished, wall, cpu = await _run_clients(url, model, concurrency, prompts, output_len, endpoint,
+                                                        level_timeout)
+    return summarize(server, concurrency, results, unfinished, wall, client_cpu=cpu / wall if wall else None)
+
+
+def _worker_ready(hold_s: float) -> int:
+    time.sleep(hold_s)
+    return os.getpid()
+
+
+def _client_process(start_at: float, url: str, model: str, concurrency: int, prompts: list[str],
+                    output_len: int, endpoint: str, level_timeout: float) -> tuple[list[dict], int, float, float]:
+    """One load-generator process's share of a level, from an agreed wall-clock start so that the
+    processes' clients begin together. Returns results (as dicts), unfinished, end time, CPU share."""
+    results, unfinished, wall, cpu = asyncio.run(_run_clients(url, model, concurrency, prompts, output_len,
+                                                              endpoint, level_timeout, start_at=start_at))
+    return [asdict(r) for r in results], unfinished, time.time(), cpu / wall if wall else 0.0
+
+
+def _run_level_in_processes(server: str, url: str, model: str, concurrency: int, prompts: list[str],
+                            output_len: int, endpoint: str, level_timeout: float, procs: int) -> LevelResult:
+    """The level's clients spread over `procs` processes (each its own loop), for loads where one
+    loop parsing every SSE event would be the bottleneck. Client CPU is the busiest process's."""
+    import concurrent.futures
+    import multiprocessing
+
+    procs = max(1, min(procs, concurrency))
+    shares = [(concurrency // procs + (1 if i < concurrency % procs else 0), prompts[i::procs]) for i in range(procs)]
+    # spawn, not fork: with --engine-baseline this process has a GPU context and threads
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # start every worker and import this module there before the clock starts (a task that finds
+        # no idle worker starts one; each of these holds its worker long enough for the next to need one)
+        [f.result() for f in [pool.submit(_worker_ready, 0.3) for _ in range(procs)]]
+        start_at = time.time() + 1.0  # after each process opened its connections
+        futures = [pool.submit(_client_process, start_at, url, model, conc, share, output_len, endpoint,
+                               level_timeout) for conc, share in shares]
+        parts = [f.result() for f in futures]
+    results = [RequestResult(**r) for part in parts for r in part[0]]
+    wall = max(part[2] for part in parts) - start_at
+    return summarize(server, concurrency, results, sum(part[1] for part in parts), wall,
+                     client_cpu=max(part[3] for part in parts))
+
+
+def summarize(server: str, concurrency: int, results: list[RequestResult], unfinished: int, wall: float,
+              client_cpu: Optional[float] = None) -> LevelResult:
     ok = [r for r in results if r.ok]
     errors: dict[str, int] = {}
     for r in results:
@@ -196,7 +257,8 @@ def summarize(server: str, concurrency: int, results: list[RequestResult], unfin
         ttft_p50=percentile(ttfts, 0.5), ttft_p99=percentile(ttfts, 0.99),
         tpot_p50=percentile(tpots, 0.5), tpot_p99=percentile(tpots, 0.99),
         itl_p50=percentile(itls, 0.5), itl_p99=percentile(itls, 0.99),
-        mean_prompt_tokens=statistics.mean(prompt_tokens) if prompt_tokens else None, errors=errors)
+        mean_prompt_tokens=statistics.mean(prompt_tokens) if prompt_tokens else None, errors=errors,
+        client_cpu=client_cpu)
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -207,13 +269,14 @@ def _ms(v: Optional[float]) -> str:
 
 def print_table(levels: list[LevelResult]) -> None:
     head = f"{'server':<10} {'conc':>4} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50/p99 ms':>16} " \
-           f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15}"
+           f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client CPU':>10}"
     print(head)
     print("-" * len(head))
     for lv in levels:
         print(f"{lv.server:<10} {lv.concurrency:>4} {lv.requests:>5} {lv.failures:>4} {lv.throughput_tok_s:>8.1f} "
               f"{_ms(lv.ttft_p50) + '/' + _ms(lv.ttft_p99):>16} {_ms(lv.tpot_p50) + '/' + _ms(lv.tpot_p99):>16} "
-              f"{_ms(lv.itl_p50) + '/' + _ms(lv.itl_p99):>15}")
+              f"{_ms(lv.itl_p50) + '/' + _ms(lv.itl_p99):>15} "
+              f"{'-' if lv.client_cpu is None else f'{lv.client_cpu:.0%}':>10}")
         if lv.errors:
             print(f"{'':<10} errors: {lv.errors}")
 
@@ -358,7 +421,7 @@ class Target:
             return await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
                                           args.level_timeout)
         return await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
-                               args.endpoint, args.level_timeout)
+                               args.endpoint, args.level_timeout, client_procs=args.client_procs)
 
 
 def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[LevelResult]:
@@ -395,6 +458,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=64, help="prompt length in words (~tokens)")
     p.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="load-generator processes per level (the clients are split among them). One asyncio "
+                        "loop parsing every SSE event saturates near a few thousand tokens/s: watch the table's "
+                        "client CPU column and raise this when it nears 100%%")
     p.add_argument("--level-timeout", type=float, default=300.0, help="seconds a level may run")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)

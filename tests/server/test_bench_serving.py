@@ -47,6 +47,22 @@ def test_a_small_sweep_against_a_live_server(tiny_loaded, tmp_path):
         assert lv["ttft_p50"] > 0 and lv["throughput_tok_s"] > 0
 
 
+def test_clients_split_over_processes_send_every_request(tiny_loaded, tmp_path):
+    live = start_server(real_engine(tiny_loaded))
+    try:
+        out = tmp_path / "r.json"
+        assert bench_serving.main(["--url", live.url, "--concurrency", "3", "--num-requests", "5",
+                                   "--client-procs", "2", "--input-len", "8", "--output-len", "4",
+                                   "--no-plot", "--out", str(out)]) == 0
+    finally:
+        live.stop()
+    (level,) = json.loads(out.read_text())["levels"]
+    assert level["failures"] == 0 and level["requests"] == 5
+    assert level["output_tokens"] == 20
+    assert level["ttft_p50"] > 0 and level["wall_s"] > 0
+    assert level["client_cpu"] is not None and level["client_cpu"] > 0
+
+
 def _parse(argv):
     import argparse
 
