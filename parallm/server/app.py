@@ -80,6 +80,7 @@ def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence
             # After a drain this finds nothing left; on a plain stop it aborts what is running.
             admission.draining = True
             await engine.shutdown(drain_timeout=0.0)
+            app.state.serving.prompts.shutdown()
 
     app = FastAPI(title="parallm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine

@@ -27,18 +27,10 @@ from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatComp
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
                                      SamplingFields)
 from parallm.server.responses import Collected, chat_logprobs, completion_logprobs, usage_info
+from parallm.server.prompt_worker import PromptWorker
 from parallm.server.streaming import ChunkWriter, batches, coalesce, sse
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
-# Prompts longer than this (characters) are templated and tokenized on a worker thread: a body of
-# megabytes takes the tokenizer a second, which would stall every stream and /health on the loop.
-LARGE_PROMPT_CHARS = 32_768
-
-
-async def off_loop_if_large(size: int, fn, *args):
-    if size > LARGE_PROMPT_CHARS:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
 
 
 class ClientGone(Exception):
@@ -153,6 +145,7 @@ class OpenAIServing:
     def __init__(self, engine: EngineClient, admission: Admission):
         self.engine = engine
         self.admission = admission
+        self.prompts = PromptWorker()  # templates and tokenization, off the event loop
 
     # ---- models ---------------------------------------------------------------------------------
 
@@ -185,8 +178,7 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
         model, adapter = self._resolve_model(body.model)
         tokenizer = self.engine.tokenizer(model)
-        size = sum(len(m.text()) for m in body.messages)
-        prompt = await off_loop_if_large(size, chat_prompt, tokenizer, body, model)
+        prompt = await self.prompts.run(chat_prompt, tokenizer, body, model)
         top = body.top_logprobs or 0
         params = sampling_params(body, prompt, self.engine.context_length(model), len(tokenizer),
                                  None, body.logprobs, top)
@@ -210,8 +202,11 @@ class OpenAIServing:
         tokenizer = self.engine.tokenizer(model)
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported.", param="echo")
-        size = sum(len(p) for p in body.prompts() if isinstance(p, str))
-        prompts = await off_loop_if_large(size, lambda: [completion_prompt(tokenizer, p) for p in body.prompts()])
+        texts = body.prompts()
+        if any(isinstance(p, str) for p in texts):
+            prompts = await self.prompts.run(lambda: [completion_prompt(tokenizer, p) for p in texts])
+        else:  # token ids only: nothing to tokenize, no thread hop
+            prompts = [completion_prompt(tokenizer, p) for p in texts]
         if body.stop_token_ids:
             check_token_ids(tokenizer, body.stop_token_ids, "stop_token_ids")
         context = self.engine.context_length(model)
