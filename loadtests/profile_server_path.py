@@ -88,17 +88,19 @@ class PacedEngine:
             raise PromptTooLong(len(request.prompt_token_ids), request.sampling.max_tokens, self._context_length)
 
     async def generate(self, request) -> AsyncIterator:
+        """Delivers as AsyncEngine does: through its OutputCollector where this checkout has one
+        (merging what a late consumer has not taken), else one output at a time from a queue."""
         from parallm.engine.types import RequestTimes
         self.validate(request)
-        out: asyncio.Queue = asyncio.Queue()
+        out = _collector()
         now = time.monotonic()
         self._streams[request.request_id] = (out, [request, 0, RequestTimes(arrival=now, first_scheduled=now)])
         try:
             while True:
-                item = await out.get()
-                yield item
-                if item.finished:
-                    return
+                for item in await out.get():
+                    yield item
+                    if item.finished:
+                        return
         finally:
             self._streams.pop(request.request_id, None)
 
@@ -121,7 +123,7 @@ class PacedEngine:
                 times.first_token = now
             if last:
                 times.finished = now
-            out.put_nowait(RequestOutput(
+            out.put(RequestOutput(
                 request.request_id, text=self._pieces[done % 256], token_ids=[1000 + done % 256],
                 finish_reason="length" if last else None, finished=last,
                 usage=Usage(len(request.prompt_token_ids), done) if last else None,
@@ -148,6 +150,27 @@ class PacedEngine:
 
     def context_length(self, model: str) -> int:
         return self._context_length
+
+
+class _QueueCollector:
+    """OutputCollector's interface over an asyncio.Queue, for checkouts from before it existed."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self._queue.put_nowait(item)
+
+    async def get(self) -> list:
+        return [await self._queue.get()]
+
+
+def _collector():
+    try:
+        from parallm.engine.output_collector import OutputCollector
+    except ImportError:
+        return _QueueCollector()
+    return OutputCollector()
 
 
 def serve(port: int, native_ms: float, python_ms: float) -> None:

@@ -2,7 +2,8 @@
 
 One worker thread owns the Engine (and so the model); the asyncio loop never runs MLX. Requests
 and aborts go to the worker through a thread-safe inbox and are applied between steps; outputs
-come back per request on an asyncio.Queue, fed with loop.call_soon_threadsafe.
+come back per request in an OutputCollector (which merges what a late consumer has not taken yet),
+fed with loop.call_soon_threadsafe.
 
 Invariants
 - Every queued request ends with exactly one item that closes its stream: a RequestOutput with
@@ -19,6 +20,7 @@ from typing import Any, AsyncIterator, Optional
 
 from parallm.engine.engine import Engine, EngineConfig
 from parallm.engine.errors import EngineDead, EngineDraining, QueueFull, UnknownModel
+from parallm.engine.output_collector import OutputCollector
 from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
 from parallm.engine.warm_up import warm_up
 
@@ -26,7 +28,7 @@ from parallm.engine.warm_up import warm_up
 @dataclass
 class _Add:
     request: EngineRequest
-    out: asyncio.Queue
+    out: OutputCollector
 
 
 @dataclass
@@ -41,7 +43,7 @@ class AsyncEngine:
         self.config = self.engine.config
         self._name = getattr(loaded, "name", "") or "default"
         self._inbox: "queue.Queue[object]" = queue.Queue()
-        self._streams: dict[str, asyncio.Queue] = {}  # owned by the worker once queued
+        self._streams: dict[str, OutputCollector] = {}  # owned by the worker once queued
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -98,7 +100,7 @@ class AsyncEngine:
         self.validate(request)
         if self._thread is None:
             await self.start()
-        out: asyncio.Queue = asyncio.Queue()
+        out = OutputCollector()
         self._streams[request.request_id] = out
         self._inbox.put(_Add(request, out))
         if self._dead is not None and self._streams.pop(request.request_id, None) is not None:
@@ -106,13 +108,15 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await out.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finished:
-                    finished = True
-                yield item
+                try:
+                    items = await out.get()
+                except BaseException as e:
+                    if not isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+                        finished = True  # an engine error closed the stream
+                    raise
+                for item in items:
+                    finished = finished or item.finished
+                    yield item
                 if finished:
                     return
         finally:
@@ -200,9 +204,9 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item: object) -> None:
         stream = self._stream_for(request_id, item)
         if stream is not None:
-            self._loop.call_soon_threadsafe(stream.put_nowait, item)
+            self._loop.call_soon_threadsafe(stream.put, item)
 
-    def _stream_for(self, request_id: str, item: object) -> Optional[asyncio.Queue]:
+    def _stream_for(self, request_id: str, item: object) -> Optional[OutputCollector]:
         """The request's output queue (forgotten here when `item` closes the stream)."""
         closes = isinstance(item, BaseException) or getattr(item, "finished", False)
         return self._streams.pop(request_id, None) if closes else self._streams.get(request_id)
@@ -219,9 +223,9 @@ class AsyncEngine:
                 self._deliver(item.request.request_id, EngineDead(f"The engine worker died: {error!r}"))
 
 
-def _put_all(ready: list[tuple[asyncio.Queue, object]]) -> None:
+def _put_all(ready: list[tuple[OutputCollector, object]]) -> None:
     for stream, item in ready:
-        stream.put_nowait(item)
+        stream.put(item)
 
 
 def _set_done(future: asyncio.Future) -> None:

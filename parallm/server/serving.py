@@ -133,6 +133,11 @@ async def merged_outputs(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIt
             t.cancel()
 
 
+async def one_prompt_batches(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+    async for out in stream:
+        yield [(0, out)]
+
+
 async def wait_for_disconnect(raw: Request) -> None:
     """Return when the client goes away. The body has been read, so the next message is a disconnect."""
     while True:
@@ -291,8 +296,13 @@ class OpenAIServing:
             yield sse([json.dumps(engine_error_payload(e))])
         yield sse(["[DONE]"])
 
-    def _output_batches(self, requests: list[EngineRequest]):
-        return batches(merged_outputs([self.engine.generate(r) for r in requests]))
+    def _output_batches(self, requests: list[EngineRequest]) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        streams = [self.engine.generate(r) for r in requests]
+        if len(streams) == 1:
+            # One prompt: the engine already merged whatever piled up while the loop was busy
+            # (OutputCollector), so each output is a batch; no pump task, one wake-up per chunk.
+            return one_prompt_batches(streams[0])
+        return batches(merged_outputs(streams))
 
     async def _chat_chunks(self, body: ChatCompletionRequest, response_id: str, model: str,
                            requests: list[EngineRequest]) -> AsyncIterator[bytes]:

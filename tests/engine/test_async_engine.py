@@ -212,3 +212,29 @@ def test_warm_up_is_off_by_default_on_the_cpu(tiny_loaded):
     engine = Engine(tiny_loaded, EngineConfig())
     import mlx.core as mx
     assert engine.wants_warm_up() == (mx.default_device() == mx.gpu)
+
+
+def test_a_late_consumer_gets_merged_outputs_with_every_token(tiny_loaded):
+    """Outputs the consumer has not taken yet are merged (OutputCollector): fewer, longer outputs,
+    the same tokens and text as one taken at a time."""
+    async def main():
+        engine = AsyncEngine(tiny_loaded, EngineConfig())
+        await engine.start()
+        prompt = make_prompt(3, 12)
+        stream = engine.generate(req("late", prompt, 24))
+        outs = [await stream.__anext__()]
+        steps = engine.stats().steps
+        while engine.stats().steps < steps + 6:  # the engine runs on while nobody reads
+            await asyncio.sleep(0.005)
+        outs += [o async for o in stream]
+        prompt_again = await collect(engine, req("eager", prompt, 24))
+        await engine.shutdown()
+        return outs, prompt_again
+
+    outs, eager = asyncio.run(main())
+    tokens = [t for o in outs for t in o.token_ids]
+    assert tokens == reference_greedy(tiny_loaded, make_prompt(3, 12), 24)
+    assert tokens == [t for o in eager for t in o.token_ids]
+    assert "".join(o.text for o in outs) == "".join(o.text for o in eager)
+    assert max(len(o.token_ids) for o in outs) > 1 and len(outs) < 24
+    assert outs[-1].finished and outs[-1].usage.completion_tokens == 24
