@@ -35,7 +35,8 @@ case "$part" in
     done ;;
   serving)  # issue 4: the harness's targets (>= 4x mlx_lm.server, TTFT p99 <= 0.5 s, 0 failures, >= 0.9 of the engine)
     need_model
-    timeout 560 python3 loadtests/bench_serving.py --compare --model "$MODEL" --engine-baseline \
+    # four load-generator processes: one saturates near 6,000 tokens/s (BENCHMARKS.md, fourth session)
+    timeout 560 python3 loadtests/bench_serving.py --compare --model "$MODEL" --engine-baseline --client-procs 4 \
       --parallm-args "--max-num-seqs 128 --max-queue 256" --concurrency 64,128,256 --requests-per-client 2 \
       --input-len 128 --output-len 128 --level-timeout 60 --no-plot --out "$OUT/serving.json" 2>&1 | tail -30 ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
