@@ -1,15 +1,17 @@
-"""PromptWorker: chat templates and tokenization run on one thread of their own, not on the loop.
+"""PromptWorker: chat templates and tokenization run on threads of their own, not on the loop.
 
 Why not on the event loop, even for a short prompt: a transformers fast tokenizer releases the GIL
 inside encode (its Rust batch path). On the loop thread, taking the GIL back then waits until the
 engine thread, which holds it while it builds a step's graph, lets go, up to the interpreter's
-switch interval (5 ms). Measured with loadtests/profile_server_path.py: a 128-word prompt took
+switch interval (5 ms). Measured (BENCHMARKS.md, "Server overhead"): a 128-word prompt took
 0.33 ms to encode alone and 5.8 ms beside a busy Python thread, and every stream on the loop
 waited with it. On a worker thread that wait is the request's own.
 
-Why one thread: a fast tokenizer used from several threads at once can fail with "Already
-borrowed" (the Rust object is borrowed mutably when truncation or padding settings change). One
-worker keeps every call serial; at ~0.4 ms a prompt that is ~2,500 prompts a second.
+Two lanes of one thread each: prompts over LARGE_PROMPT_CHARS (a body of megabytes takes the
+tokenizer seconds) have their own, so one of them never holds up everyone else's first token.
+One thread per lane keeps the calls few at a time; concurrent encodes on one fast tokenizer are
+safe as long as nothing changes its truncation or padding settings (that borrows the Rust object
+mutably, and a concurrent call fails with "Already borrowed"), and the server never does.
 """
 from __future__ import annotations
 
@@ -17,13 +19,19 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+LARGE_PROMPT_CHARS = 32_768
+
 
 class PromptWorker:
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallm-prompts")
+        self._small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallm-prompts")
+        self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parallm-prompts-large")
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def run(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the lane for a prompt of `size` characters."""
+        pool = self._large if size > LARGE_PROMPT_CHARS else self._small
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._small, self._large):
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -183,7 +183,8 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
         model, adapter = self._resolve_model(body.model)
         tokenizer = self.engine.tokenizer(model)
-        prompt = await self.prompts.run(chat_prompt, tokenizer, body, model)
+        size = sum(len(m.text()) for m in body.messages)
+        prompt = await self.prompts.run(size, chat_prompt, tokenizer, body, model)
         top = body.top_logprobs or 0
         params = sampling_params(body, prompt, self.engine.context_length(model), len(tokenizer),
                                  None, body.logprobs, top)
@@ -209,7 +210,8 @@ class OpenAIServing:
             raise InvalidRequest("echo together with logprobs is not supported.", param="echo")
         texts = body.prompts()
         if any(isinstance(p, str) for p in texts):
-            prompts = await self.prompts.run(lambda: [completion_prompt(tokenizer, p) for p in texts])
+            size = sum(len(p) for p in texts if isinstance(p, str))
+            prompts = await self.prompts.run(size, lambda: [completion_prompt(tokenizer, p) for p in texts])
         else:  # token ids only: nothing to tokenize, no thread hop
             prompts = [completion_prompt(tokenizer, p) for p in texts]
         if body.stop_token_ids:

@@ -61,3 +61,42 @@ def test_a_tokenizer_error_is_still_a_client_error(tiny_loaded):
         assert r.json()["error"]["param"] == "prompt"
     finally:
         live.stop()
+
+
+class BlockingOnHugeTokenizer(ThreadRecordingTokenizer):
+    """Holds every encode of a huge prompt until released."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.huge_started = threading.Event()
+        self.release = threading.Event()
+
+    def encode(self, text, *args, **kwargs):
+        if len(text) > 32_768:
+            self.huge_started.set()
+            assert self.release.wait(30), "never released"
+        return super().encode(text, *args, **kwargs)
+
+
+def test_a_huge_prompt_being_tokenized_does_not_hold_up_a_small_one(tiny_loaded):
+    engine = real_engine(tiny_loaded)
+    tokenizer = BlockingOnHugeTokenizer(engine.tokenizer("tiny"))
+    engine.tokenizer = lambda model: tokenizer
+    live = start_server(engine)
+    huge_status = []
+    try:
+        huge = threading.Thread(target=lambda: huge_status.append(httpx.post(
+            live.base_url + "/completions", timeout=60,
+            json={"model": "tiny", "max_tokens": 2, "prompt": "word " * 10_000}).status_code))
+        huge.start()
+        assert tokenizer.huge_started.wait(30)
+        small = httpx.post(live.base_url + "/completions", timeout=30,
+                           json={"model": "tiny", "max_tokens": 2, "prompt": "hello"})
+        assert small.status_code == 200  # served while the huge prompt is still in encode
+        assert huge.is_alive()
+        tokenizer.release.set()
+        huge.join(60)
+        assert huge_status and huge_status[0] in (200, 400)  # 400: longer than the tiny model's context
+    finally:
+        tokenizer.release.set()
+        live.stop()
