@@ -29,11 +29,15 @@ class Admission:
         if self.draining:
             raise EngineDraining()
         if self.in_flight + count > self.max_in_flight:
-            self.rejected += 1
+            self.note_rejected()
             raise QueueFull(self.max_queue, retry_after=self.retry_after)
         self.in_flight += count
         self._idle.clear()
         return Ticket(self, count)
+
+    def note_rejected(self) -> None:
+        """Count a 429, whichever bound gave it (this one, or the engine's own in validate())."""
+        self.rejected += 1
 
     def _release(self, count: int) -> None:
         self.in_flight -= count
