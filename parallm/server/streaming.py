@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, TypeVar
 
+from parallm.engine.output_collector import merge_output
 from parallm.engine.types import RequestOutput
 from parallm.server.protocol import UsageInfo
 
@@ -67,29 +68,14 @@ async def batches(stream: AsyncIterator[T]) -> AsyncIterator[list[T]]:
 
 def coalesce(batch: list[tuple[int, RequestOutput]], n: int) -> list[tuple[int, RequestOutput]]:
     """Merge consecutive outputs of the same choice: (response choice index, merged output)."""
-    if len(batch) == 1:  # the usual case under load: nothing to merge, so no copy either
+    if len(batch) == 1:  # the usual case: nothing to merge, so no copy either
         prompt_index, out = batch[0]
         return [(prompt_index * n + out.index, out)]
     merged: dict[int, RequestOutput] = {}
     for prompt_index, out in batch:
         index = prompt_index * n + out.index
-        prev = merged.get(index)
-        if prev is None:
-            merged[index] = RequestOutput(request_id=out.request_id, index=out.index, text=out.text,
-                                          token_ids=list(out.token_ids),
-                                          logprobs=list(out.logprobs) if out.logprobs else None,
-                                          finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                                          finished=out.finished, usage=out.usage, times=out.times)
-            continue
-        prev.text += out.text
-        prev.token_ids.extend(out.token_ids)
-        if out.logprobs:
-            prev.logprobs = (prev.logprobs or []) + list(out.logprobs)
-        prev.finish_reason = out.finish_reason or prev.finish_reason
-        prev.stop_reason = out.stop_reason or prev.stop_reason
-        prev.finished = prev.finished or out.finished
-        prev.usage = out.usage or prev.usage
-        prev.times = out.times or prev.times
+        earlier = merged.get(index)
+        merged[index] = out if earlier is None else merge_output(earlier, out)
     return list(merged.items())
 
 
