@@ -4,7 +4,7 @@ Why not on the event loop, even for a short prompt: a transformers fast tokenize
 inside encode (its Rust batch path). On the loop thread, taking the GIL back then waits until the
 engine thread, which holds it while it builds a step's graph, lets go, up to the interpreter's
 switch interval (5 ms). Measured (BENCHMARKS.md, "Server overhead"): a 128-word prompt took
-0.33 ms to encode alone and 5.8 ms beside a busy Python thread, and every stream on the loop
+0.33 ms to encode alone and 5.8 ms beside a thread running Python without pause, and every stream on the loop
 waited with it. On a worker thread that wait is the request's own.
 
 Two lanes of one thread each: prompts over LARGE_PROMPT_CHARS (a body of megabytes takes the
