@@ -198,9 +198,8 @@ async def run_level(server: str, url: str, model: str, concurrency: int, prompts
     return summarize(server, concurrency, results, unfinished, wall, client_cpu=cpu / wall if wall else None)
 
 
-def _worker_ready(hold_s: float) -> int:
+def _worker_ready(hold_s: float) -> None:
     time.sleep(hold_s)
-    return os.getpid()
 
 
 def _client_process(start_at: float, url: str, model: str, concurrency: int, prompts: list[str],
@@ -225,7 +224,8 @@ def _run_level_in_processes(server: str, url: str, model: str, concurrency: int,
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
         # start every worker and import this module there before the clock starts (a task that finds
         # no idle worker starts one; each of these holds its worker long enough for the next to need one)
-        [f.result() for f in [pool.submit(_worker_ready, 0.3) for _ in range(procs)]]
+        for ready in [pool.submit(_worker_ready, 0.3) for _ in range(procs)]:
+            ready.result()
         start_at = time.time() + 1.0  # after each process opened its connections
         futures = [pool.submit(_client_process, start_at, url, model, conc, share, output_len, endpoint,
                                level_timeout) for conc, share in shares]
