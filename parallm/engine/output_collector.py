@@ -7,6 +7,9 @@ choice, into one output (text joined, token ids and logprobs extended, the lates
 and times kept). So a late consumer does one chunk's work per wake-up, whatever the backlog,
 without a second task to drain a queue. vLLM's RequestOutputCollector merges the same way.
 
+The outputs are kept as they come and merged when taken, in one pass: merging on arrival would
+copy the text and ids so far at every step, quadratic for a client that stops reading a long answer.
+
 Loop-only: put() and get() run on the event loop (the engine thread reaches put() through
 loop.call_soon_threadsafe).
 """
@@ -18,21 +21,30 @@ from typing import Optional, Union
 from parallm.engine.types import RequestOutput
 
 
-def merge_output(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """`earlier` followed by `later` (the same choice) as one output. Neither input is changed."""
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one choice as one. The inputs are not changed; one output is
+    returned as it is."""
+    if len(outputs) == 1:
+        return outputs[0]
+    first = outputs[0]
+    logprobs = [lp for o in outputs for lp in (o.logprobs or ())]
+
+    def latest(field: str):
+        return next((v for o in reversed(outputs) if (v := getattr(o, field)) is not None), None)
+
     return RequestOutput(
-        request_id=earlier.request_id, index=earlier.index, text=earlier.text + later.text,
-        token_ids=earlier.token_ids + later.token_ids,
-        logprobs=(earlier.logprobs or []) + later.logprobs if later.logprobs else earlier.logprobs,
-        finish_reason=later.finish_reason or earlier.finish_reason,
-        stop_reason=later.stop_reason or earlier.stop_reason,
-        finished=earlier.finished or later.finished, usage=later.usage or earlier.usage,
-        times=later.times or earlier.times)
+        request_id=first.request_id, index=first.index, text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        logprobs=logprobs if any(o.logprobs is not None for o in outputs) else None,
+        finish_reason=latest("finish_reason"), stop_reason=latest("stop_reason"),
+        finished=any(o.finished for o in outputs), usage=latest("usage"), times=latest("times"))
 
 
 class OutputCollector:
     def __init__(self) -> None:
-        self._pending: dict[int, RequestOutput] = {}  # choice index -> merged, in arrival order
+        # choice index -> its output, or its outputs in arrival order once there are several (the
+        # usual case is one: no list made)
+        self._pending: dict[int, Union[RequestOutput, list[RequestOutput]]] = {}
         self._error: Optional[BaseException] = None
         self._ready = asyncio.Event()
 
@@ -40,8 +52,13 @@ class OutputCollector:
         if isinstance(item, BaseException):
             self._error = item
         else:
-            earlier = self._pending.get(item.index)
-            self._pending[item.index] = item if earlier is None else merge_output(earlier, item)
+            waiting = self._pending.get(item.index)
+            if waiting is None:
+                self._pending[item.index] = item
+            elif isinstance(waiting, list):
+                waiting.append(item)
+            else:
+                self._pending[item.index] = [waiting, item]
         self._ready.set()
 
     async def get(self) -> list[RequestOutput]:
@@ -51,9 +68,9 @@ class OutputCollector:
             self._ready.clear()
             await self._ready.wait()
         if self._pending:
-            taken = list(self._pending.values())
+            taken = [merge_outputs(w) if isinstance(w, list) else w for w in self._pending.values()]
             self._pending.clear()
-            # the output that closes the request (finished=True) stays last, whichever choice it is
-            taken.sort(key=lambda output: output.finished)
+            if len(taken) > 1:  # the output that closes the request (finished=True) stays last
+                taken.sort(key=lambda output: output.finished)
             return taken
         raise self._error

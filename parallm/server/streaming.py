@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, TypeVar
 
-from parallm.engine.output_collector import merge_output
+from parallm.engine.output_collector import merge_outputs
 from parallm.engine.types import RequestOutput
 from parallm.server.protocol import UsageInfo
 
@@ -71,12 +71,10 @@ def coalesce(batch: list[tuple[int, RequestOutput]], n: int) -> list[tuple[int, 
     if len(batch) == 1:  # the usual case: nothing to merge, so no copy either
         prompt_index, out = batch[0]
         return [(prompt_index * n + out.index, out)]
-    merged: dict[int, RequestOutput] = {}
+    by_choice: dict[int, list[RequestOutput]] = {}
     for prompt_index, out in batch:
-        index = prompt_index * n + out.index
-        earlier = merged.get(index)
-        merged[index] = out if earlier is None else merge_output(earlier, out)
-    return list(merged.items())
+        by_choice.setdefault(prompt_index * n + out.index, []).append(out)
+    return [(index, merge_outputs(outputs)) for index, outputs in by_choice.items()]
 
 
 @dataclass

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from parallm.engine.output_collector import OutputCollector, merge_output
+from parallm.engine.output_collector import OutputCollector, merge_outputs
 from parallm.engine.types import RequestOutput, TokenLogprob, Usage
 
 
@@ -66,7 +66,21 @@ def test_an_error_comes_after_the_outputs_that_preceded_it():
     asyncio.run(main())
 
 
-def test_merge_keeps_the_earlier_fields_the_later_output_leaves_unset():
-    merged = merge_output(out(text="a", ids=[1], logprobs=[TokenLogprob(1, "a", -1.0)]), out(text="b", ids=[2]))
-    assert merged.text == "ab" and merged.token_ids == [1, 2] and len(merged.logprobs) == 1
-    assert merged.finish_reason is None and not merged.finished
+def test_merge_keeps_the_earlier_fields_the_later_outputs_leave_unset():
+    merged = merge_outputs([out(text="a", ids=[1], logprobs=[TokenLogprob(1, "a", -1.0)], stop_reason="x"),
+                            out(text="b", ids=[2]), out(text="c", ids=[3])])
+    assert merged.text == "abc" and merged.token_ids == [1, 2, 3] and len(merged.logprobs) == 1
+    assert merged.finish_reason is None and not merged.finished and merged.stop_reason == "x"
+    lone = out(text="a")
+    assert merge_outputs([lone]) is lone
+    assert merge_outputs([out(text="a"), out(text="b")]).logprobs is None  # none asked for, none made
+
+
+def test_a_long_backlog_is_merged_in_one_pass():
+    async def main():
+        c = OutputCollector()
+        for i in range(20_000):
+            c.put(out(text="t", ids=[i]))
+        (merged,) = await c.get()
+        assert merged.token_ids == list(range(20_000)) and len(merged.text) == 20_000
+    asyncio.run(main())
