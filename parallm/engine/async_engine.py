@@ -207,7 +207,7 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(stream.put, item)
 
     def _stream_for(self, request_id: str, item: object) -> Optional[OutputCollector]:
-        """The request's output queue (forgotten here when `item` closes the stream)."""
+        """The request's output collector (forgotten here when `item` closes the stream)."""
         closes = isinstance(item, BaseException) or getattr(item, "finished", False)
         return self._streams.pop(request_id, None) if closes else self._streams.get(request_id)
 
