@@ -2,13 +2,13 @@
 # The GPU checks the open issues still need, in parts that each fit one 10-minute device call.
 # Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
 # (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
-# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs
+# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs
 # The first process on a machine to run new shapes compiles MLX's CUDA kernels (68-91 s of engine warm-up for
 # the 1B model on an H200, BENCHMARKS.md "kernel cache"); later processes read them from disk. So
 # compare runs only after one process has run the same shapes, and read a first run's start-up as
 # compile time.
 set -o pipefail
-part=${1:?tests|adapters|burst|serving|pairs}
+part=${1:?tests|adapters|burst|serving|pairs|proto-pairs}
 OUT=${OUT:-loadtests/out/gpu}
 mkdir -p "$OUT"
 MODEL=${MODEL:-/tmp/m1b}
@@ -39,18 +39,24 @@ case "$part" in
     timeout 560 python3 loadtests/bench_serving.py --compare --model "$MODEL" --engine-baseline --client-procs 4 \
       --parallm-args "--max-num-seqs 128 --max-queue 256" --concurrency 64,128,256 --requests-per-client 2 \
       --input-len 128 --output-len 128 --level-timeout 60 --no-plot --out "$OUT/serving.json" 2>&1 | tail -30 ;;
-  pairs)  # issue 4's 0.9 target alone: one server, three back-to-back server/engine pairs at 64 clients
+  pairs|proto-pairs)  # issue 4's 0.9 target alone: one server, three back-to-back server/engine pairs at
+    # 64 clients; proto-pairs puts the engine in its own process (loadtests/engine_process_proto.py)
     need_model
-    python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
-      --max-queue 256 > "$OUT/pairs-serve.log" 2>&1 &
+    if [ "$part" = pairs ]; then
+      python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
+        --max-queue 256 > "$OUT/$part-serve.log" 2>&1 &
+    else
+      python3 loadtests/engine_process_proto.py --model "$MODEL" --port 8123 --max-num-seqs 128 \
+        --max-queue 256 > "$OUT/$part-serve.log" 2>&1 &
+    fi
     spid=$!
     for _ in $(seq 1 600); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 0.5; done
     timeout 200 python3 loadtests/bench_serving.py --url http://127.0.0.1:8123 --engine-baseline --client-procs 4 \
       --model "$MODEL" --concurrency 64,64,64 --requests-per-client 4 --input-len 128 --output-len 128 \
-      --level-timeout 60 --no-plot --out "$OUT/pairs.json" > "$OUT/pairs.log" 2>&1
+      --level-timeout 60 --no-plot --out "$OUT/$part.json" > "$OUT/$part.log" 2>&1
     echo "harness rc=$?"
     kill -TERM $spid; wait $spid; echo "server rc=$?"
-    python3 - "$OUT/pairs.json" <<'PY'
+    python3 - "$OUT/$part.json" <<'PY'
 import json, sys
 levels = json.load(open(sys.argv[1]))["levels"]
 for lv in levels:
