@@ -160,22 +160,12 @@ class RemoteEngine:
         out = OutputCollector()
         self._streams[request.request_id] = out
         self._post(("add", request))
-        finished = False
         try:
-            while True:
-                try:
-                    items = await out.get()
-                except BaseException as e:
-                    if not isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-                        finished = True
-                    raise
-                for item in items:
-                    finished = finished or item.finished
+            while not out.closed:
+                for item in await out.get():
                     yield item
-                if finished:
-                    return
         finally:
-            if not finished:
+            if not out.closed:
                 self._streams.pop(request.request_id, None)
                 self._post(("abort", request.request_id))
 

@@ -105,22 +105,12 @@ class AsyncEngine:
         self._inbox.put(_Add(request, out))
         if self._dead is not None and self._streams.pop(request.request_id, None) is not None:
             raise EngineDead(f"The engine worker died: {self._dead!r}")
-        finished = False
         try:
-            while True:
-                try:
-                    items = await out.get()
-                except BaseException as e:
-                    if not isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-                        finished = True  # an engine error closed the stream
-                    raise
-                for item in items:
-                    finished = finished or item.finished
+            while not out.closed:
+                for item in await out.get():
                     yield item
-                if finished:
-                    return
         finally:
-            if not finished:  # the consumer went away (disconnect, cancel, aclose)
+            if not out.closed:  # the consumer went away (disconnect, cancel, aclose)
                 self._inbox.put(_Abort(request.request_id))
 
     async def abort(self, request_id: str) -> None:

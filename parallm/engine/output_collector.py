@@ -47,6 +47,9 @@ class OutputCollector:
         self._pending: dict[int, Union[RequestOutput, list[RequestOutput]]] = {}
         self._error: Optional[BaseException] = None
         self._ready = asyncio.Event()
+        # True once get() has handed over the request's closing output or raised its error: the
+        # stream ended on the engine's side, so a consumer leaving after that need not abort it
+        self.closed = False
 
     def put(self, item: Union[RequestOutput, BaseException]) -> None:
         if isinstance(item, BaseException):
@@ -72,5 +75,7 @@ class OutputCollector:
             self._pending.clear()
             if len(taken) > 1:  # the output that closes the request (finished=True) stays last
                 taken.sort(key=lambda output: output.finished)
+            self.closed = taken[-1].finished
             return taken
+        self.closed = True
         raise self._error

@@ -40,6 +40,7 @@ def test_a_late_consumer_gets_one_merged_output_per_choice_closing_output_last()
         assert (zero.text, zero.token_ids, zero.finish_reason, zero.finished) == ("ab", [1, 2], "stop", False)
         assert [lp.token_id for lp in zero.logprobs] == [1, 2]
         assert (one.text, one.token_ids, one.finished, one.usage) == ("xy", [7, 8], True, Usage(3, 2))
+        assert c.closed  # the request's closing output was handed over
         assert lp == [TokenLogprob(1, "a", -0.1)]  # the inputs were not changed
     asyncio.run(main())
 
@@ -61,8 +62,10 @@ def test_an_error_comes_after_the_outputs_that_preceded_it():
         c.put(out(text="a"))
         c.put(RuntimeError("engine died"))
         assert (await c.get())[0].text == "a"
+        assert not c.closed
         with pytest.raises(RuntimeError, match="engine died"):
             await c.get()
+        assert c.closed
     asyncio.run(main())
 
 
