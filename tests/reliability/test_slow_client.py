@@ -112,3 +112,71 @@ def test_slow_reader_does_not_slow_the_others(server):
     assert with_slow <= GENEROUS_RATIO * baseline + GRACE_S, (baseline, with_slow)
     assert not slow_done and slow_bytes * 20 < fast_bytes, "the slow reader was not slow: the test proves nothing"
     wait_idle(server)  # the abandoned big stream is aborted when its socket closes
+
+
+STALLED = {"model": MODEL, "messages": [{"role": "user", "content": "stall"}], "max_tokens": 400, "ignore_eos": True,
+           "stream": True, "logprobs": True, "top_logprobs": 20, "n": 4, "temperature": 0}
+
+
+def _dechunk(body: bytes) -> bytes:
+    """The payload of an HTTP/1.1 chunked body."""
+    out, i = bytearray(), 0
+    while True:
+        j = body.index(b"\r\n", i)
+        size = int(body[i:j].split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += body[j + 2:j + 2 + size]
+        i = j + 2 + size + 2
+
+
+def _choices(sse: bytes) -> dict:
+    """Per choice index: (content, the logprob tokens), from a chat stream's data events."""
+    got: dict = {}
+    for line in sse.decode().splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        for choice in json.loads(line[6:]).get("choices", []):
+            text, tokens = got.get(choice["index"], ("", []))
+            text += choice["delta"].get("content") or ""
+            tokens += [lp["token"] for lp in ((choice.get("logprobs") or {}).get("content") or [])]
+            got[choice["index"]] = (text, tokens)
+    return got
+
+
+def test_a_reader_that_stalls_while_the_engine_finishes_loses_nothing(server):
+    """The client reads nothing until the engine has generated every token (its socket buffers full,
+    the outputs held and merged in the request's OutputCollector), then reads it all: the same
+    text and logprobs as a client that read along."""
+    import httpx
+
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=STALLED, timeout=60) as r:
+        along = _choices(b"".join(line.encode() + b"\n" for line in r.iter_lines()))
+    wait_idle(server)
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    try:
+        payload = json.dumps(STALLED).encode()
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+        deadline = time.monotonic() + 60
+        steps = server.health()["engine"]["steps"]
+        while (h := server.health()["engine"])["num_running"] or h["steps"] == steps:  # generating, unread
+            assert time.monotonic() < deadline, h
+            time.sleep(0.1)
+        received = bytearray()
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    finally:
+        sock.close()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    stalled = _choices(_dechunk(body))
+    events = _dechunk(body).count(b"data: ")
+    print(f"\nstalled read: {len(body)} bytes, {events} data events (1,600 tokens)")
+    assert b"data: [DONE]" in body
+    assert sorted(stalled) == [0, 1, 2, 3]
+    assert stalled == along
+    assert all(len(tokens) == 400 for _, tokens in stalled.values())
