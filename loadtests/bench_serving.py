@@ -267,6 +267,9 @@ def _ms(v: Optional[float]) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
+SATURATED_CLIENT_CPU = 0.8
+
+
 def print_table(levels: list[LevelResult]) -> None:
     head = f"{'server':<10} {'conc':>4} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50/p99 ms':>16} " \
            f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client CPU':>10}"
@@ -279,6 +282,9 @@ def print_table(levels: list[LevelResult]) -> None:
               f"{'-' if lv.client_cpu is None else f'{lv.client_cpu:.0%}':>10}")
         if lv.errors:
             print(f"{'':<10} errors: {lv.errors}")
+    if any(lv.client_cpu is not None and lv.client_cpu >= SATURATED_CLIENT_CPU for lv in levels):
+        print(f"note: a load-generator process ran at >= {SATURATED_CLIENT_CPU:.0%} CPU in some level: those "
+              "figures may measure the harness, not the server; raise --client-procs")
 
 
 def print_ratios(levels: list[LevelResult], candidate: str, baseline: str) -> list[dict]:
@@ -458,16 +464,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=64, help="prompt length in words (~tokens)")
     p.add_argument("--output-len", type=int, default=64, help="max_tokens per request")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    p.add_argument("--client-procs", type=int, default=1,
-                   help="load-generator processes per level (the clients are split among them). One asyncio "
-                        "loop parsing every SSE event saturates near a few thousand tokens/s: watch the table's "
-                        "client CPU column and raise this when it nears 100%%")
+    p.add_argument("--client-procs", type=_client_procs, default="auto",
+                   help="load-generator processes per level (the clients are split among them); auto: one per "
+                        "4 CPUs, at most 4. One asyncio loop parsing every SSE event saturates near a few "
+                        "thousand tokens/s: watch the table's client CPU column and raise this when it nears 100%%")
     p.add_argument("--level-timeout", type=float, default=300.0, help="seconds a level may run")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     p.add_argument("--out", default=None, help="JSON result path (default loadtests/out/bench_serving-<time>.json)")
     p.add_argument("--no-plot", action="store_true")
+
+
+def _client_procs(value: str) -> int:
+    if value == "auto":  # leave cores to the server under test; a 2-core box keeps one process
+        return max(1, min(4, (os.cpu_count() or 1) // 4))
+    procs = int(value)
+    if procs < 1:
+        raise argparse.ArgumentTypeError("--client-procs must be >= 1 or auto")
+    return procs
 
 
 def _usage_error(message: str) -> int:

@@ -80,3 +80,10 @@ def test_engine_baseline_takes_the_servers_engine_settings():
     plain = _parse(["--compare", "--model", "m", "--concurrency", "4,16"])
     assert bench_serving.engine_settings(plain) == {"max_num_seqs": 16, "max_queue": 64,
                                                     "max_num_batched_tokens": None}
+
+
+def test_client_procs_is_a_positive_count_or_auto():
+    assert _parse(["--client-procs", "3"]).client_procs == 3
+    assert 1 <= _parse([]).client_procs <= 4  # auto: one per 4 CPUs, at least one, at most four
+    with pytest.raises(SystemExit):
+        _parse(["--client-procs", "0"])
