@@ -18,7 +18,7 @@ class Admission:
     retry_after: float = 1.0
     in_flight: int = 0
     draining: bool = False
-    rejected: int = 0  # 429s given, for /health
+    rejected: int = 0  # 429s given, for /health (counted where the answer is made: server/errors.py)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self):
@@ -29,15 +29,10 @@ class Admission:
         if self.draining:
             raise EngineDraining()
         if self.in_flight + count > self.max_in_flight:
-            self.note_rejected()
             raise QueueFull(self.max_queue, retry_after=self.retry_after)
         self.in_flight += count
         self._idle.clear()
         return Ticket(self, count)
-
-    def note_rejected(self) -> None:
-        """Count a 429, whichever bound gave it (this one, or the engine's own in validate())."""
-        self.rejected += 1
 
     def _release(self, count: int) -> None:
         self.in_flight -= count

@@ -73,6 +73,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError):
+        admission = getattr(request.app.state, "admission", None)
+        if isinstance(exc, QueueFull) and admission is not None:
+            # /health's count of 429s, whichever bound refused: the server's admission or the
+            # engine's own (rows + queue, checked first in validate(); with prompts tokenized
+            # off the loop, a burst's admitted streams start while the rest is still being
+            # tokenized, so the engine's bound is often the one reached)
+            admission.rejected += 1
         return engine_error_response(exc)
 
     @app.exception_handler(RequestValidationError)

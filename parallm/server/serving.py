@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from parallm.engine.errors import EngineError, InvalidRequest, PromptTooLong, QueueFull, UnknownModel
+from parallm.engine.errors import EngineError, InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.protocol import EngineClient
 from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
 from parallm.server.admission import Admission
@@ -242,14 +242,8 @@ class OpenAIServing:
     # ---- running --------------------------------------------------------------------------------
 
     def _admit(self, requests: list[EngineRequest]):
-        try:
-            for r in requests:
-                self.engine.validate(r)
-        except QueueFull:
-            # The engine's bound (rows + queue, counted on its side) can be reached first: its
-            # streams start while other requests are still being tokenized. A 429 all the same.
-            self.admission.note_rejected()
-            raise
+        for r in requests:
+            self.engine.validate(r)
         return self.admission.acquire(len(requests))
 
     async def _abort_all(self, requests: list[EngineRequest]) -> None:
