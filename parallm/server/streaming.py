@@ -2,8 +2,9 @@
 
 Two things keep the per-token cost low when many streams run at once:
 - batching: outputs that piled up while the event loop was busy go out together, one choice's
-  consecutive deltas merged into one chunk, all of a response's chunks in one socket write. Under
-  light load every output still goes out alone, at once;
+  consecutive deltas merged into one chunk, all of a response's chunks in one socket write. For
+  one prompt the engine's OutputCollector has already merged them; `batches` gathers what several
+  prompts' streams produced. Under light load every output still goes out alone, at once;
 - chunks are JSON strings assembled around a per-stream prefix (id, created, model encoded once),
   not pydantic objects; the shapes are those of protocol.ChatCompletionChunk / CompletionResponse.
 """
