@@ -83,6 +83,43 @@ class LevelResult:
     # CPU seconds this harness process spent during the level, per wall second. Near 1.0 the
     # load generator (one asyncio loop parsing every SSE event) is what limits the figures, not the server.
     client_cpu: Optional[float] = None
+    # The engine's own accounting over the level (parallm only: from /metrics, or engine.stats() for
+    # the in-process baseline): steps, decode rows per step (how full the batch ran), and the shares of
+    # the level's wall time the engine spent stepping and sitting idle with nothing to run. Two runs
+    # with the same engine and different throughput differ here: a starved engine idles or runs
+    # part-full batches; a slowed one steps slower at the same occupancy.
+    engine_steps: Optional[int] = None
+    rows_per_step: Optional[float] = None
+    engine_busy: Optional[float] = None
+    engine_idle: Optional[float] = None
+
+
+ENGINE_COUNTERS = ("steps", "busy_seconds", "idle_seconds", "decode_rows")
+
+
+def engine_counters_from_metrics(text: str) -> Optional[dict]:
+    """parallm's cumulative engine counters from a /metrics page (summed over models), or None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {f"parallm:engine_{c}": c for c in ENGINE_COUNTERS}
+    found: dict = {}
+    for family in text_string_to_metric_families(text):
+        key = names.get(family.name)
+        if key is None:
+            continue
+        found[key] = sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return found if len(found) == len(ENGINE_COUNTERS) else None
+
+
+def add_engine_accounting(lv: "LevelResult", before: Optional[dict], after: Optional[dict]) -> None:
+    if not before or not after:
+        return
+    d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+    lv.engine_steps = int(d["steps"])
+    lv.rows_per_step = d["decode_rows"] / d["steps"] if d["steps"] else None
+    if lv.wall_s:
+        lv.engine_busy = d["busy_seconds"] / lv.wall_s
+        lv.engine_idle = d["idle_seconds"] / lv.wall_s
 
 
 def percentile(values: list[float], q: float) -> Optional[float]:
@@ -272,14 +309,17 @@ SATURATED_CLIENT_CPU = 0.8
 
 def print_table(levels: list[LevelResult]) -> None:
     head = f"{'server':<10} {'conc':>4} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50/p99 ms':>16} " \
-           f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client CPU':>10}"
+           f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client CPU':>10} {'rows/step':>9} " \
+           f"{'busy/idle':>9}"
     print(head)
     print("-" * len(head))
     for lv in levels:
         print(f"{lv.server:<10} {lv.concurrency:>4} {lv.requests:>5} {lv.failures:>4} {lv.throughput_tok_s:>8.1f} "
               f"{_ms(lv.ttft_p50) + '/' + _ms(lv.ttft_p99):>16} {_ms(lv.tpot_p50) + '/' + _ms(lv.tpot_p99):>16} "
               f"{_ms(lv.itl_p50) + '/' + _ms(lv.itl_p99):>15} "
-              f"{'-' if lv.client_cpu is None else f'{lv.client_cpu:.0%}':>10}")
+              f"{'-' if lv.client_cpu is None else f'{lv.client_cpu:.0%}':>10} "
+              f"{'-' if lv.rows_per_step is None else f'{lv.rows_per_step:.1f}':>9} "
+              f"{'-' if lv.engine_busy is None else f'{lv.engine_busy:.0%}/{lv.engine_idle:.0%}':>9}")
         if lv.errors:
             print(f"{'':<10} errors: {lv.errors}")
     if any(lv.client_cpu is not None and lv.client_cpu >= SATURATED_CLIENT_CPU for lv in levels):
@@ -422,12 +462,28 @@ class Target:
     tokenizer: object = None
 
     async def run(self, concurrency: int, prompts: list[str], args) -> LevelResult:
+        before = await self.engine_counters()
         if self.engine is not None:
             from engine_baseline import run_engine_level
-            return await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
-                                          args.level_timeout)
-        return await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
-                               args.endpoint, args.level_timeout, client_procs=args.client_procs)
+            lv = await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
+                                        args.level_timeout)
+        else:
+            lv = await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
+                                 args.endpoint, args.level_timeout, client_procs=args.client_procs)
+        await asyncio.sleep(0.15)  # the engine worker publishes its idle time when its wait ends (<= 0.1 s)
+        add_engine_accounting(lv, before, await self.engine_counters())
+        return lv
+
+    async def engine_counters(self) -> Optional[dict]:
+        if self.engine is not None:
+            stats = self.engine.stats()
+            return {k: getattr(stats, k) for k in ENGINE_COUNTERS}
+        try:  # parallm serves /metrics; another server may not: then the columns stay empty
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.get(self.url + "/metrics")
+            return engine_counters_from_metrics(r.text) if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
 
 
 def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[LevelResult]:

@@ -61,7 +61,9 @@ import json, sys
 levels = json.load(open(sys.argv[1]))["levels"]
 for lv in levels:
     print(lv["server"], round(lv["throughput_tok_s"]), "TTFT p50/p99 ms", round(1e3 * (lv["ttft_p50"] or 0)),
-          round(1e3 * (lv["ttft_p99"] or 0)), "client CPU", lv.get("client_cpu"))
+          round(1e3 * (lv["ttft_p99"] or 0)), "client CPU", lv.get("client_cpu"), "steps", lv.get("engine_steps"),
+          "rows/step", lv.get("rows_per_step") and round(lv["rows_per_step"], 1),
+          "busy/idle", lv.get("engine_busy") and round(lv["engine_busy"], 2), lv.get("engine_idle") and round(lv["engine_idle"], 2))
 pairs = zip(levels[::2], levels[1::2])
 print("server/engine per pair:", [round((a if a["server"] == "server" else b)["throughput_tok_s"]
                                         / (b if a["server"] == "server" else a)["throughput_tok_s"], 3) for a, b in pairs])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -50,6 +51,7 @@ class AsyncEngine:
         self._draining = False
         self._dead: Optional[BaseException] = None
         self._stats = EngineStats()
+        self._idle_s = 0.0  # the worker waiting for a request, nothing to run (after warm-up)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -151,13 +153,20 @@ class AsyncEngine:
             finally:
                 self._loop.call_soon_threadsafe(_set_done, ready)
             while not self._stop.is_set():
-                self._drain_inbox(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    self._drain_inbox(block=False)
+                else:
+                    waited = time.perf_counter()
+                    self._drain_inbox(block=True)
+                    self._idle_s += time.perf_counter() - waited
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
                     result = self.engine.step()
                     self._emit(result.outputs)
-                self._stats = self.engine.stats()
+                stats = self.engine.stats()
+                stats.idle_seconds = self._idle_s
+                self._stats = stats
         except BaseException as e:  # noqa: BLE001 - every stream must hear about it
             self._dead = e
             self._fail_all(e)

@@ -99,6 +99,9 @@ class Engine:
         self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
         self._requests: dict[str, _Request] = {}
         self._steps = 0
+        self._busy_s = 0.0
+        self._decode_rows = 0
+        self._batched_tokens = 0
         self._in_flight: Optional[tuple[SchedulerOutput, LaunchedStep]] = None
         self._build_ahead_limit = config.build_ahead_max_kv_bytes
         if self._build_ahead_limit is None:
@@ -172,6 +175,7 @@ class Engine:
     def step(self) -> StepResult:
         """schedule -> run -> update. With `overlap`, "run" launches this step on the device and
         "update" processes the previous step's results while this one computes."""
+        started = time.perf_counter()
         previous, self._in_flight = self._in_flight, None
         previous_result = None
         if previous is not None and self.runner.cache.nbytes > self._build_ahead_limit:
@@ -188,6 +192,9 @@ class Engine:
         else:  # no overlap (or nothing launched): finish this step now
             outputs += self._update(sched, self.scheduler.update(sched, self.runner.complete(launched)))
         self._steps += 1
+        self._decode_rows += len(sched.decode)
+        self._batched_tokens += sched.num_batched_tokens
+        self._busy_s += time.perf_counter() - started
         return StepResult(outputs, sched.num_batched_tokens)
 
     def _update(self, sched: SchedulerOutput, new_tokens: list[tuple[Sequence, SampledToken]]) -> list[RequestOutput]:
@@ -240,7 +247,8 @@ class Engine:
             self.prefix_cache.clear()
         s = self.scheduler
         s.prefix_queries = s.prefix_hits = s.num_preemptions = 0
-        self._steps = 0
+        self._steps = self._decode_rows = self._batched_tokens = 0
+        self._busy_s = 0.0
 
     def wants_warm_up(self) -> bool:
         if self.config.warm_up is not None:
@@ -258,7 +266,8 @@ class Engine:
             num_running=len(s.running), num_waiting=len(s.waiting),
             kv_cache_usage=used / budget if budget else 0.0, kv_bytes_used=used, kv_bytes_budget=budget,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
-            num_preemptions=s.num_preemptions, steps=self._steps)
+            num_preemptions=s.num_preemptions, steps=self._steps, busy_seconds=self._busy_s,
+            decode_rows=self._decode_rows, batched_tokens=self._batched_tokens)
 
     def kv_bytes_allocated(self) -> int:
         """Bytes the slot buffers hold right now (0 when idle)."""

@@ -32,7 +32,8 @@ from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
 from parallm.models.registry import ModelRegistry, RegistryError
 
 _SUMMED = ("num_running", "num_waiting", "kv_bytes_used", "kv_bytes_budget", "prefix_cache_queries",
-           "prefix_cache_hits", "num_preemptions", "steps")
+           "prefix_cache_hits", "num_preemptions", "steps", "busy_seconds", "idle_seconds", "decode_rows",
+           "batched_tokens")
 
 
 class MultiModelEngine:

@@ -117,3 +117,11 @@ class EngineStats:
     prefix_cache_hits: int = 0  # prompt tokens found
     num_preemptions: int = 0
     steps: int = 0
+    # Where the engine's time goes, cumulative since start (warm-up excluded). busy: wall time
+    # inside Engine.step; idle: the worker blocked with nothing to run. Between two snapshots,
+    # decode_rows / steps is how full the batch ran and idle / wall how often it sat empty: with
+    # throughput, these tell an engine that is slow from one that is starved of requests.
+    busy_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    decode_rows: int = 0  # decode rows run (one sampled token each)
+    batched_tokens: int = 0  # prefill tokens plus decode rows, over all steps

@@ -102,6 +102,14 @@ class EngineStatsCollector(Collector):
                            model, stats.num_preemptions)
             yield _counter("engine_steps", "Engine steps (schedule, run, update) taken.",
                            model, stats.steps)
+            yield _counter("engine_busy_seconds", "Wall seconds the engine spent inside its steps.",
+                           model, stats.busy_seconds)
+            yield _counter("engine_idle_seconds", "Wall seconds the engine waited with no request to run.",
+                           model, stats.idle_seconds)
+            yield _counter("engine_decode_rows", "Decode rows run over all steps (one token each); "
+                           "divided by engine_steps, how full the batch ran.", model, stats.decode_rows)
+            yield _counter("engine_batched_tokens", "Prefill tokens plus decode rows run over all steps.",
+                           model, stats.batched_tokens)
         if self._sources.adapters_loaded is not None:
             family = GaugeMetricFamily(PREFIX + "lora_adapters_loaded",
                                        "LoRA adapters resident in memory, per base model.",

@@ -238,3 +238,19 @@ def test_a_late_consumer_gets_merged_outputs_with_every_token(tiny_loaded):
     assert "".join(o.text for o in outs) == "".join(o.text for o in eager)
     assert max(len(o.token_ids) for o in outs) > 1 and len(outs) < 24
     assert outs[-1].finished and outs[-1].usage.completion_tokens == 24
+
+
+def test_idle_time_is_counted_apart_from_steps(tiny_loaded):
+    async def main():
+        engine = AsyncEngine(tiny_loaded, EngineConfig())
+        await engine.start()
+        await asyncio.sleep(0.35)  # nothing to run: the worker waits
+        await collect(engine, req("a", make_prompt(3, 12), 4))
+        await asyncio.sleep(0.15)  # the worker publishes idle time when a wait ends (<= 0.1 s)
+        stats = engine.stats()
+        await engine.shutdown()
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats.idle_seconds >= 0.2  # most of the 0.35 s wait, counted once it ended
+    assert stats.busy_seconds > 0 and stats.decode_rows == 4

@@ -213,3 +213,17 @@ def test_overlapped_and_synchronous_steps_agree(tiny_loaded):
     assert results[0] == results[1] == results[2]
     first_stop = ref.index(ref[4])
     assert results[0]["a"] == (ref[:first_stop + 1], [], "stop")
+
+
+def test_step_accounting_counts_every_row_and_token(tiny_loaded):
+    """stats() says how full the batch ran: one decode row per sampled token, and the prompt's other
+    tokens as prefill (the last prompt token is the first decode row's input)."""
+    lengths, max_tokens = [3, 17, 40, 9], [5, 8, 2, 11]
+    engine = Engine(tiny_loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=24, prefix_cache_bytes=0))
+    schedule = {i: [greedy_request(f"r{i}", make_prompt(i, n), m)] for i, (n, m) in enumerate(zip(lengths, max_tokens))}
+    run_to_completion(engine, schedule)
+    stats = engine.stats()
+    assert stats.decode_rows == sum(max_tokens)
+    assert stats.batched_tokens == sum(max_tokens) + sum(n - 1 for n in lengths)
+    assert stats.steps >= max(max_tokens) and stats.busy_seconds > 0
+    assert stats.decode_rows / stats.steps <= 4  # never more rows than max_num_seqs

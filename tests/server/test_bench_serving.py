@@ -45,6 +45,9 @@ def test_a_small_sweep_against_a_live_server(tiny_loaded, tmp_path):
         assert lv["failures"] == 0 and lv["requests"] == 3
         assert lv["output_tokens"] == 15  # ignore_eos: every request gets its 5 tokens
         assert lv["ttft_p50"] > 0 and lv["throughput_tok_s"] > 0
+        # the engine's own accounting, read from /metrics around the level
+        assert lv["engine_steps"] >= 5 and 0 < lv["rows_per_step"] <= lv["concurrency"]
+        assert 0 < lv["engine_busy"] <= 1.05 and lv["engine_idle"] >= 0
 
 
 def test_clients_split_over_processes_send_every_request(tiny_loaded, tmp_path):
