@@ -13,6 +13,7 @@ Invariants
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import time
@@ -51,7 +52,11 @@ class AsyncEngine:
         self._draining = False
         self._dead: Optional[BaseException] = None
         self._stats = EngineStats()
-        self._idle_s = 0.0  # the worker waiting for a request, nothing to run (after warm-up)
+        # (idle seconds so far, perf_counter when the current wait began or None): the worker waiting
+        # with nothing to run, after warm-up. One tuple, assigned whole, so stats() on the loop
+        # never reads a half-updated pair; a wait in progress counts up to now (else a long idle
+        # spell would show up only when it ended, inside whatever came next).
+        self._idle: tuple[float, Optional[float]] = (0.0, None)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -119,7 +124,10 @@ class AsyncEngine:
         self._inbox.put(_Abort(request_id))
 
     def stats(self) -> EngineStats:
-        return self._stats
+        idle, since = self._idle
+        if since is not None:
+            idle += time.perf_counter() - since
+        return dataclasses.replace(self._stats, idle_seconds=idle)
 
     def model_names(self) -> list[str]:
         return [self._name]
@@ -156,17 +164,15 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     self._drain_inbox(block=False)
                 else:
-                    waited = time.perf_counter()
+                    self._idle = (self._idle[0], time.perf_counter())
                     self._drain_inbox(block=True)
-                    self._idle_s += time.perf_counter() - waited
+                    self._idle = (self._idle[0] + time.perf_counter() - self._idle[1], None)
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
                     result = self.engine.step()
                     self._emit(result.outputs)
-                stats = self.engine.stats()
-                stats.idle_seconds = self._idle_s
-                self._stats = stats
+                self._stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - every stream must hear about it
             self._dead = e
             self._fail_all(e)

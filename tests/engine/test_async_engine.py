@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -244,13 +245,18 @@ def test_idle_time_is_counted_apart_from_steps(tiny_loaded):
     async def main():
         engine = AsyncEngine(tiny_loaded, EngineConfig())
         await engine.start()
+        started = time.perf_counter()
         await asyncio.sleep(0.35)  # nothing to run: the worker waits
+        waiting = engine.stats()  # read during the wait: it counts up to now
         await collect(engine, req("a", make_prompt(3, 12), 4))
-        await asyncio.sleep(0.15)  # the worker publishes idle time when a wait ends (<= 0.1 s)
-        stats = engine.stats()
+        after = engine.stats()
+        elapsed = time.perf_counter() - started
         await engine.shutdown()
-        return stats
+        return waiting, after, elapsed
 
-    stats = asyncio.run(main())
-    assert stats.idle_seconds >= 0.2  # most of the 0.35 s wait, counted once it ended
-    assert stats.busy_seconds > 0 and stats.decode_rows == 4
+    waiting, after, elapsed = asyncio.run(main())
+    assert waiting.idle_seconds >= 0.3 and waiting.decode_rows == 0
+    assert after.busy_seconds > 0 and after.decode_rows == 4 and after.idle_seconds >= waiting.idle_seconds
+    # busy and idle are disjoint shares of the same clock: together never more than the time
+    # that passed (the first version counted a wait again when it ended, inside the next run)
+    assert after.idle_seconds + after.busy_seconds <= elapsed + 0.01
