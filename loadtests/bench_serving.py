@@ -89,12 +89,13 @@ class LevelResult:
     # with the same engine and different throughput differ here: a starved engine idles or runs
     # part-full batches; a slowed one steps slower at the same occupancy.
     engine_steps: Optional[int] = None
+    prefill_steps: Optional[int] = None  # of engine_steps, those that ran a prefill pass too
     rows_per_step: Optional[float] = None
     engine_busy: Optional[float] = None
     engine_idle: Optional[float] = None
 
 
-ENGINE_COUNTERS = ("steps", "busy_seconds", "idle_seconds", "decode_rows")
+ENGINE_COUNTERS = ("steps", "busy_seconds", "idle_seconds", "decode_rows", "prefill_steps")
 
 
 def engine_counters_from_metrics(text: str) -> Optional[dict]:
@@ -115,7 +116,9 @@ def add_engine_accounting(lv: "LevelResult", before: Optional[dict], after: Opti
     if not before or not after:
         return
     d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
-    lv.engine_steps = int(d["steps"])
+    if not d["decode_rows"] and not d["busy_seconds"]:
+        return  # an engine that keeps no such accounting (a fake one)
+    lv.engine_steps, lv.prefill_steps = int(d["steps"]), int(d["prefill_steps"])
     lv.rows_per_step = d["decode_rows"] / d["steps"] if d["steps"] else None
     if lv.wall_s:
         lv.engine_busy = d["busy_seconds"] / lv.wall_s
@@ -309,8 +312,8 @@ SATURATED_CLIENT_CPU = 0.8
 
 def print_table(levels: list[LevelResult]) -> None:
     head = f"{'server':<10} {'conc':>4} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50/p99 ms':>16} " \
-           f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client CPU':>10} {'rows/step':>9} " \
-           f"{'busy/idle':>9}"
+           f"{'TPOT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client CPU':>10} {'steps/prefill':>13} " \
+           f"{'rows/step':>9} {'busy/idle':>9}"
     print(head)
     print("-" * len(head))
     for lv in levels:
@@ -318,6 +321,7 @@ def print_table(levels: list[LevelResult]) -> None:
               f"{_ms(lv.ttft_p50) + '/' + _ms(lv.ttft_p99):>16} {_ms(lv.tpot_p50) + '/' + _ms(lv.tpot_p99):>16} "
               f"{_ms(lv.itl_p50) + '/' + _ms(lv.itl_p99):>15} "
               f"{'-' if lv.client_cpu is None else f'{lv.client_cpu:.0%}':>10} "
+              f"{'-' if lv.engine_steps is None else f'{lv.engine_steps}/{lv.prefill_steps}':>13} "
               f"{'-' if lv.rows_per_step is None else f'{lv.rows_per_step:.1f}':>9} "
               f"{'-' if lv.engine_busy is None else f'{lv.engine_busy:.0%}/{lv.engine_idle:.0%}':>9}")
         if lv.errors:

@@ -102,6 +102,7 @@ class Engine:
         self._busy_s = 0.0
         self._decode_rows = 0
         self._batched_tokens = 0
+        self._prefill_steps = 0
         self._in_flight: Optional[tuple[SchedulerOutput, LaunchedStep]] = None
         self._build_ahead_limit = config.build_ahead_max_kv_bytes
         if self._build_ahead_limit is None:
@@ -194,6 +195,7 @@ class Engine:
         self._steps += 1
         self._decode_rows += len(sched.decode)
         self._batched_tokens += sched.num_batched_tokens
+        self._prefill_steps += bool(sched.prefill)
         self._busy_s += time.perf_counter() - started
         return StepResult(outputs, sched.num_batched_tokens)
 
@@ -247,7 +249,7 @@ class Engine:
             self.prefix_cache.clear()
         s = self.scheduler
         s.prefix_queries = s.prefix_hits = s.num_preemptions = 0
-        self._steps = self._decode_rows = self._batched_tokens = 0
+        self._steps = self._decode_rows = self._batched_tokens = self._prefill_steps = 0
         self._busy_s = 0.0
 
     def wants_warm_up(self) -> bool:
@@ -267,7 +269,8 @@ class Engine:
             kv_cache_usage=used / budget if budget else 0.0, kv_bytes_used=used, kv_bytes_budget=budget,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions=s.num_preemptions, steps=self._steps, busy_seconds=self._busy_s,
-            decode_rows=self._decode_rows, batched_tokens=self._batched_tokens)
+            decode_rows=self._decode_rows, batched_tokens=self._batched_tokens,
+            prefill_steps=self._prefill_steps)
 
     def kv_bytes_allocated(self) -> int:
         """Bytes the slot buffers hold right now (0 when idle)."""

@@ -33,7 +33,7 @@ from parallm.models.registry import ModelRegistry, RegistryError
 
 _SUMMED = ("num_running", "num_waiting", "kv_bytes_used", "kv_bytes_budget", "prefix_cache_queries",
            "prefix_cache_hits", "num_preemptions", "steps", "busy_seconds", "idle_seconds", "decode_rows",
-           "batched_tokens")
+           "batched_tokens", "prefill_steps")
 
 
 class MultiModelEngine:

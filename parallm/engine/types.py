@@ -125,3 +125,6 @@ class EngineStats:
     idle_seconds: float = 0.0
     decode_rows: int = 0  # decode rows run (one sampled token each)
     batched_tokens: int = 0  # prefill tokens plus decode rows, over all steps
+    # steps that ran a prefill pass: each is a whole extra forward pass on top of the decode pass,
+    # so requests admitted a few at a time, step after step, cost more than the same admitted at once
+    prefill_steps: int = 0

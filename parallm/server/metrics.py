@@ -110,6 +110,8 @@ class EngineStatsCollector(Collector):
                            "divided by engine_steps, how full the batch ran.", model, stats.decode_rows)
             yield _counter("engine_batched_tokens", "Prefill tokens plus decode rows run over all steps.",
                            model, stats.batched_tokens)
+            yield _counter("engine_prefill_steps", "Engine steps that ran a prefill pass.",
+                           model, stats.prefill_steps)
         if self._sources.adapters_loaded is not None:
             family = GaugeMetricFamily(PREFIX + "lora_adapters_loaded",
                                        "LoRA adapters resident in memory, per base model.",

@@ -227,3 +227,5 @@ def test_step_accounting_counts_every_row_and_token(tiny_loaded):
     assert stats.batched_tokens == sum(max_tokens) + sum(n - 1 for n in lengths)
     assert stats.steps >= max(max_tokens) and stats.busy_seconds > 0
     assert stats.decode_rows / stats.steps <= 4  # never more rows than max_num_seqs
+    # 17 + 40 prompt tokens at 24 a step need chunks; the four prompts need at least four steps
+    assert len(lengths) <= stats.prefill_steps < stats.steps

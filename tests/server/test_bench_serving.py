@@ -47,6 +47,7 @@ def test_a_small_sweep_against_a_live_server(tiny_loaded, tmp_path):
         assert lv["ttft_p50"] > 0 and lv["throughput_tok_s"] > 0
         # the engine's own accounting, read from /metrics around the level
         assert lv["engine_steps"] >= 5 and 0 < lv["rows_per_step"] <= lv["concurrency"]
+        assert 1 <= lv["prefill_steps"] <= 3  # each of the 3 prompts prefilled in some step
         assert 0 < lv["engine_busy"] <= 1.05 and lv["engine_idle"] >= 0
 
 
