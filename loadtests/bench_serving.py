@@ -393,7 +393,8 @@ def engine_settings(args) -> dict:
     settings = {"max_num_seqs": max_conc, "max_queue": 4 * max_conc, "max_num_batched_tokens": None}
     words = shlex.split(args.parallm_args or "")
     for flag, key in (("--max-num-seqs", "max_num_seqs"), ("--max-queue", "max_queue"),
-                      ("--max-num-batched-tokens", "max_num_batched_tokens")):
+                      ("--max-num-batched-tokens", "max_num_batched_tokens"),
+                      ("--prefill-wait-steps", "prefill_wait_steps")):
         for i, word in enumerate(words):
             if word == flag and i + 1 < len(words):
                 settings[key] = int(words[i + 1])

@@ -14,14 +14,16 @@ import uuid
 from bench_serving import RequestResult, LevelResult, summarize
 
 
-def load_engine(model_dir: str, max_num_seqs: int, max_queue: int, max_num_batched_tokens=None):
+def load_engine(model_dir: str, max_num_seqs: int, max_queue: int, max_num_batched_tokens=None,
+                prefill_wait_steps=None):
     from parallm.engine.async_engine import AsyncEngine
     from parallm.engine.engine import EngineConfig
     from parallm.models import load
 
     loaded = load(model_dir, device="auto", name="bench")
+    extra = {} if prefill_wait_steps is None else {"prefill_wait_steps": prefill_wait_steps}
     return AsyncEngine(loaded, EngineConfig(max_num_seqs=max_num_seqs, max_queue=max_queue,
-                                            max_num_batched_tokens=max_num_batched_tokens))
+                                            max_num_batched_tokens=max_num_batched_tokens, **extra))
 
 
 async def _one(engine, prompt_ids: list[int], output_len: int) -> RequestResult:

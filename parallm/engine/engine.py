@@ -35,6 +35,9 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 << 20  # 0 turns the prefix cache off
     prefix_block_size: int = 16
     max_queue: int = 1024  # waiting requests before QueueFull (AsyncEngine)
+    # steps a new request may wait while others decode, so that prompts arriving one by one share
+    # a prefill pass (SchedulerConfig.prefill_wait_steps); 0 admits at once
+    prefill_wait_steps: int = 0
     overlap: bool = True  # process step t's outputs while step t+1 runs on the device
     # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
     # step t+1 writes (the pending step still references it, so it cannot be updated in place).
@@ -88,7 +91,8 @@ class Engine:
         self.prefix_cache = (PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
                              if config.prefix_cache_bytes > 0 else None)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, budget_tokens),
+            SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, budget_tokens,
+                            prefill_wait_steps=config.prefill_wait_steps),
             self.prefix_cache)
         if sampler is None:
             sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))

@@ -30,6 +30,7 @@ class ServerSettings:
     max_num_seqs: int = 64  # rows the engine runs at once
     max_num_batched_tokens: Optional[int] = None  # tokens per engine step; None: by device (2048 CUDA, else 512)
     max_queue: int = 256  # requests that may wait for a row; past it, 429
+    prefill_wait_steps: Optional[int] = None  # engine steps a new prompt may wait to share a prefill pass; None: the engine's
     kv_budget_bytes: Optional[int] = None  # KV of all running sequences; None: the engine's default
     prefix_cache_bytes: Optional[int] = None  # 0 turns the prefix cache off; None: the engine's default
     api_key: Optional[str] = None  # when set, /v1/* needs "Authorization: Bearer <key>"
@@ -52,6 +53,7 @@ class ServerSettings:
             "max_num_seqs": self.max_num_seqs >= 1,
             "max_num_batched_tokens": self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
             "max_queue": self.max_queue >= 0,
+            "prefill_wait_steps": self.prefill_wait_steps is None or self.prefill_wait_steps >= 0,
             "drain_timeout": self.drain_timeout >= 0,
             "max_body_bytes": self.max_body_bytes >= 1024,
             "retry_after": self.retry_after > 0,

@@ -62,3 +62,79 @@ def test_no_decode_beyond_max_tokens():
     for _ in range(5):
         fake_run(s, s.schedule())
     assert a.output_ids == [7, 7]
+
+
+def _admitted(out) -> list[str]:
+    return [r.seq_id.split("/")[0] for r in out.new_rows]
+
+
+def test_prompts_arriving_one_by_one_wait_to_share_a_prefill_pass():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100, prefill_wait_steps=3))
+    s.add(seq("a", 5))
+    out = s.schedule()
+    assert _admitted(out) == ["a"]  # nothing decoding: an idle engine admits at once
+    fake_run(s, out)
+    s.add(seq("b", 5))
+    out = s.schedule()
+    assert _admitted(out) == [] and not out.prefill and [d.seq_id for d in out.decode] == ["a/0"]
+    fake_run(s, out)
+    s.add(seq("c", 5))
+    out = s.schedule()
+    assert _admitted(out) == []  # b has waited 2 steps of its 3
+    fake_run(s, out)
+    out = s.schedule()
+    assert _admitted(out) == []
+    fake_run(s, out)
+    out = s.schedule()
+    assert _admitted(out) == ["b", "c"]  # b's wait is up: both prompts in one prefill pass
+    assert [c.seq_id for c in out.prefill] == ["b/0", "c/0"]
+
+
+def test_no_wait_when_the_waiting_prompts_fill_the_step_or_the_rows():
+    s = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=40, prefill_wait_steps=5))
+    s.add(seq("a", 5))
+    fake_run(s, s.schedule())
+    s.add(seq("long", 60))  # more prompt than the step has budget: a full pass is waiting
+    out = s.schedule()
+    assert _admitted(out) == ["long"]
+    fake_run(s, out)
+    s.add(seq("b", 3))
+    s.add(seq("c", 3))  # two waiting, but only one free row (of 3): fill it now
+    out = s.schedule()
+    assert _admitted(out) == ["b"]
+
+
+def test_newcomers_join_a_prefill_pass_that_runs_anyway():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=20, prefill_wait_steps=5))
+    s.add(seq("a", 5))
+    fake_run(s, s.schedule())
+    s.add(seq("long", 25))
+    out = s.schedule()
+    assert _admitted(out) == ["long"]  # 25 tokens: more than the budget, admitted at once
+    fake_run(s, out)
+    s.add(seq("b", 3))
+    out = s.schedule()  # long's last chunk is a prefill pass this step: b need not wait
+    assert [c.seq_id for c in out.prefill] == ["long/0", "b/0"] and _admitted(out) == ["b"]
+
+
+def test_a_preempted_sequence_is_never_held_back():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=100, kv_budget_tokens=30,
+                                  prefill_wait_steps=50))
+    seqs = [seq(n, 8) for n in "abc"]
+    for x in seqs:
+        s.add(x)
+    fake_run(s, s.schedule())
+    for _ in range(3):
+        fake_run(s, s.schedule())
+    assert seqs[2] in s.waiting
+    s.finish(seqs[0])
+    out = s.schedule()  # b still decodes, yet c (preempted, not new) comes back at once
+    assert _admitted(out) == ["c"]
+
+
+def test_waiting_is_off_by_default():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=100))
+    s.add(seq("a", 5))
+    fake_run(s, s.schedule())
+    s.add(seq("b", 5))
+    assert _admitted(s.schedule()) == ["b"]

@@ -81,6 +81,8 @@ def test_engine_baseline_takes_the_servers_engine_settings():
          "--parallm-args", "--max-num-seqs 128 --max-queue=300 --max-num-batched-tokens 2048"])
     assert bench_serving.engine_settings(args) == {"max_num_seqs": 128, "max_queue": 300,
                                                    "max_num_batched_tokens": 2048}
+    waits = _parse(["--compare", "--model", "m", "--concurrency", "8", "--parallm-args", "--prefill-wait-steps 0"])
+    assert bench_serving.engine_settings(waits)["prefill_wait_steps"] == 0
     plain = _parse(["--compare", "--model", "m", "--concurrency", "4,16"])
     assert bench_serving.engine_settings(plain) == {"max_num_seqs": 16, "max_queue": 64,
                                                     "max_num_batched_tokens": None}
