@@ -77,3 +77,17 @@ def test_serve_rejects_a_bad_config_file_with_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "parallm", "serve", "--config", str(cfg)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nonsense" in r.stderr
+
+
+def test_prefill_wait_steps_reaches_the_engine_only_when_set():
+    from parallm.engine.engine import EngineConfig
+    from parallm.server.serve_command import engine_config
+
+    cli, config = cli_values(["--prefill-wait-steps", "3"])
+    assert engine_config(load_settings(cli, config_file=config, environ={}), EngineConfig).prefill_wait_steps == 3
+    env = load_settings(cli_values([])[0], environ={"PARALLM_PREFILL_WAIT_STEPS": "2"})
+    assert engine_config(env, EngineConfig).prefill_wait_steps == 2
+    unset = load_settings(cli_values([])[0], environ={})
+    assert engine_config(unset, EngineConfig).prefill_wait_steps == EngineConfig().prefill_wait_steps
+    with pytest.raises(ConfigError):
+        load_settings(cli_values(["--prefill-wait-steps", "-1"])[0], environ={})
