@@ -112,6 +112,16 @@ def engine_counters_from_metrics(text: str) -> Optional[dict]:
     return found if len(found) == len(ENGINE_COUNTERS) else None
 
 
+def metrics_counters(url: str) -> Optional[dict]:
+    """The engine counters of the server at `url` (parallm serves /metrics; another server may not:
+    then None and the level's accounting columns stay empty)."""
+    try:
+        r = httpx.get(url + "/metrics", timeout=10)
+        return engine_counters_from_metrics(r.text) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def add_engine_accounting(lv: "LevelResult", before: Optional[dict], after: Optional[dict]) -> None:
     if not before or not after:
         return
@@ -199,8 +209,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
 
 
 async def _run_clients(url: str, model: str, concurrency: int, prompts: list[str], output_len: int,
-                       endpoint: str, level_timeout: float,
-                       start_at: Optional[float] = None) -> tuple[list[RequestResult], int, float, float]:
+                       endpoint: str, level_timeout: float, start_at: Optional[float] = None,
+                       counters: Optional[list] = None) -> tuple[list[RequestResult], int, float, float]:
     """`concurrency` clients in this process's loop, each sending the next prompt when its last one ended.
     The connections are opened (and httpx's lazy imports done) before the clock starts, so that a
     level's first requests do not carry them. Returns the results, how many prompts were not finished
@@ -217,6 +227,8 @@ async def _run_clients(url: str, model: str, concurrency: int, prompts: list[str
             while pending:
                 results.append(await one_request(client, url, model, pending.pop(), output_len, endpoint))
 
+        if counters is not None:  # the server's engine counters, as the clock starts and stops
+            counters.append(metrics_counters(url))
         start, cpu_start = time.perf_counter(), time.process_time()
         tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
         _, late = await asyncio.wait(tasks, timeout=level_timeout)
@@ -224,6 +236,8 @@ async def _run_clients(url: str, model: str, concurrency: int, prompts: list[str
             t.cancel()
         await asyncio.gather(*late, return_exceptions=True)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if counters is not None:
+            counters.append(metrics_counters(url))
     return results, len(prompts) - len(results), wall, cpu
 
 
@@ -233,9 +247,12 @@ async def run_level(server: str, url: str, model: str, concurrency: int, prompts
         return await asyncio.get_running_loop().run_in_executor(
             None, _run_level_in_processes, server, url, model, concurrency, prompts, output_len, endpoint,
             level_timeout, client_procs)
+    counters: list = []
     results, unfinished, wall, cpu = await _run_clients(url, model, concurrency, prompts, output_len, endpoint,
-                                                        level_timeout)
-    return summarize(server, concurrency, results, unfinished, wall, client_cpu=cpu / wall if wall else None)
+                                                        level_timeout, counters=counters)
+    lv = summarize(server, concurrency, results, unfinished, wall, client_cpu=cpu / wall if wall else None)
+    add_engine_accounting(lv, *counters)
+    return lv
 
 
 def _worker_ready(hold_s: float) -> None:
@@ -269,11 +286,16 @@ def _run_level_in_processes(server: str, url: str, model: str, concurrency: int,
         start_at = time.time() + 1.0  # after each process opened its connections
         futures = [pool.submit(_client_process, start_at, url, model, conc, share, output_len, endpoint,
                                level_timeout) for conc, share in shares]
+        time.sleep(max(0.0, start_at - time.time()))
+        before = metrics_counters(url)  # the server's engine counters as the clients start
         parts = [f.result() for f in futures]
+        after = metrics_counters(url)
     results = [RequestResult(**r) for part in parts for r in part[0]]
     wall = max(part[2] for part in parts) - start_at
-    return summarize(server, concurrency, results, sum(part[1] for part in parts), wall,
-                     client_cpu=max(part[3] for part in parts))
+    lv = summarize(server, concurrency, results, sum(part[1] for part in parts), wall,
+                   client_cpu=max(part[3] for part in parts))
+    add_engine_accounting(lv, before, after)
+    return lv
 
 
 def summarize(server: str, concurrency: int, results: list[RequestResult], unfinished: int, wall: float,
@@ -403,14 +425,19 @@ def engine_settings(args) -> dict:
     return settings
 
 
-def engine_target(args) -> Target:
+def engine_targets(args) -> list[Target]:
+    """The engine baseline, and with --engine-admission-ms the same engine fed through the gate."""
     if not args.model:
         raise SystemExit("--engine-baseline needs --model DIR")
     sys.path.insert(0, str(REPO_ROOT))  # this checkout's parallm
     import parallm  # noqa: F401  (preloads the same BLAS the server gets, before mlx)
     from engine_baseline import load_engine
     engine = load_engine(args.model, **engine_settings(args))
-    return Target("engine", engine=engine, tokenizer=engine.tokenizer("bench"))
+    targets = [Target("engine", engine=engine, tokenizer=engine.tokenizer("bench"))]
+    if args.engine_admission_ms > 0:
+        targets.append(Target("gated", engine=engine, tokenizer=targets[0].tokenizer,
+                              admission_s=args.engine_admission_ms / 1e3))
+    return targets
 
 
 # ---- servers for --compare ----------------------------------------------------------------------
@@ -465,30 +492,23 @@ class Target:
     model: str = ""
     engine: object = None
     tokenizer: object = None
+    admission_s: float = 0.0  # the engine fed one request at a time, this far apart (run_engine_level)
 
     async def run(self, concurrency: int, prompts: list[str], args) -> LevelResult:
-        before = await self.engine_counters()
-        if self.engine is not None:
-            from engine_baseline import run_engine_level
-            lv = await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
-                                        args.level_timeout)
-        else:
-            lv = await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
-                                 args.endpoint, args.level_timeout, client_procs=args.client_procs)
-        await asyncio.sleep(0.15)  # the engine worker publishes its idle time when its wait ends (<= 0.1 s)
-        add_engine_accounting(lv, before, await self.engine_counters())
+        if self.engine is None:  # the level runner reads the server's counters as its clock starts and stops
+            return await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
+                                   args.endpoint, args.level_timeout, client_procs=args.client_procs)
+        from engine_baseline import run_engine_level
+        before = self.engine_counters()
+        lv = await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
+                                    args.level_timeout, admission_s=self.admission_s)
+        lv.server = self.name
+        add_engine_accounting(lv, before, self.engine_counters())
         return lv
 
-    async def engine_counters(self) -> Optional[dict]:
-        if self.engine is not None:
-            stats = self.engine.stats()
-            return {k: getattr(stats, k) for k in ENGINE_COUNTERS}
-        try:  # parallm serves /metrics; another server may not: then the columns stay empty
-            async with httpx.AsyncClient(timeout=10) as client:
-                r = await client.get(self.url + "/metrics")
-            return engine_counters_from_metrics(r.text) if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
+    def engine_counters(self) -> dict:
+        stats = self.engine.stats()
+        return {k: getattr(stats, k) for k in ENGINE_COUNTERS}
 
 
 def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[LevelResult]:
@@ -497,7 +517,10 @@ def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[
     levels = []
     for i, conc in enumerate(args.concurrency):
         n = min(args.num_requests or conc * args.requests_per_client, MAX_REQUESTS_PER_LEVEL)
-        prompts = make_prompts(n, args.input_len, seed=args.seed + conc)
+        # new prompts for every level (each target of a level gets the same ones): with one set per
+        # concurrency, a repeated level found every prompt in the prefix cache of both targets and
+        # measured a sweep without prefill (until the fifth session's GPU runs)
+        prompts = make_prompts(n, args.input_len, seed=args.seed + conc + 1009 * i)
         order = targets if i % 2 == 0 else list(reversed(targets))
         for target in order:
             lv = loop.run_until_complete(target.run(conc, prompts, args))
@@ -529,6 +552,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="load-generator processes per level (the clients are split among them); auto: one per "
                         "4 CPUs, at most 4. One asyncio loop parsing every SSE event saturates near a few "
                         "thousand tokens/s: watch the table's client CPU column and raise this when it nears 100%%")
+    p.add_argument("--engine-admission-ms", type=float, default=0.0,
+                   help="with --engine-baseline: hand requests to the engine one at a time, this far apart "
+                        "(a server's per-request cost), to see what the HTTP path's arrival pattern alone costs")
     p.add_argument("--level-timeout", type=float, default=300.0, help="seconds a level may run")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
@@ -579,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
                 "--host", "127.0.0.1", *args.mlx_args.split()]
         targets = [Target("parallm", purl, "bench"), Target("mlx_lm", murl, "default_model")]
         if args.engine_baseline:
-            targets.append(engine_target(args))
+            targets += engine_targets(args)
         with running_server("parallm", pcmd, purl, args.startup_timeout), \
                 running_server("mlx_lm", mcmd, murl, args.startup_timeout):
             for t in targets[:2]:
@@ -596,13 +622,12 @@ def run(args: argparse.Namespace) -> int:
         loop.run_until_complete(warm_up("server", url, model, args.endpoint))
         targets = [Target("server", url, model)]
         if args.engine_baseline:
-            targets.append(engine_target(args))
+            targets += engine_targets(args)
         levels = sweep(targets, args, loop)
         commands = {}
 
-    for t in targets:
-        if t.engine is not None:
-            loop.run_until_complete(t.engine.shutdown())
+    for engine in {id(t.engine): t.engine for t in targets if t.engine is not None}.values():
+        loop.run_until_complete(engine.shutdown())
     loop.run_until_complete(loop.shutdown_asyncgens())  # close the streams left at [DONE]
     loop.close()
     print()
@@ -611,6 +636,8 @@ def run(args: argparse.Namespace) -> int:
     if args.engine_baseline:
         server_name = "parallm" if args.compare else "server"
         ratios += [dict(r, kind="server_vs_engine") for r in print_ratios(levels, server_name, "engine")]
+        if args.engine_admission_ms > 0:
+            ratios += [dict(r, kind="gated_vs_engine") for r in print_ratios(levels, "gated", "engine")]
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "commands": commands,
                                     "cpu_count": os.cpu_count(), "levels": [asdict(lv) for lv in levels],

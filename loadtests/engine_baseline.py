@@ -53,15 +53,26 @@ async def _one(engine, prompt_ids: list[int], output_len: int) -> RequestResult:
 
 
 async def run_engine_level(engine, tokenizer, concurrency: int, prompts: list[str], output_len: int,
-                           level_timeout: float) -> LevelResult:
+                           level_timeout: float, admission_s: float = 0.0) -> LevelResult:
+    """With admission_s > 0 every request first passes one gate that it holds for admission_s, so
+    requests reach the engine one at a time, admission_s apart, as through a server whose loop
+    spends that long on each request (routing, validation, tokenization). A burst of 64 then
+    trickles in over 64 x admission_s: the arrival pattern of the HTTP path without HTTP."""
     await engine.start()
     encoded = [list(tokenizer.encode(p)) for p in prompts]
     pending = list(reversed(encoded))
     results: list[RequestResult] = []
+    gate = asyncio.Lock()
+
+    async def admitted(prompt_ids):
+        if admission_s > 0:
+            async with gate:
+                await asyncio.sleep(admission_s)
+        return await _one(engine, prompt_ids, output_len)
 
     async def worker():
         while pending:
-            results.append(await _one(engine, pending.pop(), output_len))
+            results.append(await admitted(pending.pop()))
 
     start = time.perf_counter()
     tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]

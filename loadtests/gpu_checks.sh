@@ -2,13 +2,13 @@
 # The GPU checks the open issues still need, in parts that each fit one 10-minute device call.
 # Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
 # (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
-# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs
+# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs
 # The first process on a machine to run new shapes compiles MLX's CUDA kernels (68-91 s of engine warm-up for
 # the 1B model on an H200, BENCHMARKS.md "kernel cache"); later processes read them from disk. So
 # compare runs only after one process has run the same shapes, and read a first run's start-up as
 # compile time.
 set -o pipefail
-part=${1:?tests|adapters|burst|serving|pairs|proto-pairs}
+part=${1:?tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs}
 OUT=${OUT:-loadtests/out/gpu}
 mkdir -p "$OUT"
 MODEL=${MODEL:-/tmp/m1b}
@@ -39,19 +39,24 @@ case "$part" in
     timeout 560 python3 loadtests/bench_serving.py --compare --model "$MODEL" --engine-baseline --client-procs 4 \
       --parallm-args "--max-num-seqs 128 --max-queue 256" --concurrency 64,128,256 --requests-per-client 2 \
       --input-len 128 --output-len 128 --level-timeout 60 --no-plot --out "$OUT/serving.json" 2>&1 | tail -30 ;;
-  pairs|proto-pairs)  # issue 4's 0.9 target alone: one server, three back-to-back server/engine pairs at
-    # 64 clients; proto-pairs puts the engine in its own process (loadtests/engine_process_proto.py)
+  pairs|proto-pairs|wait-pairs)  # issue 4's 0.9 target alone: one server, three back-to-back
+    # server/engine pairs at 64 clients, plus the engine fed one request at a time 2.5 ms apart
+    # ("gated": the arrival pattern of the HTTP path, measured per request on the H200 host with a
+    # fake engine, without HTTP); proto-pairs puts the engine in its own process
+    # (loadtests/engine_process_proto.py); wait-pairs serves with --prefill-wait-steps 4
     need_model
-    if [ "$part" = pairs ]; then
+    if [ "$part" != proto-pairs ]; then
+      extra=""; [ "$part" = wait-pairs ] && extra="--prefill-wait-steps 4"
       python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
-        --max-queue 256 > "$OUT/$part-serve.log" 2>&1 &
+        --max-queue 256 $extra > "$OUT/$part-serve.log" 2>&1 &
     else
       python3 loadtests/engine_process_proto.py --model "$MODEL" --port 8123 --max-num-seqs 128 \
         --max-queue 256 > "$OUT/$part-serve.log" 2>&1 &
     fi
     spid=$!
     for _ in $(seq 1 600); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 0.5; done
-    timeout 200 python3 loadtests/bench_serving.py --url http://127.0.0.1:8123 --engine-baseline --client-procs 4 \
+    timeout 280 python3 loadtests/bench_serving.py --url http://127.0.0.1:8123 --engine-baseline --client-procs 4 \
+      --engine-admission-ms 2.5 \
       --model "$MODEL" --concurrency 64,64,64 --requests-per-client 4 --input-len 128 --output-len 128 \
       --level-timeout 60 --no-plot --out "$OUT/$part.json" > "$OUT/$part.log" 2>&1
     echo "harness rc=$?"
@@ -61,12 +66,14 @@ import json, sys
 levels = json.load(open(sys.argv[1]))["levels"]
 for lv in levels:
     print(lv["server"], round(lv["throughput_tok_s"]), "TTFT p50/p99 ms", round(1e3 * (lv["ttft_p50"] or 0)),
-          round(1e3 * (lv["ttft_p99"] or 0)), "client CPU", lv.get("client_cpu"), "steps", lv.get("engine_steps"),
-          "rows/step", lv.get("rows_per_step") and round(lv["rows_per_step"], 1),
+          round(1e3 * (lv["ttft_p99"] or 0)), "client CPU", lv.get("client_cpu"), "steps/prefill",
+          lv.get("engine_steps"), lv.get("prefill_steps"), "rows/step", lv.get("rows_per_step") and round(lv["rows_per_step"], 1),
           "busy/idle", lv.get("engine_busy") and round(lv["engine_busy"], 2), lv.get("engine_idle") and round(lv["engine_idle"], 2))
-pairs = zip(levels[::2], levels[1::2])
-print("server/engine per pair:", [round((a if a["server"] == "server" else b)["throughput_tok_s"]
-                                        / (b if a["server"] == "server" else a)["throughput_tok_s"], 3) for a, b in pairs])
+by_level = [levels[i:i + 3] for i in range(0, len(levels), 3)]  # server, engine, gated in some order
+for name in ("server", "gated"):
+    print(f"{name}/engine per level:", [round(next(l for l in g if l["server"] == name)["throughput_tok_s"]
+                                              / next(l for l in g if l["server"] == "engine")["throughput_tok_s"], 3)
+                                        for g in by_level])
 PY
     ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;

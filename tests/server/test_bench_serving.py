@@ -93,3 +93,23 @@ def test_client_procs_is_a_positive_count_or_auto():
     assert 1 <= _parse([]).client_procs <= 4  # auto: one per 4 CPUs, at least one, at most four
     with pytest.raises(SystemExit):
         _parse(["--client-procs", "0"])
+
+
+def test_the_gated_engine_baseline_admits_one_request_at_a_time(tiny_model_dir):
+    import asyncio
+
+    from engine_baseline import load_engine, run_engine_level
+
+    async def main():
+        engine = load_engine(str(tiny_model_dir), max_num_seqs=8, max_queue=16)  # named "bench", as it sends
+        try:
+            prompts = bench_serving.make_prompts(8, 6, seed=1)
+            return await run_engine_level(engine, engine.tokenizer("bench"), 4, prompts, 2, 60, admission_s=0.05)
+        finally:
+            await engine.shutdown()
+
+    level = asyncio.run(main())
+    assert level.requests == 8 and level.failures == 0, level.errors
+    assert level.output_tokens == 16
+    # eight requests through one gate held 50 ms each cannot all be in before 0.4 s
+    assert level.wall_s >= 8 * 0.05
