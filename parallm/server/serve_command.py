@@ -22,7 +22,7 @@ _OPTIONS = {
     "max_num_batched_tokens": (int, "tokens per engine step: prefill chunks plus decodes (default 2048 on a CUDA GPU, 512 elsewhere)"),
     "max_queue": (int, "requests that may wait for a free row; past it the server answers 429 (default 256)"),
     "prefill_wait_steps": (int, "engine steps a new prompt may wait, while other rows decode, so that prompts "
-                                "arriving one by one share a prefill pass; 0 admits at once (default: the engine's)"),
+                                "arriving one by one share a prefill pass; 0 admits at once (default 0)"),
     "kv_budget_bytes": (int, "KV cache budget of all running sequences, in bytes (default: half the GPU memory the model leaves free; 2 GiB on the CPU)"),
     "prefix_cache_bytes": (int, "prefix cache size in bytes; 0 turns it off (default: the engine's, 256 MiB)"),
     "api_key": (str, "require 'Authorization: Bearer KEY' on /v1/* (also PARALLM_API_KEY)"),
