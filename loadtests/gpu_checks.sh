@@ -2,13 +2,13 @@
 # The GPU checks the open issues still need, in parts that each fit one 10-minute device call.
 # Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
 # (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
-# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs
+# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|arrival
 # The first process on a machine to run new shapes compiles MLX's CUDA kernels (68-91 s of engine warm-up for
 # the 1B model on an H200, BENCHMARKS.md "kernel cache"); later processes read them from disk. So
 # compare runs only after one process has run the same shapes, and read a first run's start-up as
 # compile time.
 set -o pipefail
-part=${1:?tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs}
+part=${1:?tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|arrival}
 OUT=${OUT:-loadtests/out/gpu}
 mkdir -p "$OUT"
 MODEL=${MODEL:-/tmp/m1b}
@@ -76,5 +76,10 @@ for name in ("server", "gated"):
                                         for g in by_level])
 PY
     ;;
+  arrival)  # issue 4: does the HTTP path's arrival pattern alone (prompts trickling in ~2.5 ms apart)
+    # cost the engine what the server loses, and does --prefill-wait-steps 4 win it back? (no HTTP)
+    need_model
+    timeout 500 python3 loadtests/bench_arrival.py --model "$MODEL" --admission-ms 2.5 --wait-steps 4 --rounds 2 \
+      --out "$OUT/arrival.json" 2>&1 | grep '^{' | tee "$OUT/arrival.txt" ;;
   *) echo "unknown part: $part" >&2; exit 2 ;;
 esac
