@@ -45,17 +45,14 @@ async def run(args) -> list[dict]:
             level += 1
             prompts = bench_serving.make_prompts(args.concurrency * args.requests_per_client, args.input_len,
                                                  100 + level)  # fresh prompts: no prefix-cache hits
-            before = engine.stats()
             lv = await run_engine_level(engine, tokenizer, args.concurrency, prompts, args.output_len, 300,
                                         admission_s=admission)
-            after = engine.stats()
-            steps = after.steps - before.steps
             row = dict(round=r, wait_steps=wait, admission_ms=round(admission * 1e3, 2),
                        tok_s=round(lv.throughput_tok_s, 1), failures=lv.failures,
                        ttft_p50_ms=round(1e3 * (lv.ttft_p50 or 0)), ttft_p99_ms=round(1e3 * (lv.ttft_p99 or 0)),
-                       steps=steps, prefill_steps=after.prefill_steps - before.prefill_steps,
-                       rows_per_step=round((after.decode_rows - before.decode_rows) / steps, 1) if steps else None,
-                       ms_per_step=round(1e3 * (after.busy_seconds - before.busy_seconds) / steps, 2) if steps else None)
+                       steps=lv.engine_steps, prefill_steps=lv.prefill_steps,
+                       rows_per_step=lv.rows_per_step and round(lv.rows_per_step, 1),
+                       ms_per_step=lv.ms_per_step and round(lv.ms_per_step, 2))
             rows.append(row)
             print(json.dumps(row), flush=True)
     for engine in engines.values():

@@ -80,21 +80,18 @@ def main() -> int:
                     proc.start()
                 time.sleep(1.0)  # the burners are spinning before the clock starts
             mhz_before = cpu_mhz()
-            before = engine.stats()
             lv = loop.run_until_complete(run_engine_level(
                 # fresh prompts per level: with one set per round, the second level of a pair found
                 # them in the prefix cache and ran ~4-5% faster whichever way it was loaded
                 engine, tokenizer, args.concurrency, bench_serving.make_prompts(n, args.input_len, 100 + 2 * r + loaded),
                 args.output_len, 120))
-            after = engine.stats()
             mhz = cpu_mhz()
             stop.set()
             for proc in procs:
                 proc.join(5)
-            steps = after.steps - before.steps
             row = dict(round=r, burners=args.burners if loaded else 0, tok_s=round(lv.throughput_tok_s, 1),
-                       ms_per_step=round(1e3 * (after.busy_seconds - before.busy_seconds) / steps, 3) if steps else None,
-                       rows_per_step=round((after.decode_rows - before.decode_rows) / steps, 1) if steps else None,
+                       ms_per_step=lv.ms_per_step and round(lv.ms_per_step, 3),
+                       rows_per_step=lv.rows_per_step and round(lv.rows_per_step, 1),
                        ttft_p50_ms=round(1e3 * (lv.ttft_p50 or 0)), ttft_p99_ms=round(1e3 * (lv.ttft_p99 or 0)),
                        mean_mhz=round(sum(mhz) / len(mhz)) if mhz else None,
                        mean_mhz_before=round(sum(mhz_before) / len(mhz_before)) if mhz_before else None)

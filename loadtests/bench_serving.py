@@ -93,9 +93,15 @@ class LevelResult:
     rows_per_step: Optional[float] = None
     engine_busy: Optional[float] = None
     engine_idle: Optional[float] = None
+    ms_per_step: Optional[float] = None  # the engine's busy time per step
 
 
 ENGINE_COUNTERS = ("steps", "busy_seconds", "idle_seconds", "decode_rows", "prefill_steps")
+
+
+def engine_counters(stats) -> dict:
+    """The ENGINE_COUNTERS of an EngineStats, in the form engine_counters_from_metrics returns."""
+    return {k: getattr(stats, k) for k in ENGINE_COUNTERS}
 
 
 def engine_counters_from_metrics(text: str) -> Optional[dict]:
@@ -130,6 +136,7 @@ def add_engine_accounting(lv: "LevelResult", before: Optional[dict], after: Opti
         return  # an engine that keeps no such accounting (a fake one)
     lv.engine_steps, lv.prefill_steps = int(d["steps"]), int(d["prefill_steps"])
     lv.rows_per_step = d["decode_rows"] / d["steps"] if d["steps"] else None
+    lv.ms_per_step = 1e3 * d["busy_seconds"] / d["steps"] if d["steps"] else None
     if lv.wall_s:
         lv.engine_busy = d["busy_seconds"] / lv.wall_s
         lv.engine_idle = d["idle_seconds"] / lv.wall_s
@@ -499,16 +506,10 @@ class Target:
             return await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
                                    args.endpoint, args.level_timeout, client_procs=args.client_procs)
         from engine_baseline import run_engine_level
-        before = self.engine_counters()
         lv = await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
                                     args.level_timeout, admission_s=self.admission_s)
         lv.server = self.name
-        add_engine_accounting(lv, before, self.engine_counters())
         return lv
-
-    def engine_counters(self) -> dict:
-        stats = self.engine.stats()
-        return {k: getattr(stats, k) for k in ENGINE_COUNTERS}
 
 
 def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[LevelResult]:

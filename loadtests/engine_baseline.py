@@ -11,7 +11,7 @@ import asyncio
 import time
 import uuid
 
-from bench_serving import RequestResult, LevelResult, summarize
+from bench_serving import RequestResult, LevelResult, add_engine_accounting, engine_counters, summarize
 
 
 def load_engine(model_dir: str, max_num_seqs: int, max_queue: int, max_num_batched_tokens=None,
@@ -57,7 +57,8 @@ async def run_engine_level(engine, tokenizer, concurrency: int, prompts: list[st
     """With admission_s > 0 every request first passes one gate that it holds for admission_s, so
     requests reach the engine one at a time, admission_s apart, as through a server whose loop
     spends that long on each request (routing, validation, tokenization). A burst of 64 then
-    trickles in over 64 x admission_s: the arrival pattern of the HTTP path without HTTP."""
+    trickles in over 64 x admission_s: the arrival pattern of the HTTP path without HTTP.
+    The result carries the engine's accounting over the level (steps, rows per step, ms per step)."""
     await engine.start()
     encoded = [list(tokenizer.encode(p)) for p in prompts]
     pending = list(reversed(encoded))
@@ -74,10 +75,12 @@ async def run_engine_level(engine, tokenizer, concurrency: int, prompts: list[st
         while pending:
             results.append(await admitted(pending.pop()))
 
-    start = time.perf_counter()
+    before, start = engine_counters(engine.stats()), time.perf_counter()
     tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
     _, late = await asyncio.wait(tasks, timeout=level_timeout)
     for t in late:
         t.cancel()
     await asyncio.gather(*late, return_exceptions=True)
-    return summarize("engine", concurrency, results, len(prompts) - len(results), time.perf_counter() - start)
+    level = summarize("engine", concurrency, results, len(prompts) - len(results), time.perf_counter() - start)
+    add_engine_accounting(level, before, engine_counters(engine.stats()))
+    return level

@@ -38,7 +38,7 @@ def test_random_arrivals_all_finish_within_budgets(seed):
                            SamplingParams(max_tokens=rng.randrange(1, 12)))
             s.add(seq)
             added[seq.request_id] = (step, seq)
-        decoding_before = any(True for q in s.running if q.num_tokens - q.num_computed == 1)
+        decoding_before = any(q.num_tokens - q.num_computed == 1 for q in s.running)
         out = s.schedule()
         assert out.num_batched_tokens <= cfg.max_num_batched_tokens
         assert len(s.running) <= cfg.max_num_seqs

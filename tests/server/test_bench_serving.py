@@ -113,3 +113,6 @@ def test_the_gated_engine_baseline_admits_one_request_at_a_time(tiny_model_dir):
     assert level.output_tokens == 16
     # eight requests through one gate held 50 ms each cannot all be in before 0.4 s
     assert level.wall_s >= 8 * 0.05
+    # the level carries the engine's own accounting: 8 x 2 tokens decoded, each prompt prefilled
+    assert level.engine_steps >= 2 and 1 <= level.prefill_steps <= 8
+    assert 0 < level.rows_per_step <= 4 and level.ms_per_step > 0
