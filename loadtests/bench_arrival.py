@@ -19,10 +19,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def host_clock() -> tuple[float, float, float]:
+    """(wall, this process's CPU seconds, the machine's steal seconds). Steal is the time a VM's
+    vCPUs were ready but the hypervisor ran something else: on a lent machine it is the one
+    cause of a slower step that neither the engine nor the server controls."""
+    steal = 0.0
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        steal = int(fields[8]) / os.sysconf("SC_CLK_TCK")  # "cpu  user nice system idle iowait irq softirq steal"
+    except (OSError, IndexError, ValueError):
+        pass
+    return time.perf_counter(), time.process_time(), steal
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
@@ -45,14 +60,18 @@ async def run(args) -> list[dict]:
             level += 1
             prompts = bench_serving.make_prompts(args.concurrency * args.requests_per_client, args.input_len,
                                                  100 + level)  # fresh prompts: no prefix-cache hits
+            clock0 = host_clock()
             lv = await run_engine_level(engine, tokenizer, args.concurrency, prompts, args.output_len, 300,
                                         admission_s=admission)
+            wall, cpu, steal = (b - a for a, b in zip(clock0, host_clock()))
             row = dict(round=r, wait_steps=wait, admission_ms=round(admission * 1e3, 2),
                        tok_s=round(lv.throughput_tok_s, 1), failures=lv.failures,
                        ttft_p50_ms=round(1e3 * (lv.ttft_p50 or 0)), ttft_p99_ms=round(1e3 * (lv.ttft_p99 or 0)),
                        steps=lv.engine_steps, prefill_steps=lv.prefill_steps,
                        rows_per_step=lv.rows_per_step and round(lv.rows_per_step, 1),
-                       ms_per_step=lv.ms_per_step and round(lv.ms_per_step, 2))
+                       ms_per_step=lv.ms_per_step and round(lv.ms_per_step, 2),
+                       cpu_ms_per_step=lv.engine_steps and round(1e3 * cpu / lv.engine_steps, 2),
+                       cpu_of_wall=round(cpu / wall, 2), steal_s=round(steal, 2))
             rows.append(row)
             print(json.dumps(row), flush=True)
     for engine in engines.values():
