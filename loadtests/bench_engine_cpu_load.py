@@ -28,6 +28,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
@@ -104,7 +105,9 @@ def cpu_mhz() -> list[float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="the model dir (not needed with --burn-only)")
+    p.add_argument("--burn-only", metavar="KIND", help="only run --burners of KIND until stopped (SIGTERM), "
+                   "e.g. beside a whole server run")
     p.add_argument("--burners", type=int, default=5)
     p.add_argument("--duty", type=float, default=0.35, help="share of each burner's time spent spinning")
     p.add_argument("--kinds", default="quiet,spin", help="comma list from quiet, spin, memory, sockets, gil")
@@ -115,6 +118,22 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    if args.burn_only:
+        if args.burn_only not in BURNERS:
+            p.error(f"--burn-only takes one of {sorted(BURNERS)}")
+        stop, workers = start_burners(args.burn_only, args.burners, args.duty, ctx)
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.is_set():
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            stop.set()
+        for w in workers:
+            w.join(5)
+        return 0
+    if not args.model:
+        p.error("--model is required")
 
     import bench_serving
     from engine_baseline import load_engine, run_engine_level
@@ -123,7 +142,6 @@ def main() -> int:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     loop = asyncio.new_event_loop()
-    ctx = multiprocessing.get_context("spawn")
     n = args.concurrency * args.requests_per_client
     loop.run_until_complete(run_engine_level(engine, tokenizer, args.concurrency,
                                              bench_serving.make_prompts(args.concurrency, args.input_len, 1),

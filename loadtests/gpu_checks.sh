@@ -43,8 +43,14 @@ case "$part" in
     # server/engine pairs at 64 clients, plus the engine fed one request at a time 2.5 ms apart
     # ("gated": the arrival pattern of the HTTP path, measured per request on the H200 host with a
     # fake engine, without HTTP); proto-pairs puts the engine in its own process
-    # (loadtests/engine_process_proto.py); wait-pairs serves with --prefill-wait-steps 4
+    # (loadtests/engine_process_proto.py); wait-pairs serves with --prefill-wait-steps 4.
+    # KEEP_AWAKE=N runs N loopback-socket burners (bench_engine_cpu_load.py) beside the whole run:
+    # on the H200 host they made the engine alone 1.2-1.6x faster (idle vCPUs wake slowly)
     need_model
+    burner=""
+    if [ -n "$KEEP_AWAKE" ]; then
+      python3 loadtests/bench_engine_cpu_load.py --burn-only sockets --burners "$KEEP_AWAKE" & burner=$!
+    fi
     if [ "$part" != proto-pairs ]; then
       extra=""; [ "$part" = wait-pairs ] && extra="--prefill-wait-steps 4"
       python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
@@ -57,10 +63,11 @@ case "$part" in
     for _ in $(seq 1 600); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 0.5; done
     timeout 280 python3 loadtests/bench_serving.py --url http://127.0.0.1:8123 --engine-baseline --client-procs 4 \
       --engine-admission-ms 2.5 \
-      --model "$MODEL" --concurrency 64,64,64 --requests-per-client 4 --input-len 128 --output-len 128 \
+      --model "$MODEL" --concurrency ${PAIRS_LEVELS:-64,64,64} --requests-per-client 4 --input-len 128 --output-len 128 \
       --level-timeout 60 --no-plot --out "$OUT/$part.json" > "$OUT/$part.log" 2>&1
     echo "harness rc=$?"
     kill -TERM $spid; wait $spid; echo "server rc=$?"
+    [ -n "$burner" ] && kill -TERM $burner && wait $burner
     python3 - "$OUT/$part.json" <<'PY'
 import json, sys
 levels = json.load(open(sys.argv[1]))["levels"]
