@@ -55,6 +55,7 @@ WORDS = ("time year people way day man thing woman life child world school state
 class RequestResult:
     ok: bool
     error: str = ""
+    detail: str = ""  # the exception's message, for a failure (the kind alone hid a connect failure's cause)
     ttft: Optional[float] = None  # seconds to the first streamed text
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)  # gaps between streamed chunks
@@ -80,6 +81,7 @@ class LevelResult:
     itl_p99: Optional[float]
     mean_prompt_tokens: Optional[float]
     errors: dict = field(default_factory=dict)  # error text -> count
+    error_examples: dict = field(default_factory=dict)  # error text -> the first failure's message
     # CPU seconds this harness process spent during the level, per wall second. Near 1.0 the
     # load generator (one asyncio loop parsing every SSE event) is what limits the figures, not the server.
     client_cpu: Optional[float] = None
@@ -206,7 +208,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                         last = now
                         chunks += 1
     except (httpx.HTTPError, OSError) as e:
-        return RequestResult(ok=False, error=type(e).__name__, e2e=time.perf_counter() - start)
+        return RequestResult(ok=False, error=type(e).__name__, detail=repr(e)[:300], e2e=time.perf_counter() - start)
     end = time.perf_counter()
     if not done:
         return RequestResult(ok=False, error="stream ended without [DONE]", e2e=end - start)
@@ -309,9 +311,12 @@ def summarize(server: str, concurrency: int, results: list[RequestResult], unfin
               client_cpu: Optional[float] = None) -> LevelResult:
     ok = [r for r in results if r.ok]
     errors: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for r in results:
         if not r.ok:
             errors[r.error] = errors.get(r.error, 0) + 1
+            if r.detail:
+                examples.setdefault(r.error, r.detail)
     if unfinished:
         errors["level timeout"] = unfinished
     ttfts = [r.ttft for r in ok if r.ttft is not None]
@@ -327,7 +332,7 @@ def summarize(server: str, concurrency: int, results: list[RequestResult], unfin
         tpot_p50=percentile(tpots, 0.5), tpot_p99=percentile(tpots, 0.99),
         itl_p50=percentile(itls, 0.5), itl_p99=percentile(itls, 0.99),
         mean_prompt_tokens=statistics.mean(prompt_tokens) if prompt_tokens else None, errors=errors,
-        client_cpu=client_cpu)
+        error_examples=examples, client_cpu=client_cpu)
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -355,6 +360,8 @@ def print_table(levels: list[LevelResult]) -> None:
               f"{'-' if lv.engine_busy is None else f'{lv.engine_busy:.0%}/{lv.engine_idle:.0%}':>9}")
         if lv.errors:
             print(f"{'':<10} errors: {lv.errors}")
+            for kind, example in lv.error_examples.items():
+                print(f"{'':<10} first {kind}: {example}")
     if any(lv.client_cpu is not None and lv.client_cpu >= SATURATED_CLIENT_CPU for lv in levels):
         print(f"note: a load-generator process ran at >= {SATURATED_CLIENT_CPU:.0%} CPU in some level: those "
               "figures may measure the harness, not the server; raise --client-procs")

@@ -46,7 +46,7 @@ async def _one(engine, prompt_ids: list[int], output_len: int) -> RequestResult:
             if out.finished and out.usage:
                 tokens, prompt_tokens = out.usage.completion_tokens, out.usage.prompt_tokens
     except Exception as e:  # a typed engine error (QueueFull...) is a failure of this request
-        return RequestResult(ok=False, error=type(e).__name__, e2e=time.perf_counter() - start)
+        return RequestResult(ok=False, error=type(e).__name__, detail=repr(e)[:300], e2e=time.perf_counter() - start)
     end = time.perf_counter()
     return RequestResult(ok=True, ttft=None if first is None else first - start, e2e=end - start, itls=itls,
                          output_tokens=tokens, prompt_tokens=prompt_tokens)

@@ -116,3 +116,19 @@ def test_the_gated_engine_baseline_admits_one_request_at_a_time(tiny_model_dir):
     # the level carries the engine's own accounting: 8 x 2 tokens decoded, each prompt prefilled
     assert level.engine_steps >= 2 and 1 <= level.prefill_steps <= 8
     assert 0 < level.rows_per_step <= 4 and level.ms_per_step > 0
+
+
+def test_a_failed_level_keeps_the_first_failures_message():
+    """A level whose requests all fail says why, not only which exception kind (an H200 run lost
+    two levels to ConnectError with no message to go on)."""
+    import asyncio
+
+    from tests.live_app import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    results, unfinished, wall, _ = asyncio.run(bench_serving._run_clients(url, "m", 2, ["a", "b", "c"], 4,
+                                                                          "completions", 5))
+    level = bench_serving.summarize("server", 2, results, unfinished, wall)
+    assert level.failures == 3 and level.errors == {"ConnectError": 3}
+    assert "ConnectError" in level.error_examples["ConnectError"]
+    assert "connect" in level.error_examples["ConnectError"].lower()
