@@ -2,13 +2,13 @@
 # The GPU checks the open issues still need, in parts that each fit one 10-minute device call.
 # Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
 # (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
-# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|arrival
+# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|arrival
 # The first process on a machine to run new shapes compiles MLX's CUDA kernels (68-91 s of engine warm-up for
 # the 1B model on an H200, BENCHMARKS.md "kernel cache"); later processes read them from disk. So
 # compare runs only after one process has run the same shapes, and read a first run's start-up as
 # compile time.
 set -o pipefail
-part=${1:?tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|arrival}
+part=${1:?tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|arrival}
 OUT=${OUT:-loadtests/out/gpu}
 mkdir -p "$OUT"
 MODEL=${MODEL:-/tmp/m1b}
@@ -39,11 +39,12 @@ case "$part" in
     timeout 560 python3 loadtests/bench_serving.py --compare --model "$MODEL" --engine-baseline --client-procs 4 \
       --parallm-args "--max-num-seqs 128 --max-queue 256" --concurrency 64,128,256 --requests-per-client 2 \
       --input-len 128 --output-len 128 --level-timeout 60 --no-plot --out "$OUT/serving.json" 2>&1 | tail -30 ;;
-  pairs|proto-pairs|wait-pairs)  # issue 4's 0.9 target alone: one server, three back-to-back
+  pairs|proto-pairs|wait-pairs|si-pairs)  # issue 4's 0.9 target alone: one server, three back-to-back
     # server/engine pairs at 64 clients, plus the engine fed one request at a time 2.5 ms apart
     # ("gated": the arrival pattern of the HTTP path, measured per request on the H200 host with a
     # fake engine, without HTTP); proto-pairs puts the engine in its own process
-    # (loadtests/engine_process_proto.py); wait-pairs serves with --prefill-wait-steps 4.
+    # (loadtests/engine_process_proto.py); wait-pairs serves with --prefill-wait-steps 4; si-pairs
+    # with --gil-switch-interval-ms ${SI_MS:-1} (the loop and the engine thread take turns sooner).
     # KEEP_AWAKE=N runs N loopback-socket burners (bench_engine_cpu_load.py) beside the whole run:
     # on the H200 host they made the engine alone 1.2-1.6x faster (idle vCPUs wake slowly)
     need_model
@@ -53,6 +54,7 @@ case "$part" in
     fi
     if [ "$part" != proto-pairs ]; then
       extra=""; [ "$part" = wait-pairs ] && extra="--prefill-wait-steps 4"
+      [ "$part" = si-pairs ] && extra="--gil-switch-interval-ms ${SI_MS:-1}"
       python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
         --max-queue 256 $extra > "$OUT/$part-serve.log" 2>&1 &
     else
@@ -83,6 +85,12 @@ for name in ("server", "gated"):
                                         for g in by_level])
 PY
     ;;
+  si-ab)  # issue 4: two servers side by side, Python's GIL switch interval (A) against ${SI_MS:-1} ms (B),
+    # levels interleaved ABBA so that the host's drift (+-20% between levels here) cancels in the ratio
+    need_model
+    timeout 500 python3 loadtests/bench_server_ab.py --model "$MODEL" --a . --b . \
+      --b-args "--gil-switch-interval-ms ${SI_MS:-1}" --client-procs 4 --concurrency 64 --reps ${REPS:-4} \
+      --input-len 128 --output-len 128 --requests-per-client 4 2>&1 | tee "$OUT/si-ab.log" | grep -v "^\s*$" | tail -14 ;;
   arrival)  # issue 4: does the HTTP path's arrival pattern alone (prompts trickling in ~2.5 ms apart)
     # cost the engine what the server loses, and does --prefill-wait-steps 4 win it back? (no HTTP)
     need_model

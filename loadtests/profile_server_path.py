@@ -173,7 +173,7 @@ def _collector():
     return OutputCollector()
 
 
-def serve(port: int, native_ms: float, python_ms: float) -> None:
+def serve(port: int, native_ms: float, python_ms: float, gil_switch_interval_ms=None) -> None:
     from transformers import AutoTokenizer
     from parallm.server.app import create_app
     from parallm.server.config import ServerSettings
@@ -188,7 +188,8 @@ def serve(port: int, native_ms: float, python_ms: float) -> None:
         return {"process_time": time.process_time() - engine.engine_cpu_s, "steps": engine.steps,
                 "time": time.perf_counter()}
 
-    run_server(app, "127.0.0.1", port, drain_timeout=1.0, log_level="warning")
+    run_server(app, "127.0.0.1", port, drain_timeout=1.0, log_level="warning",
+               gil_switch_interval_ms=gil_switch_interval_ms)
 
 
 def measure(args) -> dict:
@@ -197,7 +198,9 @@ def measure(args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--native-ms", str(args.native_ms),
-                             "--python-ms", str(args.python_ms)], cwd=REPO_ROOT)
+                             "--python-ms", str(args.python_ms)]
+                            + ([] if args.gil_switch_interval_ms is None
+                               else ["--gil-switch-interval-ms", str(args.gil_switch_interval_ms)]), cwd=REPO_ROOT)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -261,10 +264,12 @@ def main(argv=None) -> int:
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument("--client-procs", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--gil-switch-interval-ms", type=float, help="the server's --gil-switch-interval-ms "
+                   "(default: Python's 5 ms)")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.native_ms, args.python_ms)
+        serve(args.serve, args.native_ms, args.python_ms, args.gil_switch_interval_ms)
         return 0
     result = measure(args)
     print(json.dumps({k: v for k, v in result.items() if k != "reps"}))

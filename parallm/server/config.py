@@ -46,6 +46,9 @@ class ServerSettings:
     adapters_dir: Optional[str] = None  # run-time /v1/load_lora_adapter paths must lie under it; None: off
     adapters: Optional[str] = None  # startup LoRA adapters, "NAME=PATH[@MODEL][,...]" (--adapter, repeatable)
     memory_budget_bytes: Optional[int] = None  # weights of all base models; past it, LRU idle ones are evicted
+    # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval), in ms.
+    # The event loop and the engine thread share one GIL; None keeps Python's 5 ms (runner.py).
+    gil_switch_interval_ms: Optional[float] = None
 
     def __post_init__(self):
         checks = {
@@ -57,6 +60,7 @@ class ServerSettings:
             "drain_timeout": self.drain_timeout >= 0,
             "max_body_bytes": self.max_body_bytes >= 1024,
             "retry_after": self.retry_after > 0,
+            "gil_switch_interval_ms": self.gil_switch_interval_ms is None or 0 < self.gil_switch_interval_ms <= 1000,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

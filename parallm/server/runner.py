@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Optional
 
 import uvicorn
@@ -69,7 +70,21 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info") -> None:
+def set_gil_switch_interval(ms: Optional[float]) -> None:
+    """Set how long a thread may keep the GIL while another waits (None: leave Python's 5 ms).
+
+    Why a server cares: right after an engine step hands its tokens over, the event loop wakes
+    to stream them (tens of microseconds of Python per token) just as the engine thread starts
+    building the next step (Python too). Whichever thread holds the GIL keeps it until it blocks
+    or the interval runs out, so the other can wait up to the whole interval, once per step."""
+    if ms is not None:
+        sys.setswitchinterval(ms / 1000)
+        log.info("GIL switch interval: %.3g ms", ms)
+
+
+def run_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info",
+               gil_switch_interval_ms: Optional[float] = None) -> None:
+    set_gil_switch_interval(gil_switch_interval_ms)
     # log_config=None / access_log=False: logging_setup.configure_logging owns the handlers, and
     # our access log (with request id, route and tokens) replaces uvicorn's.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",

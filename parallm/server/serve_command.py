@@ -35,6 +35,8 @@ _OPTIONS = {
     "memory_budget_bytes": (int, "bytes of weights all base models may take; a run-time load past it evicts "
                                  "the least recently used idle models (default: no budget)"),
     "adapters_dir": (str, "directory that run-time /v1/load_lora_adapter paths must lie under (default: off)"),
+    "gil_switch_interval_ms": (float, "longest time in ms one thread holds the GIL while another waits for it "
+                                      "(the event loop and the engine thread share it; default: Python's 5)"),
 }
 _REPEATABLE = ("model", "served_model_name")  # append to a list; one value stays a plain string
 # Flags without a value; each maps onto the ServerSettings field of the same name.
@@ -176,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         fine_tuning.service.start()
     log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), settings.host, settings.port)
     try:
-        run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level)
+        run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level,
+                   gil_switch_interval_ms=settings.gil_switch_interval_ms)
     finally:
         if fine_tuning:
             fine_tuning.service.shutdown()

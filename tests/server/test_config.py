@@ -91,3 +91,27 @@ def test_prefill_wait_steps_reaches_the_engine_only_when_set():
     assert engine_config(unset, EngineConfig).prefill_wait_steps == EngineConfig().prefill_wait_steps
     with pytest.raises(ConfigError):
         load_settings(cli_values(["--prefill-wait-steps", "-1"])[0], environ={})
+
+
+def test_gil_switch_interval_is_set_only_when_given(tmp_path):
+    from parallm.server.runner import set_gil_switch_interval
+
+    cli, _ = cli_values(["--gil-switch-interval-ms", "1.5"])
+    assert load_settings(cli, environ={}).gil_switch_interval_ms == 1.5
+    env = load_settings(cli_values([])[0], environ={"PARALLM_GIL_SWITCH_INTERVAL_MS": "0.5"})
+    assert env.gil_switch_interval_ms == 0.5
+    config = tmp_path / "s.toml"
+    config.write_text("gil_switch_interval_ms = 2\n")
+    assert load_settings(cli_values([])[0], config_file=str(config), environ={}).gil_switch_interval_ms == 2.0
+    assert load_settings(cli_values([])[0], environ={}).gil_switch_interval_ms is None
+    for bad in ("0", "-1", "5000"):
+        with pytest.raises(ConfigError, match="gil_switch_interval_ms"):
+            load_settings(cli_values(["--gil-switch-interval-ms", bad])[0], environ={})
+    before = sys.getswitchinterval()
+    try:
+        set_gil_switch_interval(None)  # not given: Python's own interval stays
+        assert sys.getswitchinterval() == before
+        set_gil_switch_interval(1.5)
+        assert sys.getswitchinterval() == pytest.approx(0.0015)
+    finally:
+        sys.setswitchinterval(before)
