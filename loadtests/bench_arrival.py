@@ -29,8 +29,9 @@ HERE = Path(__file__).resolve().parent
 
 def host_clock() -> tuple[float, float, float]:
     """(wall, this process's CPU seconds, the machine's steal seconds). Steal is the time a VM's
-    vCPUs were ready but the hypervisor ran something else: on a lent machine it is the one
-    cause of a slower step that neither the engine nor the server controls."""
+    vCPUs were ready but the hypervisor ran something else: on a lent machine, a cause of slower
+    steps that neither the engine nor the server controls. CPU seconds per step that grow with
+    the wall time per step say instead that the same work ran slower."""
     steal = 0.0
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()

@@ -16,6 +16,8 @@ longer, and moving the engine to a process of its own did not help. A decode ste
 bound by the host's single-thread speed (MLX dispatching ~300 kernels), and a server CPU's clock
 drops as more of its cores are busy. If the engine slows beside burners that share nothing with
 it (no GIL, no memory, no sockets), part of "server overhead" is the host, not the server.
+Found on the H200 (BENCHMARKS.md, "sixth session"): the other way round. Every kind made the
+engine faster than on the quiet host, loopback sockets by 1.16-1.60x: an idle VM is the slow case.
 
   python loadtests/bench_engine_cpu_load.py --model DIR --burners 5 --duty 0.35 --rounds 3
   python loadtests/bench_engine_cpu_load.py --model DIR --kinds quiet,spin,memory,sockets,gil --burners 4 \
@@ -134,6 +136,10 @@ def main() -> int:
         return 0
     if not args.model:
         p.error("--model is required")
+    kinds = args.kinds.split(",")
+    unknown = set(kinds) - {"quiet", "gil", *BURNERS}
+    if unknown:
+        p.error(f"unknown kinds: {sorted(unknown)}")
 
     import bench_serving
     from engine_baseline import load_engine, run_engine_level
@@ -146,10 +152,6 @@ def main() -> int:
     loop.run_until_complete(run_engine_level(engine, tokenizer, args.concurrency,
                                              bench_serving.make_prompts(args.concurrency, args.input_len, 1),
                                              8, 120))  # warm: same shapes once before the clock
-    kinds = args.kinds.split(",")
-    unknown = set(kinds) - {"quiet", "gil", *BURNERS}
-    if unknown:
-        p.error(f"unknown kinds: {sorted(unknown)}")
     rows, level = [], 0
     for r in range(args.rounds):
         for kind in (kinds if r % 2 == 0 else list(reversed(kinds))):

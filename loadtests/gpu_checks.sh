@@ -46,7 +46,7 @@ case "$part" in
     # (loadtests/engine_process_proto.py); wait-pairs serves with --prefill-wait-steps 4; si-pairs
     # with --gil-switch-interval-ms ${SI_MS:-1} (the loop and the engine thread take turns sooner).
     # KEEP_AWAKE=N runs N loopback-socket burners (bench_engine_cpu_load.py) beside the whole run:
-    # on the H200 host they made the engine alone 1.2-1.6x faster (idle vCPUs wake slowly)
+    # on the H200 host they made the engine alone 1.2-1.6x faster (a quiet VM ran the same steps slower)
     need_model
     burner=""
     if [ -n "$KEEP_AWAKE" ]; then
