@@ -47,11 +47,12 @@ class PacedEngine:
     much the server slows such an engine. Without it an asyncio task ticks every native_s."""
 
     def __init__(self, tokenizer, native_s: float, python_s: float = 0.0, context_length: int = 4096,
-                 gil_slices: int = 1):
+                 gil_slices: int = 1, handoff_before_native: bool = False):
         self._tokenizer = tokenizer
         self._native_s = native_s
         self._python_s = python_s
         self._gil_slices = max(1, gil_slices)
+        self._handoff_before_native = handoff_before_native
         self._context_length = context_length
         self._streams: dict[str, tuple[asyncio.Queue, object]] = {}
         self._ticker: Optional[asyncio.Task] = None
@@ -78,14 +79,17 @@ class PacedEngine:
     def _worker(self, loop: asyncio.AbstractEventLoop) -> None:
         slices = self._gil_slices
         while not self._stop.is_set():
-            for _ in range(slices):  # e.g. graph building between MLX calls that release the GIL
+            for i in range(slices):  # e.g. graph building between MLX calls that release the GIL
                 end = time.perf_counter() + self._python_s / slices
                 x = 0
                 while time.perf_counter() < end:  # Python bytecode: holds the GIL but at forced switches
                     x += 1
+                if self._handoff_before_native and i == slices - 1:
+                    loop.call_soon_threadsafe(self._step_outputs)  # the loop streams while we dispatch
                 time.sleep(self._native_s / slices)  # the GIL is free, as in mx.async_eval / a device wait
             self.engine_cpu_s = time.thread_time()
-            loop.call_soon_threadsafe(self._step_outputs)
+            if not self._handoff_before_native:
+                loop.call_soon_threadsafe(self._step_outputs)
 
     def validate(self, request) -> None:
         from parallm.engine.errors import PromptTooLong
@@ -179,14 +183,15 @@ def _collector():
     return OutputCollector()
 
 
-def serve(port: int, native_ms: float, python_ms: float, gil_switch_interval_ms=None, gil_slices: int = 1) -> None:
+def serve(port: int, native_ms: float, python_ms: float, gil_switch_interval_ms=None, gil_slices: int = 1,
+          handoff_before_native: bool = False) -> None:
     from transformers import AutoTokenizer
     from parallm.server.app import create_app
     from parallm.server.config import ServerSettings
     from parallm.server.runner import run_server
 
     engine = PacedEngine(AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)), native_ms / 1000, python_ms / 1000,
-                         gil_slices=gil_slices)
+                         gil_slices=gil_slices, handoff_before_native=handoff_before_native)
     settings = ServerSettings(port=port, max_num_seqs=1024, max_queue=1024)
     app = create_app(engine, settings)
 
@@ -206,6 +211,7 @@ def measure(args) -> dict:
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--native-ms", str(args.native_ms),
                              "--python-ms", str(args.python_ms), "--gil-slices", str(args.gil_slices)]
+                            + (["--handoff-before-native"] if args.handoff_before_native else [])
                             + ([] if args.gil_switch_interval_ms is None
                                else ["--gil-switch-interval-ms", str(args.gil_switch_interval_ms)]), cwd=REPO_ROOT)
     try:
@@ -266,6 +272,9 @@ def main(argv=None) -> int:
                    help="per step, its Python time holding the GIL (0: no engine thread, a loop timer)")
     p.add_argument("--gil-slices", type=int, default=1, help="split each step's Python and GIL-free time into "
                    "this many alternating pieces (the H200 engine thread takes the GIL back several times a step)")
+    p.add_argument("--handoff-before-native", action="store_true", help="hand a step's outputs to the loop "
+                   "before the step's last GIL-free piece instead of after it (the loop streams while the "
+                   "engine dispatches)")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--input-len", type=int, default=128)
@@ -278,7 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.native_ms, args.python_ms, args.gil_switch_interval_ms, args.gil_slices)
+        serve(args.serve, args.native_ms, args.python_ms, args.gil_switch_interval_ms, args.gil_slices,
+              args.handoff_before_native)
         return 0
     result = measure(args)
     print(json.dumps({k: v for k, v in result.items() if k != "reps"}))
