@@ -35,7 +35,9 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 
 def start_server(name: str, checkout: Path, model: str, port: int, max_num_seqs: int,
                  extra_args: str = "") -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
+    # the checkout first, then whatever the caller had (on the lent GPU, MLX's CUDA build lives there)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(checkout.resolve()), os.environ.get("PYTHONPATH", "")) if p))
     cmd = [sys.executable, "-m", "parallm", "serve", "--model", model, "--served-model-name", "bench",
            "--port", str(port), "--max-num-seqs", str(max_num_seqs), "--max-queue", str(4 * max_num_seqs),
            "--log-level", "warning", *shlex.split(extra_args)]
