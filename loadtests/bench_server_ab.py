@@ -130,6 +130,7 @@ def main() -> int:
                 print(f"c={conc}: {'AB'[i]} server CPU per token: process {median([c[0] for c in cpu_us[i]]):.0f} us, "
                       f"event loop {median([c[1] for c in cpu_us[i]]):.0f} us (median of {args.reps})", flush=True)
     finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())  # httpx streams left open by the last level
         loop.close()
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
