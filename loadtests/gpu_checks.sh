@@ -2,13 +2,13 @@
 # The GPU checks the open issues still need, in parts that each fit one 10-minute device call.
 # Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
 # (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
-# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|arrival
+# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|arrival
 # The first process on a machine to run new shapes compiles MLX's CUDA kernels (68-91 s of engine warm-up for
 # the 1B model on an H200, BENCHMARKS.md "kernel cache"); later processes read them from disk. So
 # compare runs only after one process has run the same shapes, and read a first run's start-up as
 # compile time.
 set -o pipefail
-part=${1:?tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|arrival}
+part=${1:?tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|arrival}
 OUT=${OUT:-loadtests/out/gpu}
 mkdir -p "$OUT"
 MODEL=${MODEL:-/tmp/m1b}
@@ -85,12 +85,36 @@ for name in ("server", "gated"):
                                         for g in by_level])
 PY
     ;;
-  si-ab)  # issue 4: two servers side by side, Python's GIL switch interval (A) against ${SI_MS:-1} ms (B),
-    # levels interleaved ABBA so that the host's drift (+-20% between levels here) cancels in the ratio
+  si-ab|loop-ab)  # issue 4: two servers side by side, levels interleaved ABBA so that the host's drift
+    # (+-20% between levels here) cancels in the ratio. A: the defaults. B: si-ab, a GIL switch
+    # interval of ${SI_MS:-1} ms; loop-ab, the standard library's event loop instead of uvloop (whose
+    # socket writes hold the GIL). B_ARGS overrides B's arguments.
     need_model
+    b_args="--gil-switch-interval-ms ${SI_MS:-1}"; [ "$part" = loop-ab ] && b_args="--event-loop asyncio"
     timeout 500 python3 loadtests/bench_server_ab.py --model "$MODEL" --a . --b . \
-      --b-args "--gil-switch-interval-ms ${SI_MS:-1}" --client-procs 4 --concurrency 64 --reps ${REPS:-4} \
-      --input-len 128 --output-len 128 --requests-per-client 4 2>&1 | tee "$OUT/si-ab.log" | grep -v "^\s*$" | tail -14 ;;
+      --b-args "${B_ARGS:-$b_args}" --client-procs 4 --concurrency 64 --reps ${REPS:-4} \
+      --input-len 128 --output-len 128 --requests-per-client 4 2>&1 | tee "$OUT/$part.log" | grep -v "^\s*$" | tail -14 ;;
+  gil-profile)  # issue 4: which thread holds the GIL in `parallm serve` under 64 streams, and where
+    # (py-spy at $PYSPY; the last such profile is from before uvloop). Two 6 s samples at 500 Hz:
+    # --gil (only the GIL holder) and all threads; summary per thread and top frames in $OUT.
+    need_model
+    PYSPY=${PYSPY:-.dev/gpu/py-spy}
+    python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
+      --max-queue 256 > "$OUT/gil-profile-serve.log" 2>&1 &
+    spid=$!
+    for _ in $(seq 1 600); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 0.5; done
+    timeout 200 python3 loadtests/bench_serving.py --url http://127.0.0.1:8123 --client-procs 4 --model-name bench \
+      --concurrency 64,64 --requests-per-client ${GIL_RPC:-12} --input-len 128 --output-len 128 --no-plot \
+      --out "$OUT/gil-profile-load.json" > "$OUT/gil-profile-load.log" 2>&1 &
+    lpid=$!
+    sleep 8  # past the first level's start
+    "$PYSPY" record -p $spid --threads --gil -r 500 -d 6 -f raw -o "$OUT/gil-held.txt" --nonblocking > /dev/null 2>&1
+    "$PYSPY" record -p $spid --threads -r 500 -d 6 -f raw -o "$OUT/all-threads.txt" --nonblocking > /dev/null 2>&1
+    wait $lpid; kill -TERM $spid; wait $spid
+    grep -E "^server|errors" "$OUT/gil-profile-load.log"
+    for f in gil-held all-threads; do
+      python3 loadtests/pyspy_summary.py "$OUT/$f.txt" | tee "$OUT/$f-summary.txt"
+    done ;;
   arrival)  # issue 4: does the HTTP path's arrival pattern alone (prompts trickling in ~2.5 ms apart)
     # cost the engine what the server loses, and does --prefill-wait-steps 4 win it back? (no HTTP)
     need_model

@@ -184,7 +184,7 @@ def _collector():
 
 
 def serve(port: int, native_ms: float, python_ms: float, gil_switch_interval_ms=None, gil_slices: int = 1,
-          handoff_before_native: bool = False) -> None:
+          handoff_before_native: bool = False, event_loop: str = "auto") -> None:
     from transformers import AutoTokenizer
     from parallm.server.app import create_app
     from parallm.server.config import ServerSettings
@@ -201,7 +201,7 @@ def serve(port: int, native_ms: float, python_ms: float, gil_switch_interval_ms=
                 "time": time.perf_counter()}
 
     run_server(app, "127.0.0.1", port, drain_timeout=1.0, log_level="warning",
-               gil_switch_interval_ms=gil_switch_interval_ms)
+               gil_switch_interval_ms=gil_switch_interval_ms, event_loop=event_loop)
 
 
 def measure(args) -> dict:
@@ -212,6 +212,7 @@ def measure(args) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--native-ms", str(args.native_ms),
                              "--python-ms", str(args.python_ms), "--gil-slices", str(args.gil_slices)]
                             + (["--handoff-before-native"] if args.handoff_before_native else [])
+                            + ["--event-loop", args.event_loop]
                             + ([] if args.gil_switch_interval_ms is None
                                else ["--gil-switch-interval-ms", str(args.gil_switch_interval_ms)]), cwd=REPO_ROOT)
     try:
@@ -284,11 +285,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--gil-switch-interval-ms", type=float, help="the server's --gil-switch-interval-ms "
                    "(default: Python's 5 ms)")
+    p.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"),
+                   help="the server's --event-loop")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
     if args.serve:
         serve(args.serve, args.native_ms, args.python_ms, args.gil_switch_interval_ms, args.gil_slices,
-              args.handoff_before_native)
+              args.handoff_before_native, args.event_loop)
         return 0
     result = measure(args)
     print(json.dumps({k: v for k, v in result.items() if k != "reps"}))

@@ -1,6 +1,7 @@
 """ServerSettings: one dataclass, filled from defaults < TOML file < PARALLM_* env vars < command line."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -15,6 +16,9 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """A setting that cannot be read: names the setting, where it came from, and what is accepted."""
+
+
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 @dataclass
@@ -49,6 +53,9 @@ class ServerSettings:
     # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval), in ms.
     # The event loop and the engine thread share one GIL; None keeps Python's 5 ms (runner.py).
     gil_switch_interval_ms: Optional[float] = None
+    # The event loop under uvicorn: auto (uvloop where installed), asyncio (the standard library's),
+    # or uvloop. uvloop writes to sockets holding the GIL; asyncio releases it around each send.
+    event_loop: str = "auto"
 
     def __post_init__(self):
         checks = {
@@ -69,6 +76,10 @@ class ServerSettings:
             raise ConfigError(f"log_format={self.log_format!r}: use text or json")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"device={self.device!r}: use auto, cpu or gpu")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop={self.event_loop!r}: use {', '.join(EVENT_LOOPS)}")
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ConfigError("event_loop='uvloop' but uvloop is not installed (pip install uvloop, or use auto)")
 
     @property
     def max_in_flight(self) -> int:

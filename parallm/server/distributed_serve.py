@@ -153,7 +153,7 @@ def _serve_rank0(engine, leader, watchdog: GroupWatchdog, link, settings) -> int
     log.info("serving %s on http://%s:%d (tensor parallel, %d ranks)", ", ".join(engine.model_names()),
              settings.host, settings.port, leader.channel.size)
     run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level,
-               gil_switch_interval_ms=settings.gil_switch_interval_ms)
+               gil_switch_interval_ms=settings.gil_switch_interval_ms, event_loop=settings.event_loop)
     if watchdog.failure or engine.health_error():
         log.error("exiting after a group failure: %s", watchdog.failure or engine.health_error())
         return EXIT_GROUP_FAILED

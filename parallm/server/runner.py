@@ -48,6 +48,7 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        log.info("event loop: %s.%s", type(self._loop).__module__, type(self._loop).__name__)
         await super().serve(sockets)
 
     def handle_exit(self, sig, frame) -> None:  # called from the signal handler
@@ -83,11 +84,11 @@ def set_gil_switch_interval(ms: Optional[float]) -> None:
 
 
 def run_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info",
-               gil_switch_interval_ms: Optional[float] = None) -> None:
+               gil_switch_interval_ms: Optional[float] = None, event_loop: str = "auto") -> None:
     set_gil_switch_interval(gil_switch_interval_ms)
     # log_config=None / access_log=False: logging_setup.configure_logging owns the handlers, and
     # our access log (with request id, route and tokens) replaces uvicorn's.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", loop=event_loop,
                             log_config=None, access_log=False,
                             timeout_graceful_shutdown=_AFTER_ABORT_GRACE_S, backlog=2048)
     DrainingServer(config, app, drain_timeout).run()

@@ -37,6 +37,7 @@ _OPTIONS = {
     "adapters_dir": (str, "directory that run-time /v1/load_lora_adapter paths must lie under (default: off)"),
     "gil_switch_interval_ms": (float, "longest time in ms one thread holds the GIL while another waits for it "
                                       "(the event loop and the engine thread share it; default: Python's 5)"),
+    "event_loop": (str, "auto | asyncio | uvloop: the event loop under uvicorn (default auto: uvloop where installed)"),
 }
 _REPEATABLE = ("model", "served_model_name")  # append to a list; one value stays a plain string
 # Flags without a value; each maps onto the ServerSettings field of the same name.
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), settings.host, settings.port)
     try:
         run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level,
-                   gil_switch_interval_ms=settings.gil_switch_interval_ms)
+                   gil_switch_interval_ms=settings.gil_switch_interval_ms, event_loop=settings.event_loop)
     finally:
         if fine_tuning:
             fine_tuning.service.shutdown()

@@ -115,3 +115,38 @@ def test_gil_switch_interval_is_set_only_when_given(tmp_path):
         assert sys.getswitchinterval() == pytest.approx(0.0015)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_event_loop_choice_reaches_uvicorn(monkeypatch):
+    import uvicorn
+
+    from parallm.server import runner
+
+    cli, _ = cli_values(["--event-loop", "asyncio"])
+    settings = load_settings(cli, environ={})
+    assert settings.event_loop == "asyncio"
+    assert load_settings(cli_values([])[0], environ={}).event_loop == "auto"
+    assert load_settings(cli_values([])[0], environ={"PARALLM_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    with pytest.raises(ConfigError, match="event_loop='trio'"):
+        load_settings(cli_values(["--event-loop", "trio"])[0], environ={})
+    seen = {}
+
+    class Capture:  # stands in for the server: records the uvicorn config instead of serving
+        def __init__(self, config: uvicorn.Config, app, drain_timeout):
+            seen["loop"] = config.loop
+
+        def run(self):
+            seen["ran"] = True
+
+    monkeypatch.setattr(runner, "DrainingServer", Capture)
+    runner.run_server(object(), "127.0.0.1", 0, 1.0, event_loop=settings.event_loop)
+    assert seen == {"loop": "asyncio", "ran": True}
+
+
+def test_event_loop_uvloop_needs_uvloop(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        ServerSettings(event_loop="uvloop")
