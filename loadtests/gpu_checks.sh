@@ -2,13 +2,13 @@
 # The GPU checks the open issues still need, in parts that each fit one 10-minute device call.
 # Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
 # (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
-# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|arrival
+# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh warm|tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|arrival
 # The first process on a machine to run new shapes compiles MLX's CUDA kernels (68-91 s of engine warm-up for
 # the 1B model on an H200, BENCHMARKS.md "kernel cache"); later processes read them from disk. So
 # compare runs only after one process has run the same shapes, and read a first run's start-up as
 # compile time.
 set -o pipefail
-part=${1:?tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|arrival}
+part=${1:?warm|tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|arrival}
 OUT=${OUT:-loadtests/out/gpu}
 mkdir -p "$OUT"
 MODEL=${MODEL:-/tmp/m1b}
@@ -16,6 +16,16 @@ need_model() {
   [ -d "$MODEL" ] || python3 "${MAKE_MODEL:-../shared/gpu/make_random_model.py}" 1b "${TOK:-../shared/gpu/tok}" "$MODEL" bfloat16 > /dev/null
 }
 case "$part" in
+  warm)  # a throw-away server start first on a fresh machine: it fills MLX's kernel cache (~130 s for
+    # the 1B model on an H200), so that the measured parts that follow start in seconds
+    need_model
+    python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
+      > "$OUT/warm-serve.log" 2>&1 &
+    spid=$!
+    for _ in $(seq 1 600); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 0.5; done
+    curl -s http://127.0.0.1:8123/v1/completions -H 'Content-Type: application/json' \
+      -d '{"model": "bench", "prompt": "warm", "max_tokens": 4}' | head -c 200; echo
+    kill -TERM $spid; wait $spid; echo "server rc=$?"; grep -E "warmed up|compiled" "$OUT/warm-serve.log" ;;
   tests)  # the CUDA-only kernel tests and the mlx-lm comparisons that run through them
     timeout 280 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_lora_kernel.py \
       tests/adapters/test_lora.py tests/engine/test_warm_up.py 2>&1 | tee "$OUT/tests.log" | tail -15
