@@ -67,7 +67,6 @@ class ServerSettings:
             "drain_timeout": self.drain_timeout >= 0,
             "max_body_bytes": self.max_body_bytes >= 1024,
             "retry_after": self.retry_after > 0,
-            "gil_switch_interval_ms": self.gil_switch_interval_ms is None or 0 < self.gil_switch_interval_ms <= 1000,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -76,6 +75,9 @@ class ServerSettings:
             raise ConfigError(f"log_format={self.log_format!r}: use text or json")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"device={self.device!r}: use auto, cpu or gpu")
+        if self.gil_switch_interval_ms is not None and not 0 < self.gil_switch_interval_ms <= 1000:
+            raise ConfigError(f"gil_switch_interval_ms={self.gil_switch_interval_ms!r}: use milliseconds above 0, "
+                              "at most 1000 (Python's own is 5)")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"event_loop={self.event_loop!r}: use {', '.join(EVENT_LOOPS)}")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
