@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 
 def host_clock() -> tuple[float, float, float]:
@@ -39,13 +41,11 @@ def host_clock() -> tuple[float, float, float]:
     except (OSError, IndexError, ValueError):
         pass
     return time.perf_counter(), time.process_time(), steal
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
 
 async def run(args) -> list[dict]:
     import bench_serving
-    from engine_baseline import load_engine, run_engine_level
+    from engine_baseline import level_row, load_engine, run_engine_level
 
     engines = {w: load_engine(args.model, max_num_seqs=args.max_num_seqs, max_queue=4 * args.concurrency,
                               prefill_wait_steps=w) for w in (0, args.wait_steps)}
@@ -65,12 +65,7 @@ async def run(args) -> list[dict]:
             lv = await run_engine_level(engine, tokenizer, args.concurrency, prompts, args.output_len, 300,
                                         admission_s=admission)
             wall, cpu, steal = (b - a for a, b in zip(clock0, host_clock()))
-            row = dict(round=r, wait_steps=wait, admission_ms=round(admission * 1e3, 2),
-                       tok_s=round(lv.throughput_tok_s, 1), failures=lv.failures,
-                       ttft_p50_ms=round(1e3 * (lv.ttft_p50 or 0)), ttft_p99_ms=round(1e3 * (lv.ttft_p99 or 0)),
-                       steps=lv.engine_steps, prefill_steps=lv.prefill_steps,
-                       rows_per_step=lv.rows_per_step and round(lv.rows_per_step, 1),
-                       ms_per_step=lv.ms_per_step and round(lv.ms_per_step, 2),
+            row = dict(round=r, wait_steps=wait, admission_ms=round(admission * 1e3, 2), **level_row(lv),
                        cpu_ms_per_step=lv.engine_steps and round(1e3 * cpu / lv.engine_steps, 2),
                        cpu_of_wall=round(cpu / wall, 2), steal_s=round(steal, 2))
             rows.append(row)
@@ -81,16 +76,15 @@ async def run(args) -> list[dict]:
 
 
 def main() -> int:
+    from engine_baseline import add_level_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--admission-ms", type=float, default=2.5, help="gap between gated requests (a server's "
                    "per-request cost: 2.6-3.4 ms measured on the H200 host)")
     p.add_argument("--wait-steps", type=int, default=4, help="prefill_wait_steps of the second engine")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--requests-per-client", type=int, default=4)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    add_level_arguments(p)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args()

@@ -106,6 +106,8 @@ def cpu_mhz() -> list[float]:
 
 
 def main() -> int:
+    from engine_baseline import add_level_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="the model dir (not needed with --burn-only)")
     p.add_argument("--burn-only", metavar="KIND", help="only run --burners of KIND until stopped (SIGTERM), "
@@ -114,10 +116,7 @@ def main() -> int:
     p.add_argument("--duty", type=float, default=0.35, help="share of each burner's time spent spinning")
     p.add_argument("--kinds", default="quiet,spin", help="comma list from quiet, spin, memory, sockets, gil")
     p.add_argument("--rounds", type=int, default=3, help="levels of every kind per round, order alternating")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--requests-per-client", type=int, default=4)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
+    add_level_arguments(p)
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args()
     ctx = multiprocessing.get_context("spawn")
@@ -142,11 +141,10 @@ def main() -> int:
         p.error(f"unknown kinds: {sorted(unknown)}")
 
     import bench_serving
-    from engine_baseline import load_engine, run_engine_level
+    from engine_baseline import level_row, load_engine, run_engine_level
 
     engine = load_engine(args.model, max_num_seqs=max(128, args.concurrency), max_queue=256)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = engine.tokenizer("bench")  # the engine's own: loading it a second time adds nothing
     loop = asyncio.new_event_loop()
     n = args.concurrency * args.requests_per_client
     loop.run_until_complete(run_engine_level(engine, tokenizer, args.concurrency,
@@ -170,10 +168,7 @@ def main() -> int:
                 stop.set()
             for w in workers:
                 w.join(5)
-            row = dict(round=r, kind=kind, burners=len(workers), tok_s=round(lv.throughput_tok_s, 1),
-                       ms_per_step=lv.ms_per_step and round(lv.ms_per_step, 3),
-                       rows_per_step=lv.rows_per_step and round(lv.rows_per_step, 1),
-                       ttft_p50_ms=round(1e3 * (lv.ttft_p50 or 0)), ttft_p99_ms=round(1e3 * (lv.ttft_p99 or 0)),
+            row = dict(round=r, kind=kind, burners=len(workers), **level_row(lv),
                        mean_mhz=round(sum(mhz) / len(mhz)) if mhz else None,
                        mean_mhz_before=round(sum(mhz_before) / len(mhz_before)) if mhz_before else None)
             rows.append(row)

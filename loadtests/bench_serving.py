@@ -62,6 +62,11 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: Optional[int] = None
 
+    @classmethod
+    def raised(cls, error: BaseException, start: float) -> "RequestResult":
+        """A request that ended in `error` (its kind counts; its message is kept for the report)."""
+        return cls(ok=False, error=type(error).__name__, detail=repr(error)[:300], e2e=time.perf_counter() - start)
+
 
 @dataclass
 class LevelResult:
@@ -208,7 +213,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                         last = now
                         chunks += 1
     except (httpx.HTTPError, OSError) as e:
-        return RequestResult(ok=False, error=type(e).__name__, detail=repr(e)[:300], e2e=time.perf_counter() - start)
+        return RequestResult.raised(e, start)
     end = time.perf_counter()
     if not done:
         return RequestResult(ok=False, error="stream ended without [DONE]", e2e=end - start)

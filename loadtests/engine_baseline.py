@@ -14,6 +14,24 @@ import uuid
 from bench_serving import RequestResult, LevelResult, add_engine_accounting, engine_counters, summarize
 
 
+def add_level_arguments(p) -> None:
+    """The per-level load of the engine-only benchmarks (bench_arrival, bench_engine_cpu_load): the
+    H200 pairs' 64 clients x 4 requests of 128/128 tokens unless told otherwise."""
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+
+
+def level_row(lv: LevelResult) -> dict:
+    """A level's throughput, latency and engine accounting as one JSON-ready row."""
+    return dict(tok_s=round(lv.throughput_tok_s, 1), failures=lv.failures,
+                ttft_p50_ms=round(1e3 * (lv.ttft_p50 or 0)), ttft_p99_ms=round(1e3 * (lv.ttft_p99 or 0)),
+                steps=lv.engine_steps, prefill_steps=lv.prefill_steps,
+                rows_per_step=lv.rows_per_step and round(lv.rows_per_step, 1),
+                ms_per_step=lv.ms_per_step and round(lv.ms_per_step, 3))
+
+
 def load_engine(model_dir: str, max_num_seqs: int, max_queue: int, max_num_batched_tokens=None,
                 prefill_wait_steps=None):
     from parallm.engine.async_engine import AsyncEngine
@@ -46,7 +64,7 @@ async def _one(engine, prompt_ids: list[int], output_len: int) -> RequestResult:
             if out.finished and out.usage:
                 tokens, prompt_tokens = out.usage.completion_tokens, out.usage.prompt_tokens
     except Exception as e:  # a typed engine error (QueueFull...) is a failure of this request
-        return RequestResult(ok=False, error=type(e).__name__, detail=repr(e)[:300], e2e=time.perf_counter() - start)
+        return RequestResult.raised(e, start)
     end = time.perf_counter()
     return RequestResult(ok=True, ttft=None if first is None else first - start, e2e=end - start, itls=itls,
                          output_tokens=tokens, prompt_tokens=prompt_tokens)
