@@ -120,7 +120,9 @@ def main() -> int:
                           f"{lv.ttft_p50 * 1e3:5.0f}/{lv.ttft_p99 * 1e3:5.0f} ms  TPOT p50 {lv.tpot_p50 * 1e3:5.1f} ms  "
                           f"failures {lv.failures}  server CPU/token {cpu_us[i][-1][0]:.0f} us (loop {cpu_us[i][-1][1]:.0f} us)"
                           + (f"  engine {lv.ms_per_step:.2f} ms/step, {lv.rows_per_step:.1f} rows/step"
-                             if lv.ms_per_step and lv.rows_per_step else ""), flush=True)
+                             if lv.ms_per_step and lv.rows_per_step else "")
+                          + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in lv.phase_ms.items()) + ")"
+                             if lv.phase_ms else ""), flush=True)
             a, b = runs[0], runs[1]
             thr = [y.throughput_tok_s / x.throughput_tok_s for x, y in zip(a, b)]
             ttft = [x.ttft_p50 / y.ttft_p50 for x, y in zip(a, b)]

@@ -101,14 +101,16 @@ class LevelResult:
     engine_busy: Optional[float] = None
     engine_idle: Optional[float] = None
     ms_per_step: Optional[float] = None  # the engine's busy time per step
+    phase_ms: Optional[dict] = None  # that time (and the hand-over, "emit") by phase, ms per step
 
 
 ENGINE_COUNTERS = ("steps", "busy_seconds", "idle_seconds", "decode_rows", "prefill_steps")
 
 
 def engine_counters(stats) -> dict:
-    """The ENGINE_COUNTERS of an EngineStats, in the form engine_counters_from_metrics returns."""
-    return {k: getattr(stats, k) for k in ENGINE_COUNTERS}
+    """The ENGINE_COUNTERS of an EngineStats, in the form engine_counters_from_metrics returns
+    (with its phase_seconds under "phases")."""
+    return {**{k: getattr(stats, k) for k in ENGINE_COUNTERS}, "phases": dict(stats.phase_seconds)}
 
 
 def engine_counters_from_metrics(text: str) -> Optional[dict]:
@@ -117,12 +119,21 @@ def engine_counters_from_metrics(text: str) -> Optional[dict]:
 
     names = {f"parallm:engine_{c}": c for c in ENGINE_COUNTERS}
     found: dict = {}
+    phases: dict = {}
     for family in text_string_to_metric_families(text):
+        if family.name == "parallm:engine_phase_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    phase = sample.labels["phase"]
+                    phases[phase] = phases.get(phase, 0.0) + sample.value
+            continue
         key = names.get(family.name)
         if key is None:
             continue
         found[key] = sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
-    return found if len(found) == len(ENGINE_COUNTERS) else None
+    if len(found) != len(ENGINE_COUNTERS):
+        return None
+    return {**found, "phases": phases}
 
 
 def metrics_counters(url: str) -> Optional[dict]:
@@ -144,6 +155,10 @@ def add_engine_accounting(lv: "LevelResult", before: Optional[dict], after: Opti
     lv.engine_steps, lv.prefill_steps = int(d["steps"]), int(d["prefill_steps"])
     lv.rows_per_step = d["decode_rows"] / d["steps"] if d["steps"] else None
     lv.ms_per_step = 1e3 * d["busy_seconds"] / d["steps"] if d["steps"] else None
+    phases_before, phases_after = before.get("phases") or {}, after.get("phases") or {}
+    if d["steps"] and phases_after:
+        lv.phase_ms = {p: round(1e3 * (v - phases_before.get(p, 0.0)) / d["steps"], 3)
+                       for p, v in phases_after.items()}
     if lv.wall_s:
         lv.engine_busy = d["busy_seconds"] / lv.wall_s
         lv.engine_idle = d["idle_seconds"] / lv.wall_s

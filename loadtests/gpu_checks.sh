@@ -66,7 +66,7 @@ case "$part" in
       extra=""; [ "$part" = wait-pairs ] && extra="--prefill-wait-steps 4"
       [ "$part" = si-pairs ] && extra="--gil-switch-interval-ms ${SI_MS:-1}"
       python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
-        --max-queue 256 $extra > "$OUT/$part-serve.log" 2>&1 &
+        --max-queue 256 $extra $SERVE_ARGS > "$OUT/$part-serve.log" 2>&1 &
     else
       python3 loadtests/engine_process_proto.py --model "$MODEL" --port 8123 --max-num-seqs 128 \
         --max-queue 256 > "$OUT/$part-serve.log" 2>&1 &
@@ -87,7 +87,8 @@ for lv in levels:
     print(lv["server"], round(lv["throughput_tok_s"]), "TTFT p50/p99 ms", round(1e3 * (lv["ttft_p50"] or 0)),
           round(1e3 * (lv["ttft_p99"] or 0)), "client CPU", lv.get("client_cpu"), "steps/prefill",
           lv.get("engine_steps"), lv.get("prefill_steps"), "rows/step", lv.get("rows_per_step") and round(lv["rows_per_step"], 1),
-          "busy/idle", lv.get("engine_busy") and round(lv["engine_busy"], 2), lv.get("engine_idle") and round(lv["engine_idle"], 2))
+          "busy/idle", lv.get("engine_busy") and round(lv["engine_busy"], 2), lv.get("engine_idle") and round(lv["engine_idle"], 2),
+          "ms/step", lv.get("ms_per_step") and round(lv["ms_per_step"], 2), "phases", lv.get("phase_ms"))
 by_level = [levels[i:i + 3] for i in range(0, len(levels), 3)]  # server, engine, gated in some order
 for name in ("server", "gated"):
     print(f"{name}/engine per level:", [round(next(l for l in g if l["server"] == name)["throughput_tok_s"]

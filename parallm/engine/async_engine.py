@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from parallm.engine.engine import Engine, EngineConfig
+from parallm.engine.model_runner import ModelRunner
 from parallm.engine.errors import EngineDead, EngineDraining, QueueFull, UnknownModel
 from parallm.engine.output_collector import OutputCollector
 from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
@@ -57,6 +58,15 @@ class AsyncEngine:
         # never reads a half-updated pair; a wait in progress counts up to now (else a long idle
         # spell would show up only when it ended, inside whatever came next).
         self._idle: tuple[float, Optional[float]] = (0.0, None)
+        self._emit_s = 0.0  # the worker handing outputs to the loop (call_soon_threadsafe)
+        # outputs held for the next step's dispatch (EngineConfig.output_handoff == "dispatch")
+        self._pending: list[RequestOutput] = []
+        self._handoff_at_dispatch = self.config.output_handoff == "dispatch"
+        if self._handoff_at_dispatch:
+            runner = self.engine.runner
+            if not isinstance(runner, ModelRunner):  # a wrapped runner (distributed) has no such hook
+                raise ValueError("output_handoff='dispatch' needs the engine's own ModelRunner")
+            runner.before_dispatch = self._flush_pending
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,7 +137,8 @@ class AsyncEngine:
         idle, since = self._idle
         if since is not None:
             idle += time.perf_counter() - since
-        return dataclasses.replace(self._stats, idle_seconds=idle)
+        return dataclasses.replace(self._stats, idle_seconds=idle,
+                                   phase_seconds={**self._stats.phase_seconds, "emit": self._emit_s})
 
     def model_names(self) -> list[str]:
         return [self._name]
@@ -171,7 +182,11 @@ class AsyncEngine:
                     break
                 if self.engine.has_unfinished():
                     result = self.engine.step()
-                    self._emit(result.outputs)
+                    if self._handoff_at_dispatch and self.engine.has_unfinished():
+                        self._pending += result.outputs  # the next step's launch hands them over
+                    else:
+                        self._pending += result.outputs
+                        self._flush_pending()
                 self._stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - every stream must hear about it
             self._dead = e
@@ -197,6 +212,13 @@ class AsyncEngine:
                 # a request aborted before it reached the engine still needs its stream closed
                 if item.request_id in self._streams and item.request_id not in self.engine._requests:
                     self._emit([RequestOutput(item.request_id, finish_reason="abort", finished=True)])
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            started = time.perf_counter()
+            outputs, self._pending = self._pending, []
+            self._emit(outputs)
+            self._emit_s += time.perf_counter() - started
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
         # One hand-over per step, not one per output: each call_soon_threadsafe writes to the

@@ -19,7 +19,7 @@ from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.sampler import BatchSampler
 from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutput, Sequence,
                                       SampledToken)
-from parallm.engine.types import (EngineRequest, EngineStats, RequestOutput, RequestTimes,
+from parallm.engine.types import (OUTPUT_HANDOFFS, STEP_PHASES, EngineRequest, EngineStats, RequestOutput, RequestTimes,
                                   TokenLogprob, TopLogprob, Usage)
 
 
@@ -39,6 +39,15 @@ class EngineConfig:
     # a prefill pass (SchedulerConfig.prefill_wait_steps); 0 admits at once
     prefill_wait_steps: int = 0
     overlap: bool = True  # process step t's outputs while step t+1 runs on the device
+    # When AsyncEngine hands a step's outputs to the event loop: "step", as soon as the step
+    # returns; "dispatch", just before the next step's kernels are queued (mx.async_eval), so that
+    # the loop's share of the GIL falls in the time the engine thread runs without it rather than
+    # in its next graph build. Costs each token that build's time of latency. (OUTPUT_HANDOFFS)
+    output_handoff: str = "step"
+
+    def __post_init__(self):
+        if self.output_handoff not in OUTPUT_HANDOFFS:
+            raise ValueError(f"output_handoff={self.output_handoff!r}: use one of {OUTPUT_HANDOFFS}")
     # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
     # step t+1 writes (the pending step still references it, so it cannot be updated in place).
     # Above this many KV bytes the engine waits for step t first. None = by device: 6 GiB on a GPU
@@ -104,6 +113,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._steps = 0
         self._busy_s = 0.0
+        self._phases = dict.fromkeys(STEP_PHASES, 0.0)
         self._decode_rows = 0
         self._batched_tokens = 0
         self._prefill_steps = 0
@@ -180,27 +190,52 @@ class Engine:
     def step(self) -> StepResult:
         """schedule -> run -> update. With `overlap`, "run" launches this step on the device and
         "update" processes the previous step's results while this one computes."""
-        started = time.perf_counter()
+        clock = time.perf_counter
+        started = clock()
+        phases = self._phases
+        dispatched, handed_off = self.runner.dispatch_seconds, getattr(self.runner, "handoff_seconds", 0.0)
         previous, self._in_flight = self._in_flight, None
         previous_result = None
         if previous is not None and self.runner.cache.nbytes > self._build_ahead_limit:
             previous_result = self.runner.complete(previous[1])  # wait, so K/V update in place
+        t_wait = clock() - started
+        t = clock()
         sched = self.scheduler.schedule()
+        t_schedule = clock() - t
+        t = clock()
         launched = self.runner.launch(sched)
+        t_launch = clock() - t
+        t_update = 0.0
         outputs = []
         if previous is not None:  # step t's outputs, while step t+1 computes
             done, step = previous
+            t = clock()
             result = previous_result or self.runner.complete(step)
+            t_wait += clock() - t
+            t = clock()
             outputs = self._update(done, self.scheduler.update(done, result))
+            t_update += clock() - t
         if self.config.overlap and not sched.is_empty:
             self._in_flight = (sched, launched)
         else:  # no overlap (or nothing launched): finish this step now
-            outputs += self._update(sched, self.scheduler.update(sched, self.runner.complete(launched)))
+            t = clock()
+            result = self.runner.complete(launched)
+            t_wait += clock() - t
+            t = clock()
+            outputs += self._update(sched, self.scheduler.update(sched, result))
+            t_update += clock() - t
         self._steps += 1
         self._decode_rows += len(sched.decode)
         self._batched_tokens += sched.num_batched_tokens
         self._prefill_steps += bool(sched.prefill)
-        self._busy_s += time.perf_counter() - started
+        dispatch = self.runner.dispatch_seconds - dispatched
+        handoff = getattr(self.runner, "handoff_seconds", 0.0) - handed_off  # AsyncEngine counts it as "emit"
+        phases["schedule"] += t_schedule
+        phases["build"] += t_launch - dispatch - handoff
+        phases["dispatch"] += dispatch
+        phases["wait"] += t_wait
+        phases["update"] += t_update
+        self._busy_s += clock() - started
         return StepResult(outputs, sched.num_batched_tokens)
 
     def _update(self, sched: SchedulerOutput, new_tokens: list[tuple[Sequence, SampledToken]]) -> list[RequestOutput]:
@@ -255,6 +290,7 @@ class Engine:
         s.prefix_queries = s.prefix_hits = s.num_preemptions = 0
         self._steps = self._decode_rows = self._batched_tokens = self._prefill_steps = 0
         self._busy_s = 0.0
+        self._phases = dict.fromkeys(STEP_PHASES, 0.0)
 
     def wants_warm_up(self) -> bool:
         if self.config.warm_up is not None:
@@ -274,7 +310,7 @@ class Engine:
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
             num_preemptions=s.num_preemptions, steps=self._steps, busy_seconds=self._busy_s,
             decode_rows=self._decode_rows, batched_tokens=self._batched_tokens,
-            prefill_steps=self._prefill_steps)
+            prefill_steps=self._prefill_steps, phase_seconds=dict(self._phases))
 
     def kv_bytes_allocated(self) -> int:
         """Bytes the slot buffers hold right now (0 when idle)."""

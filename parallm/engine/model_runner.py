@@ -12,8 +12,9 @@ Per step, in this order:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
@@ -62,6 +63,10 @@ class ModelRunner:
         self._slot_tokens = mx.zeros((max_slots,), dtype=mx.int32)
         # evaluate now: a lazy array made on this thread cannot be evaluated on the worker thread
         mx.eval(self._slot_tokens)
+        self.dispatch_seconds = 0.0  # wall time inside mx.async_eval, cumulative
+        # called just before a step's passes are queued (AsyncEngine's output hand-over, "dispatch")
+        self.before_dispatch: Optional[Callable[[], None]] = None
+        self.handoff_seconds = 0.0  # time inside before_dispatch, cumulative (not the step's own work)
 
     def run(self, out: SchedulerOutput) -> RunnerOutput:
         """launch + complete: one step, synchronously."""
@@ -87,8 +92,22 @@ class ModelRunner:
                 self._prefill(part)
         if out.decode:
             return LaunchedStep(out.decode, self._decode(out))
-        mx.async_eval(self.cache.keys, self.cache.values)
+        self._dispatch(self.cache.keys, self.cache.values)
         return LaunchedStep([], None)
+
+    def _dispatch(self, *arrays) -> None:
+        """Queue the step's passes: the last thing a launch does."""
+        if self.before_dispatch is not None:
+            started = time.perf_counter()
+            self.before_dispatch()
+            self.handoff_seconds += time.perf_counter() - started
+        self._async_eval(*arrays)
+
+    def _async_eval(self, *arrays) -> None:
+        # timed: the engine's step accounting reports this as its "dispatch" phase
+        started = time.perf_counter()
+        mx.async_eval(*arrays)
+        self.dispatch_seconds += time.perf_counter() - started
 
     # ---- rows --------------------------------------------------------------------------------
     def _admit(self, row) -> None:
@@ -149,7 +168,7 @@ class ModelRunner:
         n = self.prefix_cache.wants(prompt_ids[: len(prompt_ids) - 1], adapter)
         if n:
             keys, values = self.cache.read_rows(slot, n)
-            mx.async_eval(keys, values)  # copies now, so they do not pin the slot buffers
+            self._async_eval(keys, values)  # copies now, so they do not pin the slot buffers
             self.prefix_cache.store(prompt_ids, adapter, keys, values)
 
     def _decode(self, out: SchedulerOutput):
@@ -178,7 +197,7 @@ class ModelRunner:
             logits = logits[mx.array(slots, dtype=mx.int32)]
         sample = self.sampler.sample(logits, slots)
         self._slot_tokens[mx.array(slots, dtype=mx.int32)] = sample.token_ids
-        mx.async_eval(sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs,
+        self._dispatch(sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs,
                       self._slot_tokens, cache.keys, cache.values)
         cache.end_pass({d.slot: d.offset + 1 for d in out.decode})
         return sample

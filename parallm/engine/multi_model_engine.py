@@ -209,6 +209,9 @@ class MultiModelEngine:
             engines = [*self._engines.values(), *self._retiring.values()]
         parts = [e.stats() for e in engines]
         total = EngineStats(**{k: sum(getattr(p, k) for p in parts) for k in _SUMMED})
+        for p in parts:
+            for phase, seconds in p.phase_seconds.items():
+                total.phase_seconds[phase] = total.phase_seconds.get(phase, 0.0) + seconds
         if total.kv_bytes_budget:
             total.kv_cache_usage = total.kv_bytes_used / total.kv_bytes_budget
         elif parts:

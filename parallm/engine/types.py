@@ -104,6 +104,11 @@ class RequestOutput:
     times: Optional[RequestTimes] = None
 
 
+# when AsyncEngine hands a step's outputs to the event loop (EngineConfig.output_handoff)
+OUTPUT_HANDOFFS = ("step", "dispatch")
+STEP_PHASES = ("schedule", "build", "dispatch", "wait", "update")
+
+
 @dataclass
 class EngineStats:
     """A snapshot for /health and /metrics."""
@@ -128,3 +133,8 @@ class EngineStats:
     # steps that ran a prefill pass: each is a whole extra forward pass on top of the decode pass,
     # so requests admitted a few at a time, step after step, cost more than the same admitted at once
     prefill_steps: int = 0
+    # busy_seconds split by phase of the step (STEP_PHASES), plus "emit": the worker handing a
+    # step's outputs to the event loop. Read per step against a baseline, they say which part of a
+    # step grew: "dispatch" is the time inside mx.async_eval (the backend encoding the step's
+    # kernels, without the GIL, plus getting the GIL back), "wait" the read-back of a step's tokens.
+    phase_seconds: dict = field(default_factory=dict)

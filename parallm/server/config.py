@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
+from parallm.engine.types import OUTPUT_HANDOFFS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -56,6 +58,9 @@ class ServerSettings:
     # The event loop under uvicorn: auto (uvloop where installed), asyncio (the standard library's),
     # or uvloop. uvloop writes to sockets holding the GIL; asyncio releases it around each send.
     event_loop: str = "auto"
+    # When the engine thread hands a step's outputs to the event loop: "step" (when the step ends)
+    # or "dispatch" (just before the next step's kernels are queued). EngineConfig.output_handoff.
+    output_handoff: str = "step"
 
     def __post_init__(self):
         checks = {
@@ -80,6 +85,8 @@ class ServerSettings:
                               "at most 1000 (Python's own is 5)")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"event_loop={self.event_loop!r}: use {', '.join(EVENT_LOOPS)}")
+        if self.output_handoff not in OUTPUT_HANDOFFS:
+            raise ConfigError(f"output_handoff={self.output_handoff!r}: use {', '.join(OUTPUT_HANDOFFS)}")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise ConfigError("event_loop='uvloop' but uvloop is not installed (pip install uvloop, or use auto)")
 

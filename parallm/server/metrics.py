@@ -112,6 +112,15 @@ class EngineStatsCollector(Collector):
                            model, stats.batched_tokens)
             yield _counter("engine_prefill_steps", "Engine steps that ran a prefill pass.",
                            model, stats.prefill_steps)
+            if stats.phase_seconds:
+                family = CounterMetricFamily(
+                    PREFIX + "engine_phase_seconds",
+                    "Wall seconds of the engine's steps by phase: schedule, build (the step's graph), "
+                    "dispatch (inside mx.async_eval), wait (reading tokens back), update, and emit "
+                    "(handing outputs to the server).", labels=["model_name", "phase"])
+                for phase, seconds in stats.phase_seconds.items():
+                    family.add_metric([model, phase], seconds)
+                yield family
         if self._sources.adapters_loaded is not None:
             family = GaugeMetricFamily(PREFIX + "lora_adapters_loaded",
                                        "LoRA adapters resident in memory, per base model.",

@@ -38,6 +38,8 @@ _OPTIONS = {
     "gil_switch_interval_ms": (float, "longest time in ms one thread holds the GIL while another waits for it "
                                       "(the event loop and the engine thread share it; default: Python's 5)"),
     "event_loop": (str, "auto | asyncio | uvloop: the event loop under uvicorn (default auto: uvloop where installed)"),
+    "output_handoff": (str, "step | dispatch: when the engine thread hands a step's outputs to the event loop, as "
+                            "the step ends (default) or just before the next step's kernels are queued"),
 }
 _REPEATABLE = ("model", "served_model_name")  # append to a list; one value stays a plain string
 # Flags without a value; each maps onto the ServerSettings field of the same name.
@@ -106,6 +108,8 @@ def engine_config(settings: ServerSettings, config_class):
         values["prefix_cache_bytes"] = settings.prefix_cache_bytes
     if settings.prefill_wait_steps is not None:
         values["prefill_wait_steps"] = settings.prefill_wait_steps
+    if settings.output_handoff != "step":
+        values["output_handoff"] = settings.output_handoff
     return config_class(**values)
 
 

@@ -229,6 +229,11 @@ def test_step_accounting_counts_every_row_and_token(tiny_loaded):
     assert stats.decode_rows / stats.steps <= 4  # never more rows than max_num_seqs
     # 17 + 40 prompt tokens at 24 a step need chunks; the four prompts need at least four steps
     assert len(lengths) <= stats.prefill_steps < stats.steps
+    # the phases split the step's time: each ran, none is negative, together within the busy time
+    phases = stats.phase_seconds
+    assert set(phases) == {"schedule", "build", "dispatch", "wait", "update"}
+    assert all(v > 0 for v in phases.values()), phases
+    assert sum(phases.values()) <= stats.busy_seconds
 
 
 def test_prompts_held_to_share_a_prefill_pass_give_the_same_tokens(tiny_loaded):

@@ -30,7 +30,7 @@ class FakeEngine:
         num_running=3, num_waiting=2, kv_cache_usage=0.25, kv_bytes_used=1024,
         kv_bytes_budget=4096, prefix_cache_queries=40, prefix_cache_hits=10, num_preemptions=1,
         steps=7, busy_seconds=2.5, idle_seconds=0.5, decode_rows=150, batched_tokens=400,
-        prefill_steps=20))
+        prefill_steps=20, phase_seconds={"build": 1.25, "emit": 0.125}))
     requests: list = field(default_factory=list)
 
     def stats(self) -> EngineStats:

@@ -69,6 +69,8 @@ def test_engine_gauges_are_read_at_scrape_time(fake_engine):
         assert value(s, "parallm:engine_busy_seconds_total", model_name=MODEL) == 2.5
         assert value(s, "parallm:engine_idle_seconds_total", model_name=MODEL) == 0.5
         assert value(s, "parallm:engine_prefill_steps_total", model_name=MODEL) == 20
+        assert value(s, "parallm:engine_phase_seconds_total", model_name=MODEL, phase="build") == 1.25
+        assert value(s, "parallm:engine_phase_seconds_total", model_name=MODEL, phase="emit") == 0.125
         fake_engine.stats_snapshot.num_waiting = 9
         fake_engine.stats_snapshot.prefix_cache_hits = 30
         s = scrape(client)

@@ -49,6 +49,10 @@ def test_a_small_sweep_against_a_live_server(tiny_loaded, tmp_path):
         assert lv["engine_steps"] >= 5 and 0 < lv["rows_per_step"] <= lv["concurrency"]
         assert 1 <= lv["prefill_steps"] <= 3  # each of the 3 prompts prefilled in some step
         assert 0 < lv["engine_busy"] <= 1.05 and lv["engine_idle"] >= 0
+        # and where the steps' time went, per step: the phases within the busy time per step
+        phases = lv["phase_ms"]
+        assert {"schedule", "build", "dispatch", "wait", "update", "emit"} <= set(phases)
+        assert phases["build"] > 0 and sum(v for k, v in phases.items() if k != "emit") <= lv["ms_per_step"] + 1e-3
 
 
 def test_clients_split_over_processes_send_every_request(tiny_loaded, tmp_path):

@@ -93,6 +93,19 @@ def test_prefill_wait_steps_reaches_the_engine_only_when_set():
         load_settings(cli_values(["--prefill-wait-steps", "-1"])[0], environ={})
 
 
+def test_output_handoff_reaches_the_engine_and_is_checked():
+    from parallm.engine.engine import EngineConfig
+    from parallm.server.serve_command import engine_config
+
+    cli, config = cli_values(["--output-handoff", "dispatch"])
+    assert engine_config(load_settings(cli, config_file=config, environ={}), EngineConfig).output_handoff == "dispatch"
+    env = load_settings(cli_values([])[0], environ={"PARALLM_OUTPUT_HANDOFF": "dispatch"})
+    assert engine_config(env, EngineConfig).output_handoff == "dispatch"
+    assert engine_config(load_settings(cli_values([])[0], environ={}), EngineConfig).output_handoff == "step"
+    with pytest.raises(ConfigError, match="output_handoff='soon'"):
+        load_settings(cli_values(["--output-handoff", "soon"])[0], environ={})
+
+
 def test_gil_switch_interval_is_set_only_when_given(tmp_path):
     from parallm.server.runner import set_gil_switch_interval
 
