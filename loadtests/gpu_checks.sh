@@ -90,10 +90,18 @@ for lv in levels:
           "busy/idle", lv.get("engine_busy") and round(lv["engine_busy"], 2), lv.get("engine_idle") and round(lv["engine_idle"], 2),
           "ms/step", lv.get("ms_per_step") and round(lv["ms_per_step"], 2), "phases", lv.get("phase_ms"))
 by_level = [levels[i:i + 3] for i in range(0, len(levels), 3)]  # server, engine, gated in some order
+import math, statistics
 for name in ("server", "gated"):
-    print(f"{name}/engine per level:", [round(next(l for l in g if l["server"] == name)["throughput_tok_s"]
-                                              / next(l for l in g if l["server"] == "engine")["throughput_tok_s"], 3)
-                                        for g in by_level])
+    ratios = [next(l for l in g if l["server"] == name)["throughput_tok_s"]
+              / next(l for l in g if l["server"] == "engine")["throughput_tok_s"] for g in by_level]
+    logs = [math.log(r) for r in ratios]
+    # geometric mean with a 95% interval (Student's t over the pairs): one pair's ratio moves
+    # +-0.15 with the host, so only the interval says whether a target is met
+    t95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}.get(len(logs) - 1, 2.2)
+    half = t95 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else float("nan")
+    mean = statistics.fmean(logs)
+    print(f"{name}/engine per level:", [round(r, 3) for r in ratios], f"geomean {math.exp(mean):.3f}",
+          f"95% ~ [{math.exp(mean - half):.3f}, {math.exp(mean + half):.3f}]")
 PY
     ;;
   si-ab|loop-ab)  # issue 4: two servers side by side, levels interleaved ABBA so that the host's drift
