@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from parallm.engine.engine import Engine, EngineConfig
-from parallm.engine.model_runner import ModelRunner
 from parallm.engine.errors import EngineDead, EngineDraining, QueueFull, UnknownModel
+from parallm.engine.model_runner import ModelRunner
 from parallm.engine.output_collector import OutputCollector
 from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
 from parallm.engine.warm_up import warm_up
@@ -181,12 +181,10 @@ class AsyncEngine:
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
-                    result = self.engine.step()
-                    if self._handoff_at_dispatch and self.engine.has_unfinished():
-                        self._pending += result.outputs  # the next step's launch hands them over
-                    else:
-                        self._pending += result.outputs
-                        self._flush_pending()
+                    outputs = self.engine.step().outputs  # (the step may flush _pending: read it after)
+                    self._pending += outputs
+                    if not (self._handoff_at_dispatch and self.engine.has_unfinished()):
+                        self._flush_pending()  # else the next step's launch hands them over
                 self._stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - every stream must hear about it
             self._dead = e

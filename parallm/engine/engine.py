@@ -19,8 +19,8 @@ from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.sampler import BatchSampler
 from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutput, Sequence,
                                       SampledToken)
-from parallm.engine.types import (OUTPUT_HANDOFFS, STEP_PHASES, EngineRequest, EngineStats, RequestOutput, RequestTimes,
-                                  TokenLogprob, TopLogprob, Usage)
+from parallm.engine.types import (OUTPUT_HANDOFFS, STEP_PHASES, EngineRequest, EngineStats, RequestOutput,
+                                  RequestTimes, TokenLogprob, TopLogprob, Usage)
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,6 @@ class EngineConfig:
     # the loop's share of the GIL falls in the time the engine thread runs without it rather than
     # in its next graph build. Costs each token that build's time of latency. (OUTPUT_HANDOFFS)
     output_handoff: str = "step"
-
-    def __post_init__(self):
-        if self.output_handoff not in OUTPUT_HANDOFFS:
-            raise ValueError(f"output_handoff={self.output_handoff!r}: use one of {OUTPUT_HANDOFFS}")
     # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
     # step t+1 writes (the pending step still references it, so it cannot be updated in place).
     # Above this many KV bytes the engine waits for step t first. None = by device: 6 GiB on a GPU
@@ -64,6 +60,10 @@ class EngineConfig:
     # The warm-up also runs every prefill (rows, width) bucket once (CUDA; warm_up.py): ~40 s of
     # start-up for a 1B model on an H200, for a gain not yet shown, hence off
     warm_up_buckets: bool = False
+
+    def __post_init__(self):
+        if self.output_handoff not in OUTPUT_HANDOFFS:
+            raise ValueError(f"output_handoff={self.output_handoff!r}: use one of {OUTPUT_HANDOFFS}")
 
 
 @dataclass
@@ -193,7 +193,7 @@ class Engine:
         clock = time.perf_counter
         started = clock()
         phases = self._phases
-        dispatched, handed_off = self.runner.dispatch_seconds, getattr(self.runner, "handoff_seconds", 0.0)
+        dispatched, handed_off = self.runner.dispatch_seconds, self.runner.handoff_seconds
         previous, self._in_flight = self._in_flight, None
         previous_result = None
         if previous is not None and self.runner.cache.nbytes > self._build_ahead_limit:
@@ -229,7 +229,7 @@ class Engine:
         self._batched_tokens += sched.num_batched_tokens
         self._prefill_steps += bool(sched.prefill)
         dispatch = self.runner.dispatch_seconds - dispatched
-        handoff = getattr(self.runner, "handoff_seconds", 0.0) - handed_off  # AsyncEngine counts it as "emit"
+        handoff = self.runner.handoff_seconds - handed_off  # AsyncEngine counts it as "emit"
         phases["schedule"] += t_schedule
         phases["build"] += t_launch - dispatch - handoff
         phases["dispatch"] += dispatch

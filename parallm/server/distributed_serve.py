@@ -91,6 +91,10 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
     from parallm.server.app import create_app  # noqa: F401 - imported before the group waits on us
     from parallm.server.serve_command import adapter_specs, engine_config
 
+    if settings.output_handoff != "step":  # the leader's runner is wrapped: it has no dispatch hook
+        print("parallm serve --distributed: --output-handoff dispatch is not available with --distributed "
+              "(use step, the default)", file=sys.stderr)
+        return 2
     try:
         group = mx.distributed.init(strict=True, backend=args.distributed_backend)
     except Exception as e:  # noqa: BLE001 - the platform's message plus how to fix it
