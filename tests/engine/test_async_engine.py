@@ -111,19 +111,25 @@ def test_cancelled_stream_aborts_and_frees_row(tiny_loaded):
     assert [t for o in outs for t in o.token_ids] == reference_greedy(tiny_loaded, make_prompt(2, 6), 3)
 
 
+async def abort_after_two_outputs(engine, request_id: str, prompt: list[int]) -> list:
+    """Stream a long request and abort it by id once two outputs came; returns all its outputs."""
+    outs = []
+
+    async def consume():
+        async for o in engine.generate(req(request_id, prompt, 1000)):
+            outs.append(o)
+            if len(outs) == 2:
+                await engine.abort(request_id)
+
+    await asyncio.wait_for(consume(), 30)
+    return outs
+
+
 def test_abort_by_id_ends_stream_with_abort(tiny_loaded):
     async def main():
         engine = AsyncEngine(tiny_loaded, EngineConfig())
         await engine.start()
-        outs = []
-
-        async def consume():
-            async for o in engine.generate(req("x", make_prompt(3, 8), 1000)):
-                outs.append(o)
-                if len(outs) == 2:
-                    await engine.abort("x")
-
-        await asyncio.wait_for(consume(), 30)
+        outs = await abort_after_two_outputs(engine, "x", make_prompt(3, 8))
         await engine.shutdown()
         return outs
 
@@ -276,15 +282,7 @@ def test_outputs_handed_over_at_dispatch_are_the_same_and_complete(tiny_loaded, 
         engine = AsyncEngine(tiny_loaded, EngineConfig(max_num_seqs=4, output_handoff=handoff))
         await engine.start()
         got = await asyncio.gather(*(collect(engine, req(r, p, lengths[r])) for r, p in prompts.items()))
-        aborted = []
-
-        async def consume_then_abort():
-            async for o in engine.generate(req("x", make_prompt(9, 8), 1000)):
-                aborted.append(o)
-                if len(aborted) == 2:
-                    await engine.abort("x")
-
-        await asyncio.wait_for(consume_then_abort(), 30)
+        aborted = await abort_after_two_outputs(engine, "x", make_prompt(9, 8))
         stats = engine.stats()
         await engine.shutdown()
         return dict(zip(prompts, got)), aborted, stats
