@@ -2,13 +2,13 @@
 # The GPU checks the open issues still need, in parts that each fit one 10-minute device call.
 # Run from the repo root on a CUDA machine with MLX's CUDA build importable; results go to $OUT
 # (default loadtests/out/gpu). The 1B model is made with ../shared/gpu/make_random_model.py
-# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh warm|tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|arrival
+# (or MODEL=DIR). Usage: bash loadtests/gpu_checks.sh warm|tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|fused|arrival
 # The first process on a machine to run new shapes compiles MLX's CUDA kernels (68-91 s of engine warm-up for
 # the 1B model on an H200, BENCHMARKS.md "kernel cache"); later processes read them from disk. So
 # compare runs only after one process has run the same shapes, and read a first run's start-up as
 # compile time.
 set -o pipefail
-part=${1:?warm|tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|arrival}
+part=${1:?warm|tests|adapters|burst|serving|pairs|proto-pairs|wait-pairs|si-pairs|si-ab|loop-ab|gil-profile|fused|arrival}
 OUT=${OUT:-loadtests/out/gpu}
 mkdir -p "$OUT"
 MODEL=${MODEL:-/tmp/m1b}
@@ -133,6 +133,12 @@ PY
     grep -E "^server|errors" "$OUT/gil-profile-load.log"
     for f in gil-held all-threads; do
       python3 loadtests/pyspy_summary.py "$OUT/$f.txt" | tee "$OUT/$f-summary.txt"
+    done ;;
+  fused)  # the engine's step: q/k/v and gate/up as one matmul each, with mlx-lm's forward (no engine),
+    # interleaved step by step; then `B_ARGS=--fuse-projections bash loadtests/gpu_checks.sh si-ab` for the server
+    for shape in 1b 1b 135m; do
+      timeout 100 python3 loadtests/bench_fused_projections.py --shape $shape --batch 64 --steps 40 \
+        --dtype bfloat16 2>&1 >> "$OUT/fused-$shape.json" | tail -3
     done ;;
   arrival)  # issue 4: does the HTTP path's arrival pattern alone (prompts trickling in ~2.5 ms apart)
     # cost the engine what the server loses, and does --prefill-wait-steps 4 win it back? (no HTTP)

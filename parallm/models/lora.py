@@ -32,6 +32,7 @@ from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToSharded
                                        QuantizedShardedToAllLinear, ShardedToAllLinear)
 from mlx.utils import tree_unflatten
 
+from parallm.models.fused_projections import concatenable, dissolve as dissolve_projection_group
 from parallm.models.lora_kernel import MAX_RANK, LoRADeltaKernel, fits, shared_kernel
 from parallm.models.lora_sharding import SHARDED_TO_ALL, shard_lora, sharding_style
 
@@ -328,13 +329,7 @@ class _FusedBase:
 
     @staticmethod
     def possible(members: list) -> bool:
-        bases = [m.base for m in members]
-        if any(type(b) is not nn.Linear for b in bases):
-            return False
-        first = bases[0].weight
-        with_bias = "bias" in bases[0]
-        return all(b.weight.dtype == first.dtype and b.weight.shape[1] == first.shape[1]
-                   and ("bias" in b) == with_bias for b in bases)
+        return concatenable([m.base for m in members])
 
     def valid(self) -> bool:
         # dict lookups, not attribute access: nn.Module's __getattr__ is Python, and this runs per call
@@ -503,6 +498,7 @@ def attach_multi_lora(model: nn.Module, module_paths: Iterable[str],
             raise KeyError(f"the model has no module '{path}'")
         if isinstance(module, MultiLoRALinear):
             continue
+        dissolve_projection_group(module)  # a fused q/k/v or gate/up member: plain again first
         if not isinstance(module, ADAPTABLE_LINEARS):
             raise TypeError(f"'{path}' is a {type(module).__name__}; only Linear and QuantizedLinear "
                             "layers (and their sharded versions) can carry per-row adapters")

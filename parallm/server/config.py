@@ -61,6 +61,9 @@ class ServerSettings:
     # When the engine thread hands a step's outputs to the event loop: "step" (when the step ends)
     # or "dispatch" (just before the next step's kernels are queued). EngineConfig.output_handoff.
     output_handoff: str = "step"
+    # q/k/v and gate/up of each block as one matmul each (EngineConfig.fuse_projections); off until
+    # measured through the engine on a GPU
+    fuse_projections: bool = False
 
     def __post_init__(self):
         checks = {

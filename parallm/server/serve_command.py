@@ -43,7 +43,9 @@ _OPTIONS = {
 }
 _REPEATABLE = ("model", "served_model_name")  # append to a list; one value stays a plain string
 # Flags without a value; each maps onto the ServerSettings field of the same name.
-_FLAGS = {"log_prompts": "include prompt text in access-log lines (off by default: prompts may be private)"}
+_FLAGS = {"log_prompts": "include prompt text in access-log lines (off by default: prompts may be private)",
+          "fuse_projections": "run each block's q/k/v and gate/up projections as one matmul each (experimental: "
+                              "fewer kernels per step; plain dense layers only)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +112,8 @@ def engine_config(settings: ServerSettings, config_class):
         values["prefill_wait_steps"] = settings.prefill_wait_steps
     if settings.output_handoff != "step":
         values["output_handoff"] = settings.output_handoff
+    if settings.fuse_projections:
+        values["fuse_projections"] = True
     return config_class(**values)
 
 

@@ -106,6 +106,19 @@ def test_output_handoff_reaches_the_engine_and_is_checked():
         load_settings(cli_values(["--output-handoff", "soon"])[0], environ={})
 
 
+def test_fuse_projections_flag_reaches_the_engine():
+    from parallm.engine.engine import EngineConfig
+    from parallm.server.serve_command import engine_config
+
+    from parallm.server.serve_command import cli_settings
+
+    cli = cli_settings(build_parser().parse_args(["serve", "--fuse-projections"]))
+    assert engine_config(load_settings(cli, environ={}), EngineConfig).fuse_projections is True
+    env = load_settings(cli_values([])[0], environ={"PARALLM_FUSE_PROJECTIONS": "true"})
+    assert engine_config(env, EngineConfig).fuse_projections is True
+    assert engine_config(load_settings(cli_values([])[0], environ={}), EngineConfig).fuse_projections is False
+
+
 def test_gil_switch_interval_is_set_only_when_given(tmp_path):
     from parallm.server.runner import set_gil_switch_interval
 
