@@ -26,7 +26,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-# child names that take the same input in mlx-lm's blocks, largest first
+# child names that take the same input in mlx-lm's blocks
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -40,10 +40,11 @@ class ProjectionGroup:
         mx.eval(self.weight, *([self.bias] if self.bias is not None else []))
         self.members = members
         self._spans: dict[int, tuple[int, int]] = {}  # id(member) -> its rows
+        self._views: dict[int, mx.array] = {}  # id(member) -> the weight it was given
         row = 0
         for m, w in zip(members, weights):
             end = row + w.shape[0]
-            m.weight = self.weight[row:end]
+            m.weight = self._views[id(m)] = self.weight[row:end]
             if self.bias is not None:
                 m.bias = self.bias[row:end]
             self._spans[id(m)] = (row, end)
@@ -54,6 +55,8 @@ class ProjectionGroup:
         self._taken: set[int] = set()
 
     def output(self, member: nn.Linear, x: mx.array) -> mx.array:
+        if member["weight"] is not self._views[id(member)]:  # its weight was replaced since: its own product
+            return nn.Linear.__call__(member, x)
         if x is not self._input:  # a new input: the whole group's product, once
             out = mx.addmm(self.bias, x, self.weight.T) if self.bias is not None else x @ self.weight.T
             self._input, self._output, self._taken = x, out, set()
@@ -93,7 +96,7 @@ def fuse_projections(model: nn.Module) -> int:
     made = 0
     for _, module in model.named_modules():
         for names in GROUPS:
-            members = [module.get(n) if isinstance(module, dict) else None for n in names]
+            members = [module.get(n) for n in names]  # an nn.Module is a dict of its children
             if any(m is None for m in members) or not concatenable(members):
                 continue
             group = ProjectionGroup(members)

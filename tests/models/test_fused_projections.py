@@ -38,6 +38,11 @@ def test_fused_model_computes_what_the_plain_one_does(tiny_model_dir):
     q = fused.layers[0].self_attn.q_proj
     x = mx.random.normal((2, 3, q.weight.shape[1]))
     assert mx.allclose(q(x), x @ q.weight.T, atol=1e-5)
+    # a weight replaced after fusing (a reload) is used, not the group's stale copy of it
+    k = fused.layers[0].self_attn.k_proj
+    k.weight = mx.zeros_like(k.weight)
+    assert mx.array_equal(k(x), mx.zeros((2, 3, k.weight.shape[0])))
+    assert mx.allclose(q(x), x @ q.weight.T, atol=1e-5)
 
 
 def _engine_outputs(loaded, fuse: bool, requests) -> dict:
