@@ -8,15 +8,17 @@ own forward (loadtests/bench_fused_projections.py, H200, bf16, batch 64): 1.12x 
 the 1B shape, 1.15x at SmolLM2-135M's, the same logits.
 
 How, without touching the model's forward: each member linear becomes a `GroupedLinear` (still an
-nn.Linear, its weight a view of its rows of the group's concatenated weight, so no second copy).
-The first member called with an input computes the whole group's output once; the others, called
+nn.Linear; a `GroupedQuantizedLinear` if quantized), its parameters views of its rows of the
+group's concatenated ones (no second copy). The first member called with an input computes the whole group's output once; the others, called
 with the same input object (as mlx-lm's attention and MLP do), take their slice of it. A member
 called with any other input computes its own product, so the result is always that of the plain
-layers. Only plain dense nn.Linear members of one dtype and input size, all with or all without
-bias, are grouped (quantized and sharded layers are left as they are).
+layers. Members are grouped when they are all plain nn.Linear of one dtype and input size, all
+with or all without bias, or all nn.QuantizedLinear of one group size, bit width and mode (the
+quantized weight, scales and biases are all split along output rows); sharded layers are left as
+they are.
 
-Adapters: `dissolve` turns a group's members back into plain nn.Linear layers (their weights stay
-as they are), and parallm.models.lora calls it before wrapping a member, so that the adapters'
+Adapters: `dissolve` turns a group's members back into plain layers (their weights stay as they
+are), and parallm.models.lora calls it before wrapping a member, so that the adapters'
 own grouping (lora.SharedInputGroup) works as before.
 """
 from __future__ import annotations
@@ -30,36 +32,51 @@ import mlx.nn as nn
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-class ProjectionGroup:
-    """The members' weights (and biases) as one [sum of outs, in] matrix, and the last output."""
+# the parameters a member may carry, all split along its output rows (axis 0)
+_PARAMETERS = ("weight", "scales", "biases", "bias")
 
-    def __init__(self, members: list[nn.Linear]):
-        weights = [m.weight for m in members]
-        self.weight = mx.concatenate(weights, axis=0)
-        self.bias = mx.concatenate([m.bias for m in members], axis=0) if "bias" in members[0] else None
-        mx.eval(self.weight, *([self.bias] if self.bias is not None else []))
+
+class ProjectionGroup:
+    """The members' parameters as one matrix each ([sum of outs, ...]), and the last output."""
+
+    def __init__(self, members: list):
         self.members = members
+        self.base_class = type(members[0])  # nn.Linear or nn.QuantizedLinear
+        first = members[0]
+        self.quantized = self.base_class is nn.QuantizedLinear
+        if self.quantized:
+            self.group_size, self.bits, self.mode = first.group_size, first.bits, first.mode
+        self.params = {name: mx.concatenate([m[name] for m in members], axis=0)
+                       for name in _PARAMETERS if name in first}
+        mx.eval(*self.params.values())
         self._spans: dict[int, tuple[int, int]] = {}  # id(member) -> its rows
         self._views: dict[int, mx.array] = {}  # id(member) -> the weight it was given
         row = 0
-        for m, w in zip(members, weights):
-            end = row + w.shape[0]
-            m.weight = self._views[id(m)] = self.weight[row:end]
-            if self.bias is not None:
-                m.bias = self.bias[row:end]
+        for m in members:
+            end = row + m["weight"].shape[0]
+            for name, whole in self.params.items():
+                m[name] = whole[row:end]  # a view of the group's buffer (rows are outputs in all four)
+            self._views[id(m)] = m["weight"]
             self._spans[id(m)] = (row, end)
             row = end
-        mx.eval(*[m.weight for m in members])  # views of the group's buffer; the old weights can go
+        mx.eval(*[m[name] for m in members for name in self.params])  # the old arrays can go
         self._input: Optional[mx.array] = None
         self._output: Optional[mx.array] = None
         self._taken: set[int] = set()
 
-    def output(self, member: nn.Linear, x: mx.array) -> mx.array:
+    def _product(self, x: mx.array) -> mx.array:
+        p = self.params
+        if self.quantized:
+            out = mx.quantized_matmul(x, p["weight"], scales=p["scales"], biases=p.get("biases"), transpose=True,
+                                      group_size=self.group_size, bits=self.bits, mode=self.mode)
+            return out + p["bias"] if "bias" in p else out
+        return mx.addmm(p["bias"], x, p["weight"].T) if "bias" in p else x @ p["weight"].T
+
+    def output(self, member: nn.Module, x: mx.array) -> mx.array:
         if member["weight"] is not self._views[id(member)]:  # its weight was replaced since: its own product
-            return nn.Linear.__call__(member, x)
+            return self.base_class.__call__(member, x)
         if x is not self._input:  # a new input: the whole group's product, once
-            out = mx.addmm(self.bias, x, self.weight.T) if self.bias is not None else x @ self.weight.T
-            self._input, self._output, self._taken = x, out, set()
+            self._input, self._output, self._taken = x, self._product(x), set()
         start, end = self._spans[id(member)]
         piece = self._output[..., start:end]
         self._taken.add(id(member))
@@ -79,44 +96,62 @@ class GroupedLinear(nn.Linear):
         return self.__dict__["_projection_group"].output(self, x)
 
 
-def concatenable(members: list) -> bool:
+class GroupedQuantizedLinear(nn.QuantizedLinear):
+    """The same for nn.QuantizedLinear members."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.__dict__["_projection_group"].output(self, x)
+
+
+_GROUPED = {nn.Linear: GroupedLinear, nn.QuantizedLinear: GroupedQuantizedLinear}
+
+
+def concatenable(members: list, quantized: bool = False) -> bool:
     """Whether these linears' weights can be one matrix: plain dense nn.Linear layers of one dtype
-    and input size, all with or all without bias (also what lora's adapter groups require)."""
-    if any(type(m) is not nn.Linear for m in members):
+    and input size, all with or all without bias (also what lora's adapter groups require); with
+    `quantized`, also nn.QuantizedLinear layers of one group size, bit width and mode."""
+    kinds = {type(m) for m in members}
+    allowed = (nn.Linear, nn.QuantizedLinear) if quantized else (nn.Linear,)
+    if len(kinds) != 1 or kinds.pop() not in allowed:
         return False
-    first = members[0].weight
-    with_bias = "bias" in members[0]
-    return all(m.weight.dtype == first.dtype and m.weight.shape[1] == first.shape[1]
-               and ("bias" in m) == with_bias for m in members)
+    first = members[0]
+    same = [("bias" in m) == ("bias" in first) and m.weight.dtype == first.weight.dtype
+            and m.weight.shape[1] == first.weight.shape[1] for m in members]
+    if type(first) is nn.QuantizedLinear:
+        same += [(m.group_size, m.bits, m.mode) == (first.group_size, first.bits, first.mode)
+                 and ("biases" in m) == ("biases" in first) and m.scales.dtype == first.scales.dtype
+                 for m in members]
+    return all(same)
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Group every q/k/v and gate/up set of plain linears in `model`, in place. Returns how many
-    groups it made (0: nothing to fuse, e.g. a quantized model)."""
+    """Group every q/k/v and gate/up set of linears in `model` that `concatenable` allows, in
+    place. Returns how many groups it made (0: nothing to fuse, e.g. a sharded model)."""
     made = 0
     for _, module in model.named_modules():
         for names in GROUPS:
             members = [module.get(n) for n in names]  # an nn.Module is a dict of its children
-            if any(m is None for m in members) or not concatenable(members):
+            if any(m is None for m in members) or not concatenable(members, quantized=True):
                 continue
             group = ProjectionGroup(members)
             for m in members:
-                m.__class__ = GroupedLinear
+                m.__class__ = _GROUPED[group.base_class]
                 m.__dict__["_projection_group"] = group  # outside the parameter tree
             made += 1
     return made
 
 
 def dissolve(module: nn.Module) -> None:
-    """If `module` is a GroupedLinear, make every member of its group a plain nn.Linear again."""
-    group = module.__dict__.get("_projection_group") if isinstance(module, GroupedLinear) else None
+    """If `module` is a grouped member, make every member of its group a plain layer again (an
+    nn.Linear or nn.QuantizedLinear, whichever it was)."""
+    group = module.__dict__.get("_projection_group") if isinstance(module, tuple(_GROUPED.values())) else None
     if group is None:
         return
     for m in group.members:
-        m.__class__ = nn.Linear
+        m.__class__ = group.base_class
         m.__dict__.pop("_projection_group", None)
     group.forget()
 
 
 def grouped_count(model: nn.Module) -> int:
-    return sum(isinstance(m, GroupedLinear) for _, m in model.named_modules())
+    return sum(isinstance(m, tuple(_GROUPED.values())) for _, m in model.named_modules())

@@ -45,7 +45,7 @@ _REPEATABLE = ("model", "served_model_name")  # append to a list; one value stay
 # Flags without a value; each maps onto the ServerSettings field of the same name.
 _FLAGS = {"log_prompts": "include prompt text in access-log lines (off by default: prompts may be private)",
           "fuse_projections": "run each block's q/k/v and gate/up projections as one matmul each (experimental: "
-                              "fewer kernels per step; plain dense layers only)"}
+                              "fewer kernels per step; not for sharded layers)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ def test_fused_model_computes_what_the_plain_one_does(tiny_model_dir):
         if isinstance(m, GroupedLinear):  # each weight is its rows of the group's matrix, unchanged
             group = m.__dict__["_projection_group"]
             assert mx.array_equal(m.weight, originals[path])
-            assert group.weight.shape[0] == sum(member.weight.shape[0] for member in group.members)
+            assert group.params["weight"].shape[0] == sum(member.weight.shape[0] for member in group.members)
     tokens = mx.array([make_prompt(1, 9), make_prompt(2, 9)])
     assert mx.allclose(fused(tokens), plain(tokens), atol=1e-5)
     # a member called on an input its group has not seen computes its own product
@@ -90,3 +90,22 @@ def test_an_adapter_unfuses_the_layers_it_wraps_and_matches_mlx_lm(tiny_model_di
     last, first = model.layers[-1], model.layers[0]
     assert not any(isinstance(m, GroupedLinear) for _, m in last.named_modules())  # wrapped: plain again
     assert isinstance(first.self_attn.k_proj, GroupedLinear)  # an untouched block stays fused
+
+
+def test_quantized_projections_fuse_to_the_same_output_and_unfuse_for_adapters(tiny_model_dir, tmp_path):
+    """4-bit affine layers (as a GGUF Q4 model loads): weight, scales and biases split by rows."""
+    from parallm.models.fused_projections import GroupedQuantizedLinear, dissolve
+
+    plain, _ = load_model(Path(tiny_model_dir))
+    fused, _ = load_model(Path(tiny_model_dir))
+    for m in (plain, fused):
+        nn.quantize(m, group_size=32, bits=4)
+    assert fuse_projections(fused) == 2 * len(fused.layers)
+    k = fused.layers[0].self_attn.k_proj
+    assert isinstance(k, GroupedQuantizedLinear) and isinstance(k, nn.QuantizedLinear)
+    tokens = mx.array([make_prompt(3, 7), make_prompt(4, 7)])
+    assert mx.allclose(fused(tokens), plain(tokens), atol=1e-5)
+    dissolve(k)  # what wrapping for adapters does first: the whole group plain again
+    assert type(fused.layers[0].self_attn.q_proj) is nn.QuantizedLinear
+    assert isinstance(fused.layers[0].mlp.up_proj, GroupedQuantizedLinear)  # another group: still fused
+    assert mx.allclose(fused(tokens), plain(tokens), atol=1e-5)
