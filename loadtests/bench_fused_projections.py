@@ -1,22 +1,19 @@
-"""EXPERIMENT, not the product: does one matmul for q/k/v, and one for gate/up, make a decode step cheaper?
+"""Does one matmul for q/k/v, and one for gate/up, make a decode step cheaper? (--fuse-projections)
 
 On CUDA a 1B model's decode step is host-bound: 60-70% of it is spent inside mx.async_eval, MLX
 queuing the step's kernels (BENCHMARKS.md, seventh session, the "dispatch" phase), so kernels per
-layer cost more than their FLOPs. Projections that share an input can run as one matmul against
-their concatenated weights: q/k/v 3 -> 1, gate/up 2 -> 1 per layer. This program measures what that
-buys before the engine is changed for it: a random Llama (mlx-lm's model, mlx-lm's KV cache) decodes
-at batch B, interleaving three variants step by step so that the host's drift cancels:
-
-  stock     mlx-lm's forward as it is
-  mlp       gate/up as one matmul (the split halves go straight into mlx-lm's compiled swiglu)
-  mlp+qkv   and q/k/v as one matmul (the split outputs reshaped as mlx-lm does)
+layer cost more than their FLOPs. parallm/models/fused_projections.py runs the projections that
+share an input as one matmul against their concatenated weights: q/k/v 3 -> 1, gate/up 2 -> 1 per
+layer. This measures it on mlx-lm's own forward and KV cache (not parallm's engine): two copies of
+one random Llama, `stock` and `fused` (fuse_projections applied), decode at batch B, interleaved
+step by step so that the host's drift cancels.
 
 Per variant: median ms per step of graph build (Python) and of evaluation (dispatch + device), the
 graph's nodes per step by primitive (mx.export_to_dot), and the largest |logit| difference from
-stock on the same cache contents (a check that the fused forward computes the same thing). The
-fused weights are separate copies here (memory is not the question).
+stock on the same cache contents. --bits 4 quantizes both copies first (as a GGUF Q4 model loads).
 
   python loadtests/bench_fused_projections.py --shape 1b --batch 64 --steps 40 --dtype bfloat16   # on a GPU
+  python loadtests/bench_fused_projections.py --shape 1b --bits 4 ...                             # quantized
   python loadtests/bench_fused_projections.py --shape tiny --batch 8 --steps 10                   # a CPU check
 """
 from __future__ import annotations
@@ -39,72 +36,30 @@ import parallm  # noqa: E402,F401  (BLAS preload before mlx)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
-from mlx_lm.models.activations import swiglu  # noqa: E402
-from mlx_lm.models.base import scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+from parallm.models.fused_projections import fuse_projections  # noqa: E402
 
 from bench_engine import SHAPES  # noqa: E402  hidden, layers, heads, kv heads, intermediate, head_dim
 
-VARIANTS = ("stock", "mlp", "mlp+qkv")
-# which fusions the forward uses right now (switched between steps; one model serves every variant)
-FUSED = {"mlp": False, "qkv": False}
+VARIANTS = ("stock", "fused")
 VIEWS = {"Broadcast", "Reshape", "Slice", "Transpose"}  # nodes that need not launch a kernel
 
 
-class FusedMLP(llama.MLP):
-    def fuse(self) -> None:
-        self.gate_up_weight = mx.concatenate([self.gate_proj.weight, self.up_proj.weight], axis=0)
-
-    def __call__(self, x):
-        if not FUSED["mlp"]:
-            return super().__call__(x)
-        half = self.gate_proj.weight.shape[0]
-        gate_up = x @ self.gate_up_weight.T
-        return self.down_proj(swiglu(gate_up[..., :half], gate_up[..., half:]))
-
-
-class FusedAttention(llama.Attention):
-    def fuse(self) -> None:
-        self.qkv_weight = mx.concatenate([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], axis=0)
-
-    def __call__(self, x, mask=None, cache=None):
-        if not FUSED["qkv"]:
-            return super().__call__(x, mask=mask, cache=cache)
-        B, L, _ = x.shape
-        nq, nk = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
-        qkv = x @ self.qkv_weight.T
-        queries, keys, values = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
-        # from here on as mlx-lm's llama.Attention
-        queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        queries = self.rope(queries, offset=cache.offset)
-        keys = self.rope(keys, offset=cache.offset)
-        keys, values = cache.update_and_fetch(keys, values)
-        output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-def build_model(shape: str, dtype) -> llama.Model:
+def build_model(shape: str, dtype, bits: int, seed: int = 0) -> llama.Model:
     hidden, layers, heads, kv_heads, intermediate, head_dim = SHAPES[shape]
     args = llama.ModelArgs.from_dict(dict(
         model_type="llama", vocab_size=32000 if shape == "tiny" else 128256, hidden_size=hidden,
         num_hidden_layers=layers, intermediate_size=intermediate, num_attention_heads=heads,
         num_key_value_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=500000.0,
         tie_word_embeddings=True, max_position_embeddings=8192))
+    mx.random.seed(seed)  # both copies get the same weights
     model = llama.Model(args)
     model.update(nn.utils.tree_map(lambda p: p.astype(dtype), model.parameters()))
-    for layer in model.layers:
-        layer.mlp.__class__, layer.self_attn.__class__ = FusedMLP, FusedAttention
-        layer.mlp.fuse()
-        layer.self_attn.fuse()
+    if bits:
+        nn.quantize(model, group_size=32 if hidden % 64 else 64, bits=bits)
     mx.eval(model.parameters())
     return model
-
-
-def use(variant: str) -> None:
-    FUSED["mlp"] = variant != "stock"
-    FUSED["qkv"] = variant == "mlp+qkv"
 
 
 def graph_nodes(*outputs) -> collections.Counter:
@@ -125,26 +80,28 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128, help="tokens in each row's cache before decoding")
     p.add_argument("--steps", type=int, default=40, help="decode steps per variant")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--bits", type=int, default=0, choices=(0, 4, 8), help="quantize both copies first (0: no)")
     args = p.parse_args(argv)
     dtype = getattr(mx, args.dtype)
-    model = build_model(args.shape, dtype)
-    vocab = model.args.vocab_size
+    models = {"stock": build_model(args.shape, dtype, args.bits), "fused": build_model(args.shape, dtype, args.bits)}
+    groups = fuse_projections(models["fused"])
+    vocab = models["stock"].args.vocab_size
     prompt = mx.random.randint(0, vocab, (args.batch, args.prompt_len))
 
-    # the same prefill (stock) in one cache per variant, plus one more for the equality check
+    # the same prefill in one cache per variant, plus one more for the equality check
     caches = {}
     for name in [*VARIANTS, "check"]:
-        use("stock")
+        model = models.get(name, models["stock"])
         caches[name] = make_prompt_cache(model)
         logits = model(prompt, cache=caches[name])
         mx.eval(logits, [c.state for c in caches[name]])
     first = mx.argmax(logits[:, -1, :], axis=-1)[:, None]
     mx.eval(first)
 
-    result = {"args": vars(args), "device": str(mx.default_device()), "variants": {}}
+    result = {"args": vars(args), "device": str(mx.default_device()), "fused_groups": groups, "variants": {}}
     check = {}
     for name in VARIANTS:  # one step of each variant on a copy of the same cache contents
-        use(name)
+        model = models[name]
         cache = make_prompt_cache(model)
         for c, src in zip(cache, caches["check"]):
             c.state = [mx.array(s) for s in src.state]
@@ -165,9 +122,8 @@ def main(argv=None) -> int:
     for step in range(args.steps + 3):  # the first 3 rounds compile and are left out
         order = VARIANTS if step % 2 == 0 else VARIANTS[::-1]
         for name in order:
-            use(name)
             t0 = time.perf_counter()
-            nxt = mx.argmax(model(tokens[name], cache=caches[name])[:, -1, :], axis=-1)[:, None]
+            nxt = mx.argmax(models[name](tokens[name], cache=caches[name])[:, -1, :], axis=-1)[:, None]
             t1 = time.perf_counter()
             mx.eval(nxt)
             t2 = time.perf_counter()

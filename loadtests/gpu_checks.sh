@@ -136,9 +136,10 @@ PY
     done ;;
   fused)  # the engine's step: q/k/v and gate/up as one matmul each, with mlx-lm's forward (no engine),
     # interleaved step by step; then `B_ARGS=--fuse-projections bash loadtests/gpu_checks.sh si-ab` for the server
-    for shape in 1b 1b 135m; do
-      timeout 100 python3 loadtests/bench_fused_projections.py --shape $shape --batch 64 --steps 40 \
-        --dtype bfloat16 2>&1 >> "$OUT/fused-$shape.json" | tail -3
+    for run in "1b 0" "1b 0" "135m 0" "1b 4"; do
+      set -- $run
+      timeout 100 python3 loadtests/bench_fused_projections.py --shape $1 --bits $2 --batch 64 --steps 40 \
+        --dtype bfloat16 2>&1 >> "$OUT/fused-$1-bits$2.json" | tail -2
     done ;;
   arrival)  # issue 4: does the HTTP path's arrival pattern alone (prompts trickling in ~2.5 ms apart)
     # cost the engine what the server loses, and does --prefill-wait-steps 4 win it back? (no HTTP)
