@@ -30,8 +30,6 @@ import mlx.nn as nn
 
 # child names that take the same input in mlx-lm's blocks
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 # the parameters a member may carry, all split along its output rows (axis 0)
 _PARAMETERS = ("weight", "scales", "biases", "bias")
 
@@ -40,9 +38,9 @@ class ProjectionGroup:
     """The members' parameters as one matrix each ([sum of outs, ...]), and the last output."""
 
     def __init__(self, members: list):
-        self.members = members
-        self.base_class = type(members[0])  # nn.Linear or nn.QuantizedLinear
         first = members[0]
+        self.members = members
+        self.base_class = type(first)  # nn.Linear or nn.QuantizedLinear
         self.quantized = self.base_class is nn.QuantizedLinear
         if self.quantized:
             self.group_size, self.bits, self.mode = first.group_size, first.bits, first.mode
