@@ -29,6 +29,12 @@ def reference_logits(model_dir) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    """A tiny Llama whose output head is its embedding matrix (GGUF then has no output.weight)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tied"), tied=True)
+
+
+@pytest.fixture(scope="module")
 def untied_dir(tmp_path_factory):
     """A tiny Llama with a separate output projection (lm_head), so GGUF has output.weight."""
     import mlx.core as mx
@@ -45,10 +51,10 @@ def untied_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["tied", "untied"])
-def test_f32_gguf_matches_safetensors(which, tiny_model_dir, untied_dir, tmp_path):
+def test_f32_gguf_matches_safetensors(which, tied_dir, untied_dir, tmp_path):
     from parallm.models import load
 
-    model_dir = tiny_model_dir if which == "tied" else untied_dir
+    model_dir = tied_dir if which == "tied" else untied_dir
     tensors, config = gguf_tensors(model_dir)
     assert ("output.weight" in tensors) == (which == "untied")
     path = save_with_mlx(tmp_path / "tiny.gguf", tensors, gguf_metadata(config, TOKENIZER_DIR))
