@@ -103,17 +103,14 @@ def adapter_routers(engine) -> list:
 def engine_config(settings: ServerSettings, config_class):
     """The engine's settings from ours; a setting left unset keeps the engine's default."""
     values = dict(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-                  max_queue=settings.max_queue)
+                  max_queue=settings.max_queue, output_handoff=settings.output_handoff,
+                  fuse_projections=settings.fuse_projections)
     if settings.kv_budget_bytes is not None:
         values["kv_budget_bytes"] = settings.kv_budget_bytes
     if settings.prefix_cache_bytes is not None:
         values["prefix_cache_bytes"] = settings.prefix_cache_bytes
     if settings.prefill_wait_steps is not None:
         values["prefill_wait_steps"] = settings.prefill_wait_steps
-    if settings.output_handoff != "step":
-        values["output_handoff"] = settings.output_handoff
-    if settings.fuse_projections:
-        values["fuse_projections"] = True
     return config_class(**values)
 
 
