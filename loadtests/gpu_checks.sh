@@ -18,9 +18,10 @@ need_model() {
 case "$part" in
   warm)  # a throw-away server start first on a fresh machine: it fills MLX's kernel cache (~130 s for
     # the 1B model on an H200), so that the measured parts that follow start in seconds
+    # (SERVE_ARGS=--fuse-projections warms the fused layers' shapes too)
     need_model
     python3 -m parallm serve --model "$MODEL" --served-model-name bench --port 8123 --max-num-seqs 128 \
-      > "$OUT/warm-serve.log" 2>&1 &
+      $SERVE_ARGS > "$OUT/warm-serve.log" 2>&1 &
     spid=$!
     for _ in $(seq 1 600); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 0.5; done
     curl -s http://127.0.0.1:8123/v1/completions -H 'Content-Type: application/json' \
