@@ -43,7 +43,7 @@ from parallm.models.fused_projections import fuse_projections  # noqa: E402
 from bench_engine import SHAPES  # noqa: E402  hidden, layers, heads, kv heads, intermediate, head_dim
 
 VARIANTS = ("stock", "fused")
-VIEWS = {"Broadcast", "Reshape", "Slice", "Transpose"}  # nodes that need not launch a kernel
+VIEWS = {"Broadcast", "Reshape", "Slice", "Split", "Transpose"}  # nodes that need not launch a kernel
 
 
 def build_model(shape: str, dtype, bits: int, seed: int = 0) -> llama.Model:
