@@ -137,9 +137,11 @@ PY
     done ;;
   fused)  # the engine's step: q/k/v and gate/up as one matmul each, with mlx-lm's forward (no engine),
     # interleaved step by step; then `B_ARGS=--fuse-projections bash loadtests/gpu_checks.sh si-ab` for the server
-    for run in "1b 0" "1b 0" "135m 0" "1b 4"; do
+    # FUSED_RUNS: "shape bits" pairs, comma-separated (a 4-bit 1B run quantizes and compiles first: give it time)
+    IFS=, read -ra runs <<< "${FUSED_RUNS:-1b 0,1b 0,135m 0,1b 4}"
+    for run in "${runs[@]}"; do
       set -- $run
-      timeout 100 python3 loadtests/bench_fused_projections.py --shape $1 --bits $2 --batch 64 --steps 40 \
+      timeout ${FUSED_TIMEOUT:-150} python3 loadtests/bench_fused_projections.py --shape $1 --bits $2 --batch 64 --steps 40 \
         --dtype bfloat16 2>&1 >> "$OUT/fused-$1-bits$2.json" | tail -2
     done ;;
   arrival)  # issue 4: does the HTTP path's arrival pattern alone (prompts trickling in ~2.5 ms apart)
