@@ -112,7 +112,7 @@ PY
     need_model
     b_args="--gil-switch-interval-ms ${SI_MS:-1}"; [ "$part" = loop-ab ] && b_args="--event-loop asyncio"
     timeout 500 python3 loadtests/bench_server_ab.py --model "$MODEL" --a . --b . \
-      --b-args "${B_ARGS:-$b_args}" --client-procs 4 --concurrency 64 --reps ${REPS:-4} \
+      --b-args="${B_ARGS:-$b_args}" --client-procs 4 --concurrency 64 --reps ${REPS:-4} \
       --input-len 128 --output-len 128 --requests-per-client 4 2>&1 | tee "$OUT/$part.log" | grep -v "^\s*$" | tail -14 ;;
   gil-profile)  # issue 4: which thread holds the GIL in `parallm serve` under 64 streams, and where
     # (py-spy at $PYSPY; the last such profile is from before uvloop). Two 6 s samples at 500 Hz:
