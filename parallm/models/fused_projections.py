@@ -4,8 +4,9 @@ On a CUDA GPU a small model's decode step is bound by the host queuing kernels, 
 (BENCHMARKS.md, seventh session: 60-70% of a 1B step is spent inside mx.async_eval). q_proj,
 k_proj and v_proj all multiply the same input, as gate_proj and up_proj do; run as one matmul
 against their concatenated weights, a Llama block launches 3 fewer matmuls. Measured with mlx-lm's
-own forward (loadtests/bench_fused_projections.py, H200, bf16, batch 64): 1.12x per decode step at
-the 1B shape, 1.15x at SmolLM2-135M's, the same logits.
+own forward (loadtests/bench_fused_projections.py, H200, bf16, batch 64): 1.12-1.16x per decode
+step at the 1B shape, 1.21x at SmolLM2-135M's, the same logits; through parallm's server only
+1.02x so far (BENCHMARKS.md, ninth session), which is why the engine leaves it off by default.
 
 How, without touching the model's forward: each member linear becomes a `GroupedLinear` (still an
 nn.Linear; a `GroupedQuantizedLinear` if quantized), its parameters views of its rows of the
