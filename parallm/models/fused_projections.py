@@ -25,6 +25,7 @@ own grouping (lora.SharedInputGroup) works as before.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import mlx.core as mx
@@ -34,6 +35,22 @@ import mlx.nn as nn
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # the parameters a member may carry, all split along its output rows (axis 0)
 _PARAMETERS = ("weight", "scales", "biases", "bias")
+
+
+def share_rows(layers: list) -> dict[str, mx.array]:
+    """Concatenate the layers' parameters (weight, and scales, biases, bias where present) along
+    their output rows, then make each layer's own a view of its rows of the result, so that the
+    group's product is one matmul and the weights are held once. Returns the concatenated ones."""
+    wholes = {name: mx.concatenate([m[name] for m in layers], axis=0) for name in _PARAMETERS if name in layers[0]}
+    mx.eval(*wholes.values())
+    row = 0
+    for m in layers:
+        end = row + m["weight"].shape[0]
+        for name, whole in wholes.items():
+            m[name] = whole[row:end]  # rows are outputs in all four
+        row = end
+    mx.eval(*[m[name] for m in layers for name in wholes])  # the views hold the buffer; the originals can go
+    return wholes
 
 
 class ProjectionGroup:
@@ -46,21 +63,12 @@ class ProjectionGroup:
         self.quantized = self.base_class is nn.QuantizedLinear
         if self.quantized:
             self.group_size, self.bits, self.mode = first.group_size, first.bits, first.mode
-        self.params = {name: mx.concatenate([m[name] for m in members], axis=0)
-                       for name in _PARAMETERS if name in first}
-        mx.eval(*self.params.values())
-        self._views: list[mx.array] = []  # member i's weight as it was given (to see a replacement)
-        bounds, row = [], 0
+        self.params = share_rows(members)
+        self._views = [m["weight"] for m in members]  # as given, to see a later replacement
         for index, m in enumerate(members):
-            end = row + m["weight"].shape[0]
-            for name, whole in self.params.items():
-                m[name] = whole[row:end]  # a view of the group's buffer (rows are outputs in all four)
-            self._views.append(m["weight"])
             m.__dict__["_group_index"] = index  # outside the parameter tree
-            bounds.append(end)
-            row = end
-        self._split_at = bounds[:-1]  # where mx.split cuts the group's output into the members'
-        mx.eval(*[m[name] for m in members for name in self.params])  # the old arrays can go
+        ends = list(itertools.accumulate(m["weight"].shape[0] for m in members))
+        self._split_at = ends[:-1]  # where mx.split cuts the group's output into the members'
         self._input: Optional[mx.array] = None
         self._pieces: list = []
         self._served = 0

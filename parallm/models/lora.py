@@ -32,7 +32,7 @@ from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToSharded
                                        QuantizedShardedToAllLinear, ShardedToAllLinear)
 from mlx.utils import tree_unflatten
 
-from parallm.models.fused_projections import concatenable, dissolve as dissolve_projection_group
+from parallm.models.fused_projections import concatenable, dissolve as dissolve_projection_group, share_rows
 from parallm.models.lora_kernel import MAX_RANK, LoRADeltaKernel, fits, shared_kernel
 from parallm.models.lora_sharding import SHARDED_TO_ALL, shard_lora, sharding_style
 
@@ -310,21 +310,9 @@ class _FusedBase:
     falls back to per-member base calls, which stay correct."""
 
     def __init__(self, members: list):
-        weights = [m.base.weight for m in members]
-        self.weight = mx.concatenate(weights, axis=0)
-        biases = [m.base.bias for m in members] if "bias" in members[0].base else None
-        self.bias = mx.concatenate(biases, axis=0) if biases is not None else None
-        mx.eval(self.weight, *([self.bias] if self.bias is not None else []))
-        self._views = []
-        row = 0
-        for m, w in zip(members, weights):
-            view = self.weight[row: row + w.shape[0]]
-            m.base.weight = view
-            self._views.append(view)
-            if self.bias is not None:
-                m.base.bias = self.bias[row: row + w.shape[0]]
-            row += w.shape[0]
-        mx.eval(*self._views)  # the views now share the concatenated buffer; the originals can go
+        whole = share_rows([m.base for m in members])
+        self.weight, self.bias = whole["weight"], whole.get("bias")
+        self._views = [m.base["weight"] for m in members]
         self._bases = [m.base for m in members]
 
     @staticmethod
