@@ -41,11 +41,16 @@ def chat_prompt(tokenizer: Any, request: ChatCompletionRequest, model: str) -> P
             message["name"] = m.name
         if m.tool_call_id:
             message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
         messages.append(message)
+    extra = dict(request.chat_template_kwargs or {})
+    tools = request.template_tools()
+    if tools is not None:
+        extra["tools"] = tools
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=request.add_generation_prompt,
-            **(request.chat_template_kwargs or {}))
+            messages, tokenize=False, add_generation_prompt=request.add_generation_prompt, **extra)
     except Exception as e:  # jinja's raise_exception and friends: the messages broke a template rule
         raise InvalidRequest(f"The chat template rejected the messages: {e}", param="messages") from None
     # The template already holds any BOS token; adding special tokens again would double it.

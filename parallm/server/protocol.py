@@ -126,11 +126,24 @@ class TextContentPart(_Request):
     text: str
 
 
+class FunctionSpec(_Request):
+    name: str = Field(..., min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class ToolSpec(_Request):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[TextContentPart]]] = None
     name: Optional[str] = None
     tool_call_id: Optional[str] = None
+    # an earlier turn's calls, sent back by the client as history; the chat template renders them
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -163,12 +176,41 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM extra
     chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM extra
+    # Tools reach the chat template (a template that knows them tells the model); what the model
+    # writes comes back as message content: there is no tool-call parser, so nothing can be forced.
+    tools: Optional[list[ToolSpec]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    response_format: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def _check_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_forced_tool_calls(cls, v):
+        if v is not None and v not in ("none", "auto"):
+            shown = v if isinstance(v, str) else "a named function"
+            raise ValueError(f"tool_choice {shown!r} is not supported: parallm does not parse or force tool "
+                             "calls; use 'auto' or 'none' (the model's text comes back as content)")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        kind = v.get("type") if isinstance(v, dict) else None
+        if v is not None and kind != "text":
+            raise ValueError(f"response_format type {kind!r} is not supported: parallm has no constrained "
+                             "decoding; only {'type': 'text'} is accepted (ask for JSON in the prompt instead)")
+        return v
+
+    def template_tools(self) -> Optional[list[dict[str, Any]]]:
+        """The tools to hand the chat template: none when there are none or tool_choice is 'none'."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def requested_max_tokens(self) -> Optional[int]:
         # max_completion_tokens is the newer name; it wins when both are given.

@@ -171,6 +171,11 @@ def test_unknown_model_is_not_found_and_lists_served_models(client):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
 ])
 def test_invalid_fields_are_bad_requests_naming_the_field(client, bad, field):
     kwargs = dict(model=MODEL, messages=HELLO, max_tokens=2)
@@ -195,6 +200,17 @@ def test_out_of_vocabulary_token_prompt_is_a_bad_request(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=[1, 2, 10**9], max_tokens=2)
     assert "vocabulary" in e.value.message
+
+
+def test_tools_with_auto_and_a_text_response_format_are_served_as_text(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    history = HELLO + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=3, tools=tools,
+                                       tool_choice="auto", response_format={"type": "text"})
+    assert r.usage.completion_tokens == 3 and isinstance(r.choices[0].message.content, str)
+    assert not r.choices[0].message.tool_calls
 
 
 def test_unknown_fields_are_ignored(client):
