@@ -122,14 +122,19 @@ class TokenDecoder:
     def token_text(self, token_id: int) -> str:
         """One token rendered alone (for logprobs): its text, or 'bytes:\\xNN' when its bytes are
         not valid UTF-8 by themselves."""
+        return render_bytes(self.token_raw(token_id))
+
+    def token_raw(self, token_id: int) -> bytes:
+        """One token's own bytes: from the byte-level table, a SentencePiece byte piece
+        ('<0xF0>'), or else the UTF-8 of its decoded text."""
         if self.token_bytes is not None and 0 <= token_id < len(self.token_bytes):
-            return render_bytes(self.token_bytes[token_id])
+            return self.token_bytes[token_id]
         text = self.tokenizer.decode([token_id])
         if "\ufffd" in text:
             raw = self._sentencepiece_byte(token_id)
             if raw is not None:
-                return render_bytes(raw)
-        return text
+                return raw
+        return text.encode("utf-8", errors="replace")
 
     def _sentencepiece_byte(self, token_id: int) -> Optional[bytes]:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from parallm.engine.choice_output import ChoiceOutput
 from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
+from parallm.engine.detokenizer import TokenDecoder, render_bytes
 from parallm.engine.kv_budget import default_kv_budget_bytes
 from parallm.engine.kv_cache import probe_kv_shape
 from parallm.engine.model_runner import LaunchedStep, ModelRunner
@@ -289,9 +290,15 @@ class Engine:
     def _logprobs(self, seq: Sequence, sampled: SampledToken) -> Optional[list[TokenLogprob]]:
         if not seq.params.logprobs or sampled.logprob is None:
             return None
-        tok = self.tokenizer
-        top = [TopLogprob(t, tok.decode([t]), lp) for t, lp in (sampled.top or [])]
-        return [TokenLogprob(sampled.token_id, tok.decode([sampled.token_id]), sampled.logprob, top)]
+        # a token's text alone: a partial UTF-8 character (one byte of an emoji) is written
+        # 'bytes:\\xf0\\x9f' as OpenAI does, not decoded to U+FFFD, and its bytes go along as they are
+        decoder = TokenDecoder.for_tokenizer(self.tokenizer)
+        top = []
+        for token_id, logprob in sampled.top or []:
+            raw = decoder.token_raw(token_id)
+            top.append(TopLogprob(token_id, render_bytes(raw), logprob, raw))
+        raw = decoder.token_raw(sampled.token_id)
+        return [TokenLogprob(sampled.token_id, render_bytes(raw), sampled.logprob, top, raw)]
 
     def reset_after_warm_up(self) -> None:
         """Forget what warm-up requests left: prefix-cache entries and counters."""

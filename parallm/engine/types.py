@@ -46,9 +46,13 @@ class EngineRequest:
 
 @dataclass
 class TopLogprob:
+    """`token` is the token's text alone, or 'bytes:\\xNN..' when its bytes are not UTF-8 by
+    themselves (OpenAI's spelling); `raw` is its bytes (None: the UTF-8 of `token`)."""
+
     token_id: int
     token: str
     logprob: float
+    raw: Optional[bytes] = None
 
 
 @dataclass
@@ -59,6 +63,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
+    raw: Optional[bytes] = None  # as TopLogprob.raw
 
 
 @dataclass

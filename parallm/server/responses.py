@@ -18,14 +18,15 @@ def usage_info(usages: list[Usage]) -> UsageInfo:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
-def _utf8(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="replace"))
+def _bytes(t) -> list[int]:
+    """A token's own bytes (a lone byte of an emoji stays that byte), else its text's UTF-8."""
+    return list(t.raw) if t.raw is not None else list(t.token.encode("utf-8", errors="replace"))
 
 
 def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs(content=[
-        ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=_utf8(t.token),
-                         top_logprobs=[ChatTopLogprob(token=a.token, logprob=a.logprob, bytes=_utf8(a.token))
+        ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=_bytes(t),
+                         top_logprobs=[ChatTopLogprob(token=a.token, logprob=a.logprob, bytes=_bytes(a))
                                        for a in t.top])
         for t in items])
 

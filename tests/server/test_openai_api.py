@@ -135,6 +135,24 @@ def test_chat_logprobs_with_top_alternatives(client):
         assert item.bytes == list(item.token.encode())
 
 
+def test_a_partial_utf8_token_keeps_its_own_bytes_in_logprobs(client, hf_tokenizer):
+    """One byte-level token holding the first two bytes of an emoji: written 'bytes:\\xf0\\x9f' as
+    OpenAI writes such tokens, with those two bytes, not U+FFFD and its UTF-8."""
+    first = hf_tokenizer.encode("\U0001F600", add_special_tokens=False)[0]
+    assert hf_tokenizer.decode([first]) == "\ufffd"  # the case in question: not a character alone
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0,
+                                       logit_bias={str(first): 100}, logprobs=True, top_logprobs=2)
+    entries = r.choices[0].logprobs.content
+    assert [e.token for e in entries] == ["bytes:\\xf0\\x9f"] * 2
+    assert [e.bytes for e in entries] == [[0xF0, 0x9F]] * 2
+    for alternative in entries[0].top_logprobs:  # the unbiased top ones: text and bytes agree
+        raw = bytes(alternative.bytes)
+        try:
+            assert raw.decode("utf-8") == alternative.token
+        except UnicodeDecodeError:
+            assert alternative.token == "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def test_completion_logprobs(client):
     r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, temperature=0, logprobs=2)
     lp = r.choices[0].logprobs
