@@ -22,7 +22,7 @@ from parallm.server.http_metrics import install_observability
 from parallm.server.metrics import MetricsSources, ServingMetrics, primary_model_name
 from parallm.server.middleware import ApiKeyAuth, BodySizeLimit, DrainingGate
 from parallm.server.observed_engine import ObservedEngine
-from parallm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from parallm.server.protocol import ChatCompletionRequest, CompletionRequest
 from parallm.server.serving import OpenAIServing
 
 openai_router = APIRouter()
@@ -42,9 +42,14 @@ async def completions(body: CompletionRequest, request: Request):
     return await _serving(request).completions(body, request)
 
 
-@openai_router.get("/v1/models", response_model=ModelList)
+@openai_router.get("/v1/models")
 async def list_models(request: Request):
     return _serving(request).models()
+
+
+@openai_router.get("/v1/models/{model_id:path}")  # ':path': names such as 'org/model' or 'ft:...'
+async def retrieve_model(model_id: str, request: Request):
+    return _serving(request).model(model_id)
 
 
 @openai_router.get("/health")

@@ -361,11 +361,6 @@ class ModelCard(BaseModel):
     parent: Optional[str] = None  # adapter: the base model it runs on
 
 
-class ModelList(BaseModel):
-    object: str = "list"
-    data: list[ModelCard]
-
-
 class ErrorBody(BaseModel):
     message: str
     type: str

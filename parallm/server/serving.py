@@ -24,7 +24,7 @@ from parallm.server.admission import Admission
 from parallm.server.errors import engine_error_payload
 from parallm.server.prompts import Prompt, chat_prompt, check_token_ids, completion_prompt, prompt_text
 from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
-                                     CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList,
+                                     CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                                      SamplingFields)
 from parallm.server.responses import Collected, chat_logprobs, completion_logprobs, usage_info
 from parallm.server.prompt_worker import PromptWorker
@@ -154,16 +154,27 @@ class OpenAIServing:
 
     # ---- models ---------------------------------------------------------------------------------
 
-    def models(self) -> ModelList | JSONResponse:
+    def _model_cards(self) -> list[dict]:
         model_cards = getattr(self.engine, "model_cards", None)
         if model_cards is not None:  # a model registry: every base model and adapter, with metadata
-            return JSONResponse({"object": "list", "data": model_cards()})
+            return model_cards()
         cards = [ModelCard(id=name, root=name) for name in self.engine.model_names()]
         # LoRA adapters are listed as models whose parent is their base model (vLLM's convention).
         adapter_infos = getattr(self.engine, "adapter_infos", None)
         for a in adapter_infos() if adapter_infos else []:
             cards.append(ModelCard(id=a.name, created=a.created, root=a.path, parent=a.parent))
-        return ModelList(data=cards)
+        return [card.model_dump() for card in cards]
+
+    def models(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": self._model_cards()})
+
+    def model(self, name: str) -> JSONResponse:
+        """One entry of /v1/models (the SDK's models.retrieve); an unknown name is a 404 listing them."""
+        cards = self._model_cards()
+        for card in cards:
+            if card["id"] == name:
+                return JSONResponse(card)
+        raise UnknownModel(name, [card["id"] for card in cards])
 
     def _resolve_model(self, name: str) -> tuple[str, Optional[str]]:
         """(base model, adapter or None). `"model": "<adapter name>"` runs the adapter's base model

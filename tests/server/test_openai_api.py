@@ -30,6 +30,15 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def test_models_retrieve_one_and_an_unknown_one(client):
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("org/no-such-model")
+    assert "org/no-such-model" in e.value.message and MODEL in e.value.message
+    assert e.value.body["code"] == "model_not_found"
+
+
 def test_chat_completion_counts_tokens_through_the_chat_template(client, hf_tokenizer):
     r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0)
     templated = hf_tokenizer.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True)
