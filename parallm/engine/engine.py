@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from parallm.engine.choice_output import ChoiceOutput
-from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.detokenizer import TokenDecoder, render_bytes
+from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.kv_budget import default_kv_budget_bytes
 from parallm.engine.kv_cache import probe_kv_shape
 from parallm.engine.model_runner import LaunchedStep, ModelRunner
