@@ -148,3 +148,36 @@ def test_service_killed_and_restarted_resumes_the_job(model_dir, tmp_path):
     finally:
         ft.shutdown()
         store.close()
+
+
+def test_a_restarted_service_serves_again_the_models_of_jobs_that_succeeded(model_dir, tmp_path):
+    data, ready = tmp_path / "data", []
+    ft = open_fine_tuning(data, base_models={"tiny": str(model_dir)}, on_adapter_ready=lambda *a: ready.append(a))
+    ft.start()
+    try:
+        f = ft.files.save_bytes(text_rows(4), filename="t.jsonl", purpose="fine-tune")
+        job = ft.jobs.create(JobRequest(model="tiny", training_file=f.id, hyperparameters={"n_epochs": 1, "batch_size": 2}))
+        done = wait_for(lambda: (j := ft.jobs.get(job.id)).status in TERMINAL and j, what="the job")
+        assert done.status == "succeeded", done.error
+    finally:
+        ft.shutdown()
+    assert [a[0] for a in ready] == [done.fine_tuned_model]
+
+    again = []
+    ft = open_fine_tuning(data, base_models={"tiny": str(model_dir)}, on_adapter_ready=lambda *a: again.append(a))
+    ft.start()  # a new server process on the same data dir
+    try:
+        assert again == [(done.fine_tuned_model, ft.jobs.adapter_dir(job.id), "tiny")]
+        assert is_complete_adapter_dir(again[0][1])
+    finally:
+        ft.shutdown()
+
+    def refuse(*_):
+        raise ValueError("this adapter no longer fits the base model")
+
+    ft = open_fine_tuning(data, base_models={"tiny": str(model_dir)}, on_adapter_ready=refuse)
+    ft.start()  # one adapter that cannot be served again does not stop the service
+    try:
+        assert ft.jobs.get(job.id).status == "succeeded"
+    finally:
+        ft.shutdown()

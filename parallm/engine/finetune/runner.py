@@ -83,6 +83,7 @@ class JobRunner:
         self.pause_flag.parent.mkdir(parents=True, exist_ok=True)
         self.pause_flag.unlink(missing_ok=True)
         self.recover()
+        self.serve_finished()
         self._thread = threading.Thread(target=self._loop, name="parallm-finetune-runner", daemon=True)
         self._thread.start()
 
@@ -103,6 +104,24 @@ class JobRunner:
             self._fail(job.id, "interrupted", "The server stopped while validating this job's files; create it again.")
         for job in self.store.jobs_with_status("running"):
             self._requeue(job, "parallm restarted while this job was running")
+
+    def serve_finished(self) -> None:
+        """Hand the adapters of the jobs that succeeded before this start to `on_adapter_ready`, so
+        that a restarted server still serves every `ft:...` model it had (they are a job's result,
+        kept in the data dir). One that cannot be loaded is logged and skipped: the job stays
+        succeeded, its files stay, and the rest are still served."""
+        if self.on_adapter_ready is None:
+            return
+        for job in self.store.jobs_with_status("succeeded"):
+            adapter_dir = self.jobs.adapter_dir(job.id)
+            if not job.fine_tuned_model or not is_complete_adapter_dir(adapter_dir):
+                log.warning("fine-tuning job %s succeeded but its adapter at %s is missing or incomplete: not served",
+                            job.id, adapter_dir)
+                continue
+            try:
+                self.on_adapter_ready(job.fine_tuned_model, adapter_dir, job.model)
+            except Exception:
+                log.exception("fine-tuning job %s: serving its adapter again failed", job.id)
 
     # -- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:
