@@ -11,6 +11,7 @@ from parallm.engine.async_engine import AsyncEngine
 from parallm.engine.engine import EngineConfig
 from parallm.server.app import create_app
 from parallm.server.config import ServerSettings
+from parallm.server.fine_tuning_setup import model_deletion_router
 from parallm.server.routes_files import files_router
 from parallm.server.routes_fine_tuning import fine_tuning_router
 from test_served_after_training import greedy_reference
@@ -28,7 +29,8 @@ def served(tmp_path):
     ft = open_fine_tuning(tmp_path / "data", base_models={"tiny": str(model_dir)},
                           on_adapter_ready=lambda name, path, base: manager.load(name, path, trusted=True),
                           serving_busy=lambda: holder["app"].state.admission.in_flight > 0)
-    app = create_app(engine, ServerSettings(), routers=[files_router(ft.files), fine_tuning_router(ft.jobs)])
+    app = create_app(engine, ServerSettings(), routers=[files_router(ft.files), fine_tuning_router(ft.jobs),
+                                                        model_deletion_router(ft, {"tiny": manager})])
     holder["app"] = app
     with LiveServer(app, lifespan="on") as server:  # the engine starts with the app
         ft.start()
@@ -69,3 +71,33 @@ def test_chat_with_the_fine_tuned_model(served):
         out = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert out.choices[0].text == tok.decode(expected), model
+
+
+def test_delete_the_fine_tuned_model(served):
+    client, ft, _ = served
+    f = client.files.create(file=("t.jsonl", io.BytesIO(text_rows(4))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, hyperparameters={"n_epochs": 1, "batch_size": 2})
+    done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j, what="the job")
+    assert done.status == "succeeded", done.error
+    name, hi = done.fine_tuned_model, [{"role": "user", "content": "hi"}]
+    assert client.chat.completions.create(model=name, messages=hi, max_tokens=2).choices[0].message.content is not None
+
+    with pytest.raises(openai.BadRequestError) as e:  # the base model is not a fine-tuned one
+        client.models.delete("tiny")
+    assert "unload" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete("ft:tiny:nothing:0")
+    deleted = client.models.delete(name)
+    assert deleted.id == name and deleted.deleted is True
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=name, messages=hi, max_tokens=2)
+    assert name not in {m.id for m in client.models.list().data}
+    assert not ft.jobs.adapter_dir(job.id).exists()
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"  # the job stays
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(name)  # already gone
+    served_again = []
+    ft.runner.on_adapter_ready = lambda *a: served_again.append(a)
+    ft.runner.serve_finished()  # what the next start does: the deleted model is not served again
+    assert served_again == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,26 @@ class JobService:
                                  estimated_finish=None, only_if_status=("validating_files", "queued", "running")):
             self.store.add_event(job_id, "Job cancelled")
         return self.get(job_id)
+
+    def succeeded_job_of(self, fine_tuned_model: str) -> Optional[JobRecord]:
+        """The succeeded job that made this `ft:...` model, if any."""
+        for job in self.store.jobs_with_status("succeeded"):
+            if job.fine_tuned_model == fine_tuned_model:
+                return job
+        return None
+
+    def delete_model(self, fine_tuned_model: str) -> JobRecord:
+        """Delete a fine-tuned model's adapter files (OpenAI's DELETE /v1/models/{model}); the job
+        and its events stay. A restart no longer serves it, since its adapter is gone. The caller
+        stops serving it first. Unknown (or already deleted) names: UnknownModel."""
+        job = self.succeeded_job_of(fine_tuned_model)
+        adapter_dir = self.adapter_dir(job.id) if job is not None else None
+        if adapter_dir is None or not adapter_dir.exists():
+            raise UnknownModel(fine_tuned_model, [j.fine_tuned_model for j in self.store.jobs_with_status("succeeded")
+                                                  if j.fine_tuned_model and self.adapter_dir(j.id).exists()])
+        shutil.rmtree(adapter_dir)
+        self.store.add_event(job.id, f"The fine-tuned model {fine_tuned_model} was deleted")
+        return job
 
     def events(self, job_id: str, after: Optional[str] = None, limit: int = 20) -> Page:
         self.get(job_id)

@@ -114,6 +114,8 @@ class JobRunner:
             return
         for job in self.store.jobs_with_status("succeeded"):
             adapter_dir = self.jobs.adapter_dir(job.id)
+            if not adapter_dir.exists():
+                continue  # its model was deleted (DELETE /v1/models/{model})
             if not job.fine_tuned_model or not is_complete_adapter_dir(adapter_dir):
                 log.warning("fine-tuning job %s succeeded but its adapter at %s is missing or incomplete: not served",
                             job.id, adapter_dir)
