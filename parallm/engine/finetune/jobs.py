@@ -152,11 +152,13 @@ class JobService:
         and its events stay. A restart no longer serves it, since its adapter is gone. The caller
         stops serving it first. Unknown (or already deleted) names: UnknownModel."""
         job = self.succeeded_job_of(fine_tuned_model)
-        adapter_dir = self.adapter_dir(job.id) if job is not None else None
-        if adapter_dir is None or not adapter_dir.exists():
+        try:
+            if job is None:
+                raise FileNotFoundError(fine_tuned_model)
+            shutil.rmtree(self.adapter_dir(job.id))
+        except FileNotFoundError:  # never made, or deleted already (two deletes racing included)
             raise UnknownModel(fine_tuned_model, [j.fine_tuned_model for j in self.store.jobs_with_status("succeeded")
-                                                  if j.fine_tuned_model and self.adapter_dir(j.id).exists()])
-        shutil.rmtree(adapter_dir)
+                                                  if j.fine_tuned_model and self.adapter_dir(j.id).exists()]) from None
         self.store.add_event(job.id, f"The fine-tuned model {fine_tuned_model} was deleted")
         return job
 
