@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from parallm.engine.errors import EngineDraining, QueueFull
+from parallm.engine.errors import EngineDraining, InvalidRequest, QueueFull
 
 
 @dataclass
@@ -24,10 +24,20 @@ class Admission:
     def __post_init__(self):
         self._idle.set()
 
+    def check_size(self, count: int) -> None:
+        """One HTTP request needing more engine requests (one per prompt) than are ever admitted at
+        once can never get in: a 400 that says so, not a 429 that invites retrying forever."""
+        if count > self.max_in_flight:
+            raise InvalidRequest(
+                f"This request holds {count} prompts, more than the server ever admits at once ({self.max_in_flight}: "
+                "--max-num-seqs plus --max-queue); send them in smaller requests.", param="prompt")
+
     def acquire(self, count: int = 1) -> "Ticket":
-        """Admit `count` engine requests or raise QueueFull / EngineDraining. Never waits."""
+        """Admit `count` engine requests or raise QueueFull / EngineDraining (InvalidRequest if it
+        could never fit). Never waits."""
         if self.draining:
             raise EngineDraining()
+        self.check_size(count)
         if self.in_flight + count > self.max_in_flight:
             raise QueueFull(self.max_queue, retry_after=self.retry_after)
         self.in_flight += count

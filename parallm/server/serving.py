@@ -220,6 +220,7 @@ class OpenAIServing:
         if body.echo and body.logprobs is not None:
             raise InvalidRequest("echo together with logprobs is not supported.", param="echo")
         texts = body.prompts()
+        self.admission.check_size(len(texts))  # before tokenizing a batch that could never be admitted
         if any(isinstance(p, str) for p in texts):
             size = sum(len(p) for p in texts if isinstance(p, str))
             prompts = await self.prompts.run(size, lambda: [completion_prompt(tokenizer, p) for p in texts])

@@ -101,6 +101,18 @@ def test_overload_gives_every_client_a_200_or_a_429(small_server):
     assert wait_until(lambda: small_server.app.state.admission.in_flight == 0)
 
 
+def test_more_prompts_than_ever_admitted_is_a_400_not_a_429(small_server):
+    """4 engine requests are admitted at once: 5 prompts in one request can never fit (retrying a
+    429 would loop forever), 4 do."""
+    client = openai.OpenAI(base_url=small_server.base_url, api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["a", "b", "c", "d", "e"], max_tokens=1)
+    assert e.value.body["param"] == "prompt" and "5 prompts" in e.value.message and "(4:" in e.value.message
+    fits = client.completions.create(model=MODEL, prompt=["a", "b", "c", "d"], max_tokens=1)
+    assert len(fits.choices) == 4
+    assert wait_until(lambda: small_server.app.state.admission.in_flight == 0)
+
+
 def test_openai_client_sees_rate_limit_error(small_server):
     client = openai.OpenAI(base_url=small_server.base_url, api_key="x", max_retries=0)
     streams = [httpx.stream("POST", small_server.base_url + "/completions", timeout=60,
