@@ -22,7 +22,7 @@ from parallm.engine.protocol import EngineClient
 from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
 from parallm.server.admission import Admission
 from parallm.server.errors import engine_error_payload
-from parallm.server.prompts import Prompt, chat_prompt, check_token_ids, completion_prompt, prompt_text
+from parallm.server.prompts import Prompt, chat_prompt, completion_prompt, prompt_text
 from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                                      SamplingFields)
@@ -79,6 +79,10 @@ def sampling_params(body: SamplingFields, prompt: Prompt, context_length: int, v
     if bad_bias:
         raise InvalidRequest(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1}): {bad_bias[:5]}",
                              param="logit_bias")
+    bad_stops = [t for t in body.stop_token_ids or () if t >= vocab]  # (negative ones: protocol.py)
+    if bad_stops:
+        raise InvalidRequest(f"stop_token_ids holds token ids outside the vocabulary (0..{vocab - 1}): {bad_stops[:5]}",
+                             param="stop_token_ids")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -226,8 +230,6 @@ class OpenAIServing:
             prompts = await self.prompts.run(size, lambda: [completion_prompt(tokenizer, p) for p in texts])
         else:  # token ids only: nothing to tokenize, no thread hop
             prompts = [completion_prompt(tokenizer, p) for p in texts]
-        if body.stop_token_ids:
-            check_token_ids(tokenizer, body.stop_token_ids, "stop_token_ids")
         context = self.engine.context_length(model)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         requests = []

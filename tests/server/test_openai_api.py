@@ -194,6 +194,7 @@ def test_unknown_model_is_not_found_and_lists_served_models(client):
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 500}}, "logit_bias"),
     ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"extra_body": {"stop_token_ids": [99999999]}}, "stop_token_ids"),
     ({"stop": ["x"] * 40}, "stop"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
