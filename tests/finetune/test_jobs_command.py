@@ -29,3 +29,16 @@ def test_parallm_jobs_lists_jobs_and_events(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Created fine-tuning job" in out and "Job queued" in out
     assert main(["jobs", "--data-dir", str(tmp_path), "ftjob-nope"]) == 1
+
+
+def test_parallm_jobs_marks_a_deleted_fine_tuned_model(tmp_path, capsys):
+    ft = open_fine_tuning(tmp_path, base_models={"tiny": "unused"})
+    f = ft.files.save_bytes(text_rows(4), filename="t.jsonl", purpose="fine-tune")
+    kept, deleted = (ft.jobs.create(JobRequest(model="tiny", training_file=f.id)) for _ in range(2))
+    for job in (kept, deleted):  # as the runner leaves a finished job
+        ft.store.update_job(job.id, status="succeeded", fine_tuned_model=f"ft:tiny::{job.id[6:]}")
+    ft.jobs.adapter_dir(kept.id).mkdir(parents=True)  # the other's files are gone (DELETE /v1/models/...)
+    ft.store.close()
+    assert main(["jobs", "--data-dir", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines[deleted.id].endswith(" (deleted)") and "(deleted)" not in lines[kept.id]

@@ -42,6 +42,12 @@ class JobRequest:
     method: Optional[dict] = None
 
 
+def adapter_dir_of(data_dir: Path, job_id: str) -> Path:
+    """Where a job's finished adapter lives (gone once its model is deleted)."""
+    assert is_valid_id(job_id, "ftjob"), job_id
+    return Path(data_dir) / "adapters" / job_id
+
+
 def fine_tuned_model_name(base: str, suffix: Optional[str], job_id: str) -> str:
     return f"ft:{base}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
 
@@ -69,8 +75,7 @@ class JobService:
         return self.store.data_dir / "fine_tuning" / job_id
 
     def adapter_dir(self, job_id: str) -> Path:
-        assert is_valid_id(job_id, "ftjob"), job_id
-        return self.store.data_dir / "adapters" / job_id
+        return adapter_dir_of(self.store.data_dir, job_id)
 
     # -- API ------------------------------------------------------------------------------
     def _training_file(self, file_id: str, param: str):

@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from parallm.engine.finetune.jobs import adapter_dir_of
     from parallm.engine.finetune.runner import progress_line
     from parallm.engine.finetune.store import DB_NAME, Store, default_data_dir
 
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
                 line += "  " + progress_line(job.id, metrics[-1].data).split(" ", 1)[1]
             if job.fine_tuned_model:
                 line += f"  -> {job.fine_tuned_model}"
+                if job.status == "succeeded" and not adapter_dir_of(data_dir, job.id).exists():
+                    line += " (deleted)"
             if job.error:
                 line += f"  error: {job.error.get('message')}"
             print(line)
