@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
@@ -155,6 +156,7 @@ class OpenAIServing:
         self.engine = engine
         self.admission = admission
         self.prompts = PromptWorker()  # templates and tokenization, off the event loop
+        self.started = int(time.time())  # a base model's `created` in /v1/models: the same on every call
 
     # ---- models ---------------------------------------------------------------------------------
 
@@ -162,7 +164,7 @@ class OpenAIServing:
         model_cards = getattr(self.engine, "model_cards", None)
         if model_cards is not None:  # a model registry: every base model and adapter, with metadata
             return model_cards()
-        cards = [ModelCard(id=name, root=name) for name in self.engine.model_names()]
+        cards = [ModelCard(id=name, root=name, created=self.started) for name in self.engine.model_names()]
         # LoRA adapters are listed as models whose parent is their base model (vLLM's convention).
         adapter_infos = getattr(self.engine, "adapter_infos", None)
         for a in adapter_infos() if adapter_infos else []:

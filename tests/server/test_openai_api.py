@@ -1,6 +1,8 @@
 """The real openai client against a live server on 127.0.0.1."""
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -27,7 +29,10 @@ HELLO = [{"role": "user", "content": "Say hello to the world, please."}]
 
 
 def test_models_lists_the_served_model(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    first = client.models.list().data
+    assert [m.id for m in first] == [MODEL]
+    time.sleep(1.1)
+    assert [m.created for m in client.models.list().data] == [m.created for m in first]  # a fact, not the clock
 
 
 def test_models_retrieve_one_and_an_unknown_one(client):
