@@ -63,7 +63,7 @@ def completion_prompt(tokenizer: Any, prompt: Union[str, list[int]]) -> Prompt:
         if not ids:
             raise InvalidRequest("The prompt is empty after tokenization.", param="prompt")
         return Prompt(token_ids=ids, text=prompt)
-    check_token_ids(tokenizer, prompt, "prompt")
+    check_token_ids(vocab_size(tokenizer), prompt, "prompt")
     return Prompt(token_ids=list(prompt), text=None)
 
 
@@ -73,8 +73,8 @@ def prompt_text(tokenizer: Any, prompt: Prompt) -> str:
     return prompt.text
 
 
-def check_token_ids(tokenizer: Any, ids: list[int], param: str) -> None:
-    size = vocab_size(tokenizer)
+def check_token_ids(size: int, ids, param: str) -> None:
+    """A 400 naming the ids outside a vocabulary of `size` (prompt ids, stop_token_ids)."""
     bad = [t for t in ids if not 0 <= t < size]
     if bad:
         raise InvalidRequest(f"{param} holds token ids outside the vocabulary (0..{size - 1}): {bad[:5]}",

@@ -23,7 +23,7 @@ from parallm.engine.protocol import EngineClient
 from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
 from parallm.server.admission import Admission
 from parallm.server.errors import engine_error_payload
-from parallm.server.prompts import Prompt, chat_prompt, completion_prompt, prompt_text
+from parallm.server.prompts import Prompt, chat_prompt, check_token_ids, completion_prompt, prompt_text
 from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                                      SamplingFields)
@@ -80,10 +80,7 @@ def sampling_params(body: SamplingFields, prompt: Prompt, context_length: int, v
     if bad_bias:
         raise InvalidRequest(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1}): {bad_bias[:5]}",
                              param="logit_bias")
-    bad_stops = [t for t in body.stop_token_ids or () if t >= vocab]  # (negative ones: protocol.py)
-    if bad_stops:
-        raise InvalidRequest(f"stop_token_ids holds token ids outside the vocabulary (0..{vocab - 1}): {bad_stops[:5]}",
-                             param="stop_token_ids")
+    check_token_ids(vocab, body.stop_token_ids or (), "stop_token_ids")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
