@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ from parallm.engine.model_runner import ModelRunner
 from parallm.engine.output_collector import OutputCollector
 from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
 from parallm.engine.warm_up import warm_up
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,6 +136,12 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def health_error(self) -> Optional[str]:
+        """Why this engine cannot serve (its worker died), or None."""
+        if self._dead is None:
+            return None
+        return f"the engine worker for {self._name} died: {type(self._dead).__name__}: {self._dead}"
+
     def stats(self) -> EngineStats:
         idle, since = self._idle
         if since is not None:
@@ -187,6 +196,8 @@ class AsyncEngine:
                         self._flush_pending()  # else the next step's launch hands them over
                 self._stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - every stream must hear about it
+            log.error("the engine worker for %s died; every request now gets 503 engine_dead",
+                      self._name, exc_info=e)
             self._dead = e
             self._fail_all(e)
 

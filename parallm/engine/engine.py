@@ -24,6 +24,7 @@ from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutpu
 from parallm.engine.types import (OUTPUT_HANDOFFS, STEP_PHASES, EngineRequest, EngineStats, RequestOutput,
                                   RequestTimes, TokenLogprob, TopLogprob, Usage)
 from parallm.models.fused_projections import fuse_projections
+from parallm.models.materialize import materialize
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,9 @@ class Engine:
             import mlx.core as mx
 
             self._build_ahead_limit = (6 << 30) if mx.default_device() == mx.gpu else 32 << 20
+        # The probes above ran the model on this thread; whatever it cached lazily must not reach
+        # the worker thread unevaluated.
+        materialize(loaded.model)
 
     # ---- requests ----------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:

@@ -69,8 +69,9 @@ class EngineDraining(EngineError):
 
 
 class EngineDead(EngineError):
-    """The worker died; every waiting request gets this instead of hanging."""
+    """The worker died; every waiting request gets this instead of hanging. 503: the server cannot
+    serve until it is restarted (`--exit-on-engine-death` makes it exit so a supervisor does that)."""
 
-    status = 500
+    status = 503
     type = "server_error"
     code = "engine_dead"

@@ -218,6 +218,13 @@ class MultiModelEngine:
             total.kv_cache_usage = max(p.kv_cache_usage for p in parts)
         return total
 
+    def health_error(self) -> Optional[str]:
+        """Why the server cannot serve: an engine's worker died. None when every engine is fine."""
+        with self._lock:
+            engines = list(self._engines.values())
+        errors = [e for e in (engine.health_error() for engine in engines) if e]
+        return "; ".join(errors) or None
+
     def model_stats(self) -> dict[str, dict]:
         """Per served model (not the retiring ones): its engine's stats as a dict."""
         with self._lock:

@@ -195,9 +195,8 @@ def _load_local(path: Path):
 def load(spec: str | None = None, *, device: str = "auto", keep_quantized: bool = False,
          name: str | None = None) -> LoadedModel:
     """Load `spec` (see the module docstring) onto `device` ('auto', 'gpu' or 'cpu')."""
-    import mlx.core as mx
-
     from parallm.models.device import select_device
+    from parallm.models.materialize import materialize
     from parallm.models.precision import prepare_weights
 
     chosen = select_device(device)
@@ -210,7 +209,7 @@ def load(spec: str | None = None, *, device: str = "auto", keep_quantized: bool 
     before = estimate_before_loading(config, file_bytes, dtype_size=4 if chosen == "cpu" else 2)
     logger.info("loading %s: estimated %s", path, before.describe())
     note = prepare_weights(model, chosen, keep_quantized)
-    mx.eval(model.parameters())
+    materialize(model)
     memory = measure_after_loading(model, config)
     context_length = _context_length(config, tokenizer)
     logger.info("loaded %s on %s (%s): %s", path, chosen, note, memory.describe(context_length))

@@ -41,6 +41,9 @@ class ServerSettings:
     prefix_cache_bytes: Optional[int] = None  # 0 turns the prefix cache off; None: the engine's default
     api_key: Optional[str] = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     drain_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
+    # When an engine worker dies, exit non-zero after a grace period (so /health's 503 and the
+    # requests' engine_dead errors are seen) and let launchd/systemd restart the server.
+    exit_on_engine_death: bool = True
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after: float = 1.0  # seconds suggested to clients that get a 429
     log_level: str = "info"

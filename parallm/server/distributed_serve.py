@@ -70,9 +70,7 @@ def _make_async_engine(loaded, config, leader, watchdog):
 
         def health_error(self) -> Optional[str]:
             """Why /health must say unhealthy: the group failed or the engine worker died."""
-            if watchdog.failure:
-                return watchdog.failure
-            return f"the engine worker died: {self._dead!r}" if self._dead is not None else None
+            return watchdog.failure or super().health_error()
 
     return _DistributedAsyncEngine(loaded, config, engine=leader)
 

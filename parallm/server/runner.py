@@ -22,6 +22,10 @@ log = logging.getLogger("parallm.server")
 
 # After the engine's drain deadline, aborted requests still need a moment to send their last chunk.
 _AFTER_ABORT_GRACE_S = 5.0
+# How often the server asks the engine whether it can still serve, and how long it keeps answering
+# (503 engine_dead, /health 503 with the reason) after it cannot, before exiting.
+ENGINE_HEALTH_POLL_S = 0.5
+ENGINE_DEATH_GRACE_S = 5.0
 
 
 async def drain(app: FastAPI, drain_timeout: float) -> bool:
@@ -39,17 +43,41 @@ async def drain(app: FastAPI, drain_timeout: float) -> bool:
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float,
+                 exit_on_engine_death: bool = False):
         super().__init__(config)
         self.app = app
         self.drain_timeout = drain_timeout
+        self.exit_on_engine_death = exit_on_engine_death
+        self.engine_failure: Optional[str] = None  # why the server exited on its own, if it did
         self._drain_task: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         log.info("event loop: %s.%s", type(self._loop).__module__, type(self._loop).__name__)
-        await super().serve(sockets)
+        watcher = asyncio.ensure_future(self._exit_when_engine_dies()) if self.exit_on_engine_death else None
+        try:
+            await super().serve(sockets)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _exit_when_engine_dies(self) -> None:
+        """A dead engine cannot come back: keep answering 503s for a grace period, then exit so
+        that the supervisor (launchd KeepAlive, systemd Restart=) starts a fresh server."""
+        health_error = getattr(self.app.state.engine, "health_error", None)
+        if health_error is None:
+            return
+        while not self.should_exit:
+            await asyncio.sleep(ENGINE_HEALTH_POLL_S)
+            reason = health_error()
+            if reason:
+                log.error("%s; exiting in %.0f s (--exit-on-engine-death)", reason, ENGINE_DEATH_GRACE_S)
+                await asyncio.sleep(ENGINE_DEATH_GRACE_S)
+                self.engine_failure = reason
+                self.should_exit = True
+                return
 
     def handle_exit(self, sig, frame) -> None:  # called from the signal handler
         if self._drain_task is not None or self._loop is None:
@@ -84,11 +112,16 @@ def set_gil_switch_interval(ms: Optional[float]) -> None:
 
 
 def run_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info",
-               gil_switch_interval_ms: Optional[float] = None, event_loop: str = "auto") -> None:
+               gil_switch_interval_ms: Optional[float] = None, event_loop: str = "auto",
+               exit_on_engine_death: bool = False) -> Optional[str]:
+    """Serve until told to stop. Returns why the server stopped on its own (a dead engine, with
+    exit_on_engine_death), or None after a normal stop."""
     set_gil_switch_interval(gil_switch_interval_ms)
     # log_config=None / access_log=False: logging_setup.configure_logging owns the handlers, and
     # our access log (with request id, route and tokens) replaces uvicorn's.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", loop=event_loop,
                             log_config=None, access_log=False,
                             timeout_graceful_shutdown=_AFTER_ABORT_GRACE_S, backlog=2048)
-    DrainingServer(config, app, drain_timeout).run()
+    server = DrainingServer(config, app, drain_timeout, exit_on_engine_death)
+    server.run()
+    return server.engine_failure

@@ -9,6 +9,8 @@ from parallm.server.config import ConfigError, ServerSettings, load_settings
 
 log = logging.getLogger("parallm.server")
 
+EXIT_ENGINE_DIED = 3  # the engine worker died (--exit-on-engine-death): a supervisor should restart us
+
 # option -> (type, help). Each maps onto the ServerSettings field of the same name.
 _OPTIONS = {
     "model": (str, "model spec: an mlx-lm dir, a HF repo id, or a .gguf file (default: the built-in SmolLM2-135M); "
@@ -58,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in _FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, action="store_const", const=True,
                             default=None, help=help_text)
+    parser.add_argument("--exit-on-engine-death", dest="exit_on_engine_death", action=argparse.BooleanOptionalAction,
+                        default=None, help="when an engine worker dies, exit non-zero after a short grace period "
+                        "so a supervisor restarts the server (default on)")
     parser.add_argument("--no-fine-tuning", dest="fine_tuning", action="store_const", const=False, default=None,
                         help="turn off /v1/files and /v1/fine_tuning/jobs")
     from parallm.server.distributed_serve import add_arguments as add_distributed_arguments
@@ -116,7 +121,7 @@ def engine_config(settings: ServerSettings, config_class):
 
 def cli_settings(args: argparse.Namespace) -> dict:
     """The ServerSettings values given on the command line (None where not given)."""
-    cli = {name: getattr(args, name, None) for name in [*_OPTIONS, *_FLAGS, "fine_tuning"]}
+    cli = {name: getattr(args, name, None) for name in [*_OPTIONS, *_FLAGS, "fine_tuning", "exit_on_engine_death"]}
     for name in _REPEATABLE:  # one --model stays a plain string, exactly as before
         if isinstance(cli.get(name), list) and len(cli[name]) == 1:
             cli[name] = cli[name][0]
@@ -184,9 +189,13 @@ def run(args: argparse.Namespace) -> int:
         fine_tuning.service.start()
     log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), settings.host, settings.port)
     try:
-        run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level,
-                   gil_switch_interval_ms=settings.gil_switch_interval_ms, event_loop=settings.event_loop)
+        failure = run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level,
+                             gil_switch_interval_ms=settings.gil_switch_interval_ms,
+                             event_loop=settings.event_loop, exit_on_engine_death=settings.exit_on_engine_death)
     finally:
         if fine_tuning:
             fine_tuning.service.shutdown()
+    if failure:
+        log.error("exiting with status %d: %s", EXIT_ENGINE_DIED, failure)
+        return EXIT_ENGINE_DIED
     return 0

@@ -244,6 +244,6 @@ def test_killing_a_rank_mid_generation_fails_rank0_cleanly(cluster):
     assert unhealthy["status"] == "unhealthy" and lost.search(unhealthy["error"]), unhealthy
     r = httpx.post(cluster.url + "/v1/completions", timeout=10,
                    json={"model": "tiny", "prompt": prompt(12, 4), "max_tokens": 4})
-    assert r.status_code == 500 and lost.search(r.text), r.text  # EngineDead at once, not a hang
+    assert r.status_code == 503 and lost.search(r.text), r.text  # EngineDead at once, not a hang
     assert cluster.wait_exit(0, timeout=30) == 3, cluster.log(0)[-2000:]
     assert "distributed group failed" in cluster.log(0)

@@ -158,7 +158,9 @@ def test_event_loop_choice_reaches_uvicorn(monkeypatch):
     seen = {}
 
     class Capture:  # stands in for the server: records the uvicorn config instead of serving
-        def __init__(self, config: uvicorn.Config, app, drain_timeout):
+        engine_failure = None
+
+        def __init__(self, config: uvicorn.Config, app, drain_timeout, exit_on_engine_death=False):
             seen["loop"] = config.loop
 
         def run(self):
