@@ -302,15 +302,24 @@ def install_attention_hook(model) -> bool:
     return found
 
 
-def kernels_for(model, n_kv_heads: int, head_dim: int, dtype: mx.Dtype) -> Optional[DecodeAttention]:
+def kernels_for(model, layout) -> Optional[DecodeAttention]:
     """DecodeAttention for this model with its variants compiled, or None where the kernels do
-    not apply or do not compile (then decode keeps MLX's masked attention)."""
-    shape = probe_attention_shape(model)
-    if shape is None or shape[1:] != (n_kv_heads, head_dim) or not DecodeAttention.supports(*shape):
+    not apply or do not compile (then decode keeps MLX's masked attention). `layout` is the
+    model's CacheLayout: the kernels attend every position of plain attention layers only, so any
+    sliding window (however the config names it), recurrent state or attention sink sends the
+    model to MLX's attention."""
+    if not computing_on_cuda() or layout.has_state or layout.has_windows or not layout.attention:
         return None
-    args = getattr(model, "args", None)
-    if any("sliding" in str(t) for t in (getattr(args, "layer_types", None) or [])):
-        return None  # windowed layers need a mask the kernels do not apply
+    if any("sinks" in module for module in model.modules()):
+        return None
+    first = layout.attention[0]
+    if any(layer != first for layer in layout.attention):
+        return None  # one kernel shape for every layer
+    shape = probe_attention_shape(model)
+    if (shape is None or shape[1:] != (first.n_kv_heads, first.k_head_dim) or first.v_head_dim != first.k_head_dim
+            or not DecodeAttention.supports(*shape)):
+        return None
+    dtype = first.dtype
     if not install_attention_hook(model):
         return None
     started = time.monotonic()

@@ -14,7 +14,7 @@ from parallm.engine.choice_output import ChoiceOutput
 from parallm.engine.detokenizer import TokenDecoder, render_bytes
 from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.kv_budget import default_kv_budget_bytes
-from parallm.engine.kv_cache import probe_kv_shape
+from parallm.models.cache_layout import probe_cache_layout
 from parallm.engine.model_runner import LaunchedStep, ModelRunner
 from parallm.engine.pass_shapes import PassShapes
 from parallm.engine.prefix_cache import PrefixCache
@@ -23,6 +23,7 @@ from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutpu
                                       SampledToken)
 from parallm.engine.types import (OUTPUT_HANDOFFS, STEP_PHASES, EngineRequest, EngineStats, RequestOutput,
                                   RequestTimes, TokenLogprob, TopLogprob, Usage)
+from parallm.models.batching_fixes import fix_for_batching
 from parallm.models.fused_projections import fuse_projections
 from parallm.models.materialize import materialize
 
@@ -103,22 +104,34 @@ class Engine:
         if config.fuse_projections:  # in place; a layer an adapter wraps later is unfused again (lora.py)
             groups = fuse_projections(loaded.model)
             log.info("fused %d q/k/v and gate/up projection groups into one matmul each", groups)
-        self.kv_shape = probe_kv_shape(loaded.model)
+        fixes = fix_for_batching(loaded.model)
+        self.cache_layout = probe_cache_layout(loaded.model)
+        # What this model runs with, for logs and /v1/models (a model that cannot share its prompt
+        # rows runs without the prefix cache, and n > 1 choices prefill their prompt each).
+        self.notes = [self.cache_layout.describe()] + fixes
         budget_bytes = config.kv_budget_bytes
         if budget_bytes is None:
             budget_bytes = default_kv_budget_bytes()
-        budget_tokens = budget_bytes // self.kv_shape.bytes_per_token
+        budget_tokens = _budget_tokens(budget_bytes, self.cache_layout, config.max_num_seqs,
+                                       loaded.context_length)
         shapes = PassShapes.for_device()  # one policy for the step budget and the runner's passes
         self.max_num_batched_tokens = config.max_num_batched_tokens or shapes.step_tokens
+        self.shares_prompt_rows = not (self.cache_layout.has_state or self.cache_layout.has_windows)
         self.prefix_cache = (PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
-                             if config.prefix_cache_bytes > 0 else None)
+                             if config.prefix_cache_bytes > 0 and self.shares_prompt_rows else None)
+        if not self.shares_prompt_rows:
+            self.notes.append("prefix cache off and n > 1 choices prefill their prompt each: "
+                              "sliding-window and recurrent-state layers do not keep every position")
+        log.info("%s: %s", getattr(loaded, "name", "model"), "; ".join(self.notes))
+        if isinstance(getattr(loaded, "notes", None), list):  # shown in /v1/models and `parallm info`
+            loaded.notes.extend(self.notes)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, budget_tokens,
                             prefill_wait_steps=config.prefill_wait_steps),
             self.prefix_cache)
         if sampler is None:
             sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))
-        self.runner = ModelRunner(loaded.model, self.kv_shape, config.max_num_seqs, sampler,
+        self.runner = ModelRunner(loaded.model, self.cache_layout, config.max_num_seqs, sampler,
                                   prefix_cache=self.prefix_cache, adapters=adapters, shapes=shapes,
                                   decode_kernels=config.decode_kernels,
                                   pass_tokens=self.max_num_batched_tokens)
@@ -177,8 +190,9 @@ class Engine:
             adapter_key = self.adapters.acquire(req.adapter) or req.adapter
         seqs, choices = [], []
         for i in range(p.n):
+            leader = seqs[0] if seqs and self.shares_prompt_rows else None
             seq = Sequence(f"{req.request_id}/{i}", req.request_id, i, list(req.prompt_token_ids), p,
-                           adapter_key, leader=seqs[0] if seqs else None)
+                           adapter_key, leader=leader)
             seqs.append(seq)
             choices.append(ChoiceOutput(p, self.tokenizer, self._eos_ids))
             self.scheduler.add(seq)
@@ -324,8 +338,9 @@ class Engine:
     # ---- introspection -----------------------------------------------------------------------
     def stats(self) -> EngineStats:
         s = self.scheduler
-        budget = s.config.kv_budget_tokens * self.kv_shape.bytes_per_token
-        used = s.kv_tokens_used() * self.kv_shape.bytes_per_token
+        per_token = self.cache_layout.bytes_per_token
+        budget = s.config.kv_budget_tokens * per_token
+        used = s.kv_tokens_used() * per_token
         return EngineStats(
             num_running=len(s.running), num_waiting=len(s.waiting),
             kv_cache_usage=used / budget if budget else 0.0, kv_bytes_used=used, kv_bytes_budget=budget,
@@ -337,6 +352,15 @@ class Engine:
     def kv_bytes_allocated(self) -> int:
         """Bytes the slot buffers hold right now (0 when idle)."""
         return self.runner.cache.nbytes
+
+
+def _budget_tokens(budget_bytes: int, layout, max_num_seqs: int, context_length: int) -> int:
+    """KV positions all running sequences may hold together. Recurrent state is a fixed cost per
+    row, taken off the top; a model with no attention at all is bounded by its context only."""
+    left = budget_bytes - max_num_seqs * layout.state_bytes_per_sequence
+    if layout.bytes_per_token == 0:
+        return max_num_seqs * context_length
+    return max(0, left) // layout.bytes_per_token
 
 
 def _vocab_size(loaded: Any) -> int:

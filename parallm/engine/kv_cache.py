@@ -16,9 +16,17 @@ Invariants
   once (and waits for it), so a burst of admissions grows the slots a few times, not once per 8.
   When no slot is in use the buffers are dropped, so KV memory returns to zero.
 
+Sliding-window layers keep a ring of `window` positions per slot (position p at index p % window)
+plus one trash index that padding and idle rows write to, so their junk never lands on a position a
+row still needs. A prefill pass attends [the ring as it was, the new tokens] and then writes the
+new tokens' last `window` into the ring; a decode pass writes first and attends the ring. Masks
+hide ring entries by the absolute position each holds, which follows from the row's offset.
+Recurrent-state layers live in a BatchedStateCache (state_cache.py) beside the K/V buffers.
+
 A forward pass is described by a `PassLayout` (which slots the batch rows are, where each row's
-new tokens start, how many positions to return). The model sees one `LayerCache` per layer, which
-speaks the interface mlx-lm models call: `offset`, `update_and_fetch`, `make_mask`.
+new tokens start, how many of them are real, how many positions to return). The model sees one
+cache object per entry of its cache list: a `LayerCache` for attention, which speaks the interface
+mlx-lm models call (`offset`, `update_and_fetch`, `make_mask`), or a `StateLayerCache`.
 """
 from __future__ import annotations
 
@@ -27,40 +35,12 @@ from typing import Optional
 
 import mlx.core as mx
 
+from parallm.models.cache_layout import AttentionLayer, CacheLayout, StateLayer
 from parallm.engine.pass_shapes import round_up
+from parallm.engine.state_cache import BatchedStateCache
 
 POS_STEP = 256  # positions added per capacity growth
 SLOT_STEP = 8  # slot capacity is a multiple of this, and at least doubles when it grows
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """What one token costs in every layer; learned from the model by `probe_kv_shape`."""
-
-    num_layers: int
-    n_kv_heads: int
-    k_head_dim: int
-    v_head_dim: int
-    dtype: mx.Dtype
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.num_layers * self.n_kv_heads * (self.k_head_dim + self.v_head_dim) * self.dtype.size
-
-
-def probe_kv_shape(model) -> KVShape:
-    """Run one token through the model with mlx-lm's own caches to read K/V shapes and dtype."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    caches = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=caches)
-    first = caches[0]
-    if not hasattr(first, "keys") or first.keys is None:
-        raise ValueError(f"{type(first).__name__} is not a standard KV cache; the engine needs one")
-    mx.eval(first.keys, first.values)
-    _, h, _, dk = first.keys.shape
-    dv = first.values.shape[3]
-    return KVShape(len(caches), h, dk, dv, first.keys.dtype)
 
 
 @dataclass
@@ -76,43 +56,73 @@ class PassLayout:
     num_new: int  # tokens per row in this pass (the padded width)
     kv_len: int
     contiguous: bool
-    window_size: Optional[int] = None
+    # real tokens per row (the rest is padding, or a decode pass's idle row: 0); None: all num_new
+    num_real: Optional[list[int]] = None
     # decode pass on CUDA: rows write and attend through DecodeAttention's kernels (no mask, no
     # scatter); the model's attention call is routed to LayerCache.attend (decode_attention.py)
     use_kernels: bool = False
 
 
 class BatchedKVCache:
-    def __init__(self, shape: KVShape, max_slots: int, kernels=None):
-        self.shape = shape
+    def __init__(self, layout: CacheLayout, max_slots: int, kernels=None):
+        self.layout = layout
         self.kernels = kernels  # DecodeAttention, or None where its kernels do not apply
         self.max_slots = max_slots
-        self.keys: list[Optional[mx.array]] = [None] * shape.num_layers
-        self.values: list[Optional[mx.array]] = [None] * shape.num_layers
+        self.specs: list[AttentionLayer] = layout.attention
+        n = len(self.specs)
+        # a sliding-window layer's ring size (positions kept), None for full layers
+        self.rings: list[Optional[int]] = [spec.window for spec in self.specs]
+        self.keys: list[Optional[mx.array]] = [None] * n
+        self.values: list[Optional[mx.array]] = [None] * n
+        states = [layer for layer in layout.layers if isinstance(layer, StateLayer)]
+        self.state = BatchedStateCache(states) if states else None
         self.slot_capacity = 0
-        self.capacity = 0
+        self.capacity = 0  # positions of the full-attention buffers
         self.lengths = [0] * max_slots  # valid positions per slot (host copy)
         self.in_use = [False] * max_slots
-        self.layers = [LayerCache(self, i) for i in range(shape.num_layers)]
+        self._entries: list[tuple[str, int]] = []  # the model's cache entry i -> ("attention"|"state", index)
+        a = st = 0
+        for layer in layout.layers:
+            if isinstance(layer, AttentionLayer):
+                self._entries.append(("attention", a))
+                a += 1
+            else:
+                self._entries.append(("state", st))
+                st += 1
+        self.layers = [LayerCache(self, i) for i in range(n)]
         self._pass: Optional[PassLayout] = None
         self._offsets_arr: Optional[mx.array] = None
         self._slots_arr: Optional[mx.array] = None
         self._row_index: Optional[mx.array] = None
         self._pos_index: Optional[mx.array] = None
         self._same_offset: Optional[int] = None
-        self._written: list[Optional[mx.array]] = [None] * shape.num_layers  # kernel mode only
+        self._written: list[Optional[mx.array]] = [None] * n  # kernel mode only
         self._exact_length = False
         self._max_offset = 0
+        self._per_pass: dict = {}  # ring write indices and masks, shared by the layers of a pass
+
+    @property
+    def shares_prompt_rows(self) -> bool:
+        """True when a slot's first n positions stay valid as it grows, so they can be copied to
+        another slot (n > 1) or stored for the prefix cache. Rings and states do not keep them."""
+        return self.state is None and not any(self.rings)
 
     # ---- slots -------------------------------------------------------------------------------
     def allocate_slot(self) -> Optional[int]:
         """The lowest free slot (so holes fill first), or None when all max_slots are taken."""
         for i, used in enumerate(self.in_use):
             if not used:
-                self.in_use[i] = True
-                self.lengths[i] = 0
+                self.admit(i)
                 return i
         return None
+
+    def admit(self, slot: int) -> None:
+        """A sequence takes `slot`: no valid positions, and its recurrent state starts at zero."""
+        self.in_use[slot] = True
+        self.lengths[slot] = 0
+        if self.state is not None:
+            self.ensure(slot + 1, 0)
+            self.state.reset(slot)
 
     def free_slot(self, slot: int) -> None:
         self.in_use[slot] = False
@@ -122,8 +132,10 @@ class BatchedKVCache:
 
     def release(self) -> None:
         """Drop the buffers (only valid when no slot is in use)."""
-        self.keys = [None] * self.shape.num_layers
-        self.values = [None] * self.shape.num_layers
+        self.keys = [None] * len(self.specs)
+        self.values = [None] * len(self.specs)
+        if self.state is not None:
+            self.state.release()
         self.slot_capacity = 0
         self.capacity = 0
 
@@ -139,13 +151,20 @@ class BatchedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the K/V buffers actually hold (allocated, not just used)."""
-        s = self.shape
-        per_pos = s.n_kv_heads * (s.k_head_dim + s.v_head_dim) * s.dtype.size
-        return s.num_layers * self.slot_capacity * self.capacity * per_pos
+        """Bytes the buffers actually hold (allocated, not just used)."""
+        total = 0
+        for spec, ring in zip(self.specs, self.rings):
+            total += self.slot_capacity * self._positions(ring) * spec.bytes_per_position
+        return total + (self.state.nbytes if self.state is not None else 0)
 
     def used_tokens(self) -> int:
         return sum(l for l, u in zip(self.lengths, self.in_use) if u)
+
+    def _positions(self, ring: Optional[int]) -> int:
+        """Positions a layer's buffer holds per slot: the ring and its trash index, or capacity."""
+        if ring is not None:
+            return ring + 1 if self.slot_capacity else 0
+        return self.capacity
 
     # ---- capacity ----------------------------------------------------------------------------
     def ensure(self, slots_needed: int, positions_needed: int) -> None:
@@ -155,49 +174,64 @@ class BatchedKVCache:
             new_slots = min(self.max_slots, max(round_up(slots_needed, SLOT_STEP), 2 * new_slots))
             new_slots = max(new_slots, slots_needed)
         new_cap = self.capacity
-        if positions_needed > new_cap:
+        if positions_needed > new_cap and not all(self.rings):
             new_cap = round_up(positions_needed, POS_STEP)
         if (new_slots, new_cap) == (self.slot_capacity, self.capacity):
             return
-        s = self.shape
-        for i in range(s.num_layers):
-            k = mx.zeros((new_slots, s.n_kv_heads, new_cap, s.k_head_dim), s.dtype)
-            v = mx.zeros((new_slots, s.n_kv_heads, new_cap, s.v_head_dim), s.dtype)
+        for i, (spec, ring) in enumerate(zip(self.specs, self.rings)):
+            old_positions = self._positions(ring)
+            positions = ring + 1 if ring is not None else new_cap
+            if self.keys[i] is not None and (new_slots, positions) == (self.slot_capacity, old_positions):
+                continue
+            k = mx.zeros((new_slots, spec.n_kv_heads, positions, spec.k_head_dim), spec.dtype)
+            v = mx.zeros((new_slots, spec.n_kv_heads, positions, spec.v_head_dim), spec.dtype)
             if self.keys[i] is not None:
-                k[: self.slot_capacity, :, : self.capacity] = self.keys[i]
-                v[: self.slot_capacity, :, : self.capacity] = self.values[i]
+                k[: self.slot_capacity, :, :old_positions] = self.keys[i]
+                v[: self.slot_capacity, :, :old_positions] = self.values[i]
             self.keys[i], self.values[i] = k, v
             mx.eval(k, v)  # one layer at a time keeps the peak at old + one new layer
+        if self.state is not None:
+            self.state.ensure(new_slots)
         self.slot_capacity, self.capacity = new_slots, new_cap
 
     # ---- row copies (prefix cache, n > 1) -----------------------------------------------------
     def copy_rows(self, src_slot: int, dst_slot: int, num_tokens: int) -> None:
         """Copy positions [0, num_tokens) of one slot into another (n > 1 shares its prompt)."""
+        self._check_rows_shared()
         self.ensure(max(src_slot, dst_slot) + 1, num_tokens)
-        for i in range(self.shape.num_layers):
+        for i in range(len(self.specs)):
             self.keys[i][dst_slot, :, :num_tokens] = self.keys[i][src_slot, :, :num_tokens]
             self.values[i][dst_slot, :, :num_tokens] = self.values[i][src_slot, :, :num_tokens]
         self.lengths[dst_slot] = num_tokens
 
     def read_rows(self, slot: int, num_tokens: int) -> tuple[list[mx.array], list[mx.array]]:
         """Copies of positions [0, num_tokens) of a slot, per layer: ([H, T, Dk]..., [H, T, Dv]...)."""
-        ks = [mx.contiguous(self.keys[i][slot, :, :num_tokens]) for i in range(self.shape.num_layers)]
-        vs = [mx.contiguous(self.values[i][slot, :, :num_tokens]) for i in range(self.shape.num_layers)]
+        self._check_rows_shared()
+        ks = [mx.contiguous(k[slot, :, :num_tokens]) for k in self.keys]
+        vs = [mx.contiguous(v[slot, :, :num_tokens]) for v in self.values]
         return ks, vs
 
     def write_rows(self, slot: int, keys: list[mx.array], values: list[mx.array], num_tokens: int) -> None:
+        self._check_rows_shared()
         self.ensure(slot + 1, num_tokens)
-        for i in range(self.shape.num_layers):
+        for i in range(len(self.specs)):
             self.keys[i][slot, :, :num_tokens] = keys[i][:, :num_tokens]
             self.values[i][slot, :, :num_tokens] = values[i][:, :num_tokens]
         self.lengths[slot] = num_tokens
 
+    def _check_rows_shared(self) -> None:
+        if not self.shares_prompt_rows:
+            raise RuntimeError("rows of sliding-window or recurrent-state layers cannot be copied by position")
+
     # ---- forward passes ----------------------------------------------------------------------
-    def begin_pass(self, layout: PassLayout) -> list["LayerCache"]:
-        """Prepare for one model call; returns the per-layer caches to hand to the model."""
+    def begin_pass(self, layout: PassLayout) -> list:
+        """Prepare for one model call; returns the per-entry caches to hand to the model."""
         rows_end = max(layout.slots) + 1
         self.ensure(rows_end, max(layout.kv_len, max(layout.offsets) + layout.num_new))
+        if layout.num_real is None:
+            layout.num_real = [layout.num_new] * len(layout.slots)
         self._pass = layout
+        self._per_pass = {}
         self._offsets_arr = mx.array(layout.offsets, dtype=mx.int32)
         self._max_offset = max(layout.offsets)
         self._slots_arr = None if layout.contiguous else mx.array(layout.slots, dtype=mx.int32)
@@ -212,16 +246,23 @@ class BatchedKVCache:
             layout.use_kernels = False
         self._row_index = mx.arange(B) if layout.contiguous else self._slots_arr
         self._pos_index = self._offsets_arr[:, None] + mx.arange(N)[None] if N > 1 else self._offsets_arr
-        return self.layers
+        states = (self.state.begin_pass(self._slots_arr, B, layout.num_real)
+                  if self.state is not None else [])
+        return [self.layers[i] if kind == "attention" else states[i] for kind, i in self._entries]
 
     def end_pass(self, lengths_after: dict[int, int]) -> None:
         """Record the new valid lengths of the rows that really computed tokens."""
         for slot, n in lengths_after.items():
             self.lengths[slot] = n
+        if self.state is not None:
+            self.state.end_pass()
         self._pass = None
+        self._per_pass = {}
 
     def _update(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         p = self._pass
+        if self.rings[layer] is not None:
+            return self._update_ring(layer, keys, values)
         B, _, N, _ = keys.shape
         kbuf, vbuf = self.keys[layer], self.values[layer]
         o = self._same_offset
@@ -244,27 +285,89 @@ class BatchedKVCache:
             return kbuf[:B, :, : p.kv_len], vbuf[:B, :, : p.kv_len]
         return kbuf[self._slots_arr, :, : p.kv_len], vbuf[self._slots_arr, :, : p.kv_len]
 
+    def _update_ring(self, layer: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """A sliding-window layer: decode writes, then attends the ring; prefill attends the ring
+        as it was plus the new tokens, then keeps their last `ring` in it."""
+        B, _, N, _ = keys.shape
+        kbuf, vbuf = self.keys[layer], self.values[layer]
+        index = self._ring_write_index(self.rings[layer])
+        rows = self._row_index
+        if N == 1:
+            kbuf[rows, :, index] = keys[:, :, 0]
+            vbuf[rows, :, index] = values[:, :, 0]
+            out_k, out_v = self._gather_rows(kbuf), self._gather_rows(vbuf)
+        else:
+            out_k = mx.concatenate([self._gather_rows(kbuf), keys], axis=2)
+            out_v = mx.concatenate([self._gather_rows(vbuf), values], axis=2)
+            kbuf[rows[:, None], :, index] = keys.transpose(0, 2, 1, 3)
+            vbuf[rows[:, None], :, index] = values.transpose(0, 2, 1, 3)
+        self.keys[layer], self.values[layer] = kbuf, vbuf
+        return out_k, out_v
+
+    def _gather_rows(self, buf: mx.array) -> mx.array:
+        return buf[: len(self._pass.slots)] if self._pass.contiguous else buf[self._slots_arr]
+
+    def _ring_write_index(self, ring: int) -> mx.array:
+        """Where each new token goes in a ring of `ring` positions: p % ring for the last `ring`
+        real tokens of a row, the trash index `ring` for padding, idle rows and older tokens."""
+        key = ("write", ring)
+        if key not in self._per_pass:
+            p = self._pass
+            k = mx.arange(p.num_new)[None]  # [1, N]
+            real = mx.array(p.num_real, dtype=mx.int32)[:, None]
+            keep = (k < real) & (k >= real - ring)
+            index = mx.where(keep, (self._offsets_arr[:, None] + k) % ring, ring)
+            self._per_pass[key] = index[:, 0] if p.num_new == 1 else index
+        return self._per_pass[key]
+
     def _attend(self, layer: int, queries: mx.array, scale: float) -> mx.array:
         return self.kernels.attend(queries, self.keys[layer], self.values[layer], self._offsets_arr,
                                    self._written[layer], scale, self._max_offset)
 
-    def _mask(self, N: int, window_size: Optional[int]) -> Optional[mx.array]:
+    def _mask(self, layer: int, N: int, window_size: Optional[int]) -> Optional[mx.array]:
+        ring = self.rings[layer]
+        if ring is not None:
+            return self._ring_mask(N, window_size or ring, ring)
+        return self._full_mask(N, window_size)
+
+    def _full_mask(self, N: int, window: Optional[int]) -> Optional[mx.array]:
         """[B, 1, N, kv_len] bool: query i of row b (at position offset_b + i) sees key j iff
         j <= offset_b + i (causal, which also hides everything past the row's valid length)."""
         p = self._pass
-        window = window_size or p.window_size
         if p.use_kernels:
             if window:
                 raise RuntimeError("a windowed attention layer cannot run through the decode kernels")
             return None  # the kernels attend each row's own length
         if self._exact_length and window is None:
             return None  # exact-length attention has nothing to hide
-        q_pos = self._offsets_arr[:, None] + mx.arange(N)[None]  # [B, N]
-        k_pos = mx.arange(p.kv_len)
-        mask = k_pos[None, None, :] <= q_pos[:, :, None]
-        if window is not None:
-            mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - window)
-        return mask[:, None]
+        key = ("full", N, window)
+        if key not in self._per_pass:
+            q_pos = self._offsets_arr[:, None] + mx.arange(N)[None]  # [B, N]
+            k_pos = mx.arange(p.kv_len)
+            mask = k_pos[None, None, :] <= q_pos[:, :, None]
+            if window is not None:
+                mask = mask & (k_pos[None, None, :] > q_pos[:, :, None] - window)
+            self._per_pass[key] = mask[:, None]
+        return self._per_pass[key]
+
+    def _ring_mask(self, N: int, window: int, ring: int) -> mx.array:
+        """[B, 1, N, kv] bool over what _update_ring returns. Ring entry j holds the latest
+        position p' <= last with p' % ring == j (last: the row's newest position in the ring),
+        valid if p' >= 0; query q sees it iff p' > q - window. The trash entry is never seen."""
+        key = ("ring", N, window, ring)
+        if key not in self._per_pass:
+            offsets = self._offsets_arr[:, None]  # [B, 1]
+            j = mx.arange(ring + 1)[None]  # [1, ring + 1]
+            last = offsets if N == 1 else offsets - 1  # decode wrote its token first
+            held = last - (last - j) % ring  # [B, ring + 1]
+            q = offsets + mx.arange(N)[None]  # [B, N]
+            seen = ((held >= 0) & (j < ring))[:, None, :] & (held[:, None, :] > q[:, :, None] - window)
+            if N > 1:  # the new tokens: causal within the window
+                i, k = mx.arange(N)[:, None], mx.arange(N)[None]
+                new = (k <= i) & (i - k < window)
+                seen = mx.concatenate([seen, mx.broadcast_to(new[None], (seen.shape[0], N, N))], axis=2)
+            self._per_pass[key] = seen[:, None]
+        return self._per_pass[key]
 
 
 class LayerCache:
@@ -283,7 +386,7 @@ class LayerCache:
         return self._parent._update(self._layer, keys, values)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **kwargs):
-        return self._parent._mask(N, window_size)
+        return self._parent._mask(self._layer, N, window_size)
 
     def attend(self, queries: mx.array, scale: float, sinks=None) -> Optional[mx.array]:
         """The attention output when this pass attends through the kernels, else None (the caller
@@ -303,4 +406,4 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        return self._parent.nbytes // max(1, self._parent.shape.num_layers)
+        return self._parent.nbytes // max(1, len(self._parent.specs))

@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 
 from parallm.engine.decode_attention import kernels_for
-from parallm.engine.kv_cache import BatchedKVCache, KVShape, PassLayout
+from parallm.models.cache_layout import CacheLayout
+from parallm.engine.kv_cache import BatchedKVCache, PassLayout
 from parallm.engine.pass_shapes import PassShapes, group_by_length, round_up
 from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.scheduler import (PLACEHOLDER, DecodeRow, PrefillChunk, RunnerOutput, SampledToken,
@@ -30,7 +31,7 @@ from parallm.engine.sampler import BatchSampler, choice_seed
 def _length_groups(chunks: list[PrefillChunk], pass_cost_tokens: int) -> list[list[PrefillChunk]]:
     """Split prefill chunks into passes of similar length: a pass is right-padded to its longest
     chunk, so mixing a 16-token chunk with a 128-token one computes 112 padding tokens, and each
-    pass has a fixed cost too (PassShapes)."""
+    pass has a fixed cost too (PassShapes). A cost of 0 groups equal lengths only."""
     groups = group_by_length([len(c.token_ids) for c in chunks], pass_cost_tokens)
     return [sorted((chunks[i] for i in g), key=lambda c: c.slot) for g in groups]
 
@@ -44,7 +45,7 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_shape: KVShape, max_slots: int, sampler: BatchSampler, *,
+    def __init__(self, model, layout: CacheLayout, max_slots: int, sampler: BatchSampler, *,
                  prefix_cache: Optional[PrefixCache] = None, adapters: Any = None,
                  shapes: Optional[PassShapes] = None, decode_kernels: bool = True,
                  pass_tokens: Optional[int] = None):
@@ -52,9 +53,11 @@ class ModelRunner:
         self.shapes = shapes or PassShapes.for_device()
         # the step's token budget: a bucketed prefill pass is never padded past it (_capped_parts)
         self.pass_tokens = pass_tokens or self.shapes.step_tokens
-        kernels = (kernels_for(model, kv_shape.n_kv_heads, kv_shape.k_head_dim, kv_shape.dtype)
-                   if decode_kernels else None)
-        self.cache = BatchedKVCache(kv_shape, max_slots, kernels)
+        kernels = kernels_for(model, layout) if decode_kernels else None
+        self.cache = BatchedKVCache(layout, max_slots, kernels)
+        # Recurrent state cannot skip padding: a state model's prefill passes hold chunks of one
+        # length, unpadded (state_cache.py)
+        self.exact_prefill = layout.has_state
         self.sampler = sampler
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # optional: .bind_rows(list of adapter ids per batch row)
@@ -87,7 +90,8 @@ class ModelRunner:
                 self.cache.free_slot(slot)
         for row in out.new_rows:
             self._admit(row)
-        for group in _length_groups(out.prefill, self.shapes.pass_cost_tokens):
+        cost = 0 if self.exact_prefill else self.shapes.pass_cost_tokens
+        for group in _length_groups(out.prefill, cost):
             for part in self._capped_parts(group):
                 self._prefill(part)
         if out.decode:
@@ -112,8 +116,7 @@ class ModelRunner:
     # ---- rows --------------------------------------------------------------------------------
     def _admit(self, row) -> None:
         cache = self.cache
-        cache.in_use[row.slot] = True
-        cache.lengths[row.slot] = 0
+        cache.admit(row.slot)
         n = row.prefix_tokens
         if n and row.copy_from_slot is not None:
             cache.copy_rows(row.copy_from_slot, row.slot, n)
@@ -145,14 +148,16 @@ class ModelRunner:
 
     def _prefill(self, chunks: list[PrefillChunk]) -> None:
         shapes = self.shapes
-        width = shapes.prefill_width(max(len(c.token_ids) for c in chunks))
+        longest = max(len(c.token_ids) for c in chunks)
+        width = longest if self.exact_prefill else shapes.prefill_width(longest)
         # Bucketed rows repeat the last chunk: the copy computes the same K/V at the same
         # positions of the same slot, so its duplicate writes change nothing.
         rows = chunks + [chunks[-1]] * (shapes.prefill_rows(len(chunks)) - len(chunks))
         tokens = mx.array([c.token_ids + [0] * (width - len(c.token_ids)) for c in rows], dtype=mx.int32)
         offsets = [c.offset for c in rows]
         layout = PassLayout(slots=[c.slot for c in rows], offsets=offsets, num_new=width,
-                            kv_len=round_up(max(offsets) + width, shapes.prefill_kv_step), contiguous=False)
+                            kv_len=round_up(max(offsets) + width, shapes.prefill_kv_step), contiguous=False,
+                            num_real=[len(c.token_ids) for c in rows])
         layers = self.cache.begin_pass(layout)
         self._bind_adapters(layout.slots)
         self.model(tokens, cache=layers)  # logits unused: only K/V get evaluated
@@ -187,8 +192,11 @@ class ModelRunner:
         if any(from_device):
             inputs = mx.where(mx.array(from_device), self._slot_tokens[:num_rows], inputs)
         kv_len = round_up(max(offsets) + 1, self.shapes.decode_kv_step)
-        layout = PassLayout(slots=list(range(num_rows)), offsets=offsets, num_new=1,
-                            kv_len=kv_len, contiguous=True, use_kernels=cache.kernels is not None)
+        real = [0] * num_rows
+        for d in out.decode:
+            real[d.slot] = 1
+        layout = PassLayout(slots=list(range(num_rows)), offsets=offsets, num_new=1, kv_len=kv_len,
+                            contiguous=True, num_real=real, use_kernels=cache.kernels is not None)
         layers = cache.begin_pass(layout)
         self._bind_adapters(layout.slots)
         logits = self.model(inputs[:, None], cache=layers)[:, -1, :]

@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from parallm._blas import blas_in_use
     from parallm.models import ModelLoadError, load
+    from parallm.models.cache_layout import UnsupportedCache, probe_cache_layout
     from parallm.models.device import describe_device
     from parallm.models.memory import format_bytes
 
@@ -27,11 +28,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"parallm info: {e}", file=sys.stderr)
         return 1
     c = lm.config
+    try:
+        layout = probe_cache_layout(lm.model).describe()
+    except UnsupportedCache as e:
+        layout = f"not servable by the batched engine: {e}"
     rows = [
         ("name", lm.name),
         ("source", lm.source),
         ("architecture", c.get("model_type", "?")),
         ("layers", c.get("num_hidden_layers", "?")),
+        ("cache", layout),
         ("context length", lm.context_length),
         ("weights", format_bytes(lm.memory.weight_bytes)),
         ("KV cache", f"{format_bytes(lm.memory.kv_bytes_per_token)} per token, "

@@ -40,7 +40,9 @@ class LoadedModel:
     memory: MemoryEstimate  # measured after loading and device preparation
     source: str            # the local path the weights came from
     device: str = "cpu"    # 'gpu' or 'cpu', as selected by load(device=...)
-    notes: list[str] = field(default_factory=list)  # what the loader did, for `parallm info`
+    # what the loader and the engine did (precision, cache layout, what is off), for `parallm info`
+    # and /v1/models
+    notes: list[str] = field(default_factory=list)
 
 
 def default_model_path() -> Path:

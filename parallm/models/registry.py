@@ -57,12 +57,14 @@ class ModelCard:
     context_length: Optional[int]
     memory_bytes: Optional[int]  # weights (models) or adapter tensors (adapters)
     kv_bytes_per_token: Optional[int] = None
+    notes: tuple[str, ...] = ()  # how the model is loaded and served (LoadedModel.notes)
 
     def to_openai(self) -> dict:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
                 "root": self.root, "parent": self.parent,
                 "parallm": {"kind": self.kind, "context_length": self.context_length,
-                            "memory_bytes": self.memory_bytes, "kv_bytes_per_token": self.kv_bytes_per_token}}
+                            "memory_bytes": self.memory_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
+                            "notes": list(self.notes)}}
 
 
 def _default_loader(spec: Optional[str], *, name: Optional[str] = None, **kwargs):
@@ -176,7 +178,8 @@ class ModelRegistry:
                 root=str(getattr(slot.loaded, "source", None) or slot.spec or name), parent=None,
                 kind="model", context_length=getattr(slot.loaded, "context_length", None),
                 memory_bytes=self._weight_bytes(slot.loaded),
-                kv_bytes_per_token=getattr(mem, "kv_bytes_per_token", None)))
+                kv_bytes_per_token=getattr(mem, "kv_bytes_per_token", None),
+                notes=tuple(getattr(slot.loaded, "notes", None) or ())))
         for a in adapters:
             parent = slots.get(a.parent)
             cards.append(ModelCard(

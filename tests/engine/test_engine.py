@@ -99,7 +99,7 @@ def test_n_choices_share_prefill(tiny_loaded):
 def test_preemption_under_tiny_kv_budget_keeps_output_correct(tiny_loaded):
     prompts = [make_prompt(20 + i, 10 + 5 * i) for i in range(5)]
     probe = Engine(tiny_loaded, EngineConfig())
-    per_token = probe.kv_shape.bytes_per_token
+    per_token = probe.cache_layout.bytes_per_token
     # room for ~2 sequences at a time; all 5 are admitted early, then must preempt to grow
     engine = Engine(tiny_loaded, EngineConfig(kv_budget_bytes=per_token * 90, prefix_cache_bytes=0))
     outs = run_to_completion(engine, {0: [greedy_request(f"p{i}", p, 25) for i, p in enumerate(prompts)]})

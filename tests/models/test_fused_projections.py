@@ -15,7 +15,7 @@ from parallm.models.fused_projections import GroupedLinear, fuse_projections, gr
 
 from tests.adapters.conftest import write_adapter_dir
 from tests.adapters.test_lora import PROMPTS, greedy, reference
-from tests.engine.engine_helpers import make_prompt, reference_greedy, run_to_completion
+from tests.engine_helpers import make_prompt, reference_greedy, run_to_completion
 from tests.tiny_models import load_tiny
 
 
