@@ -30,7 +30,10 @@ case "$part" in
   tests)  # the CUDA-only kernel tests and the mlx-lm comparisons that run through them
     timeout 280 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_lora_kernel.py \
       tests/adapters/test_lora.py tests/engine/test_warm_up.py 2>&1 | tee "$OUT/tests.log" | tail -15
-    timeout 280 python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_decode_kernels.py 2>&1 | tail -5 ;;
+    timeout 280 python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_decode_kernels.py 2>&1 | tail -5
+    # every family batched on the device's own backend (CUDA: bucketed prefill padding, rings, state)
+    PARALLM_TEST_DEVICE=gpu timeout 400 python3 -m pytest -q -p no:cacheprovider tests/models/test_families.py \
+      tests/engine/test_engine.py tests/engine/test_kv_cache.py 2>&1 | tee "$OUT/families.log" | tail -15 ;;
   adapters)  # issue 5: mixed/base at batch 32 and 64, default-model shape and Llama-1B shape
     # (the 1B ratio moves 0.68-0.92 between processes on one machine: run it more than once)
     timeout 120 python3 loadtests/bench_lora_kernel.py > "$OUT/lora-kernel.json" 2>&1; tail -c 600 "$OUT/lora-kernel.json"; echo

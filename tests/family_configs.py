@@ -183,14 +183,15 @@ _EMBED_SCALE = {"gemma2": 0.125, "lfm2": 0.125, "granite4_h": 0.25}
 _SHARPEN = {"glm4": ("q_proj.weight", "k_proj.weight"), "olmo2": ("q_norm.weight", "k_norm.weight")}
 
 
-def build_family_model(name: str, seed: int = 0):
+def build_family_model(name: str, seed: int = 0, overrides: dict | None = None):
     """The family's mlx-lm model with seeded random float32 weights, as `write_family_model`
-    saves it, and its config."""
+    saves it, and its config (with `overrides` applied to the config's top level)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
     config = json.loads(json.dumps(FAMILIES[name]))  # a deep copy: ModelArgs may mutate dicts
+    config.update(overrides or {})
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
@@ -216,13 +217,13 @@ def build_family_model(name: str, seed: int = 0):
     return model, config
 
 
-def write_family_model(name: str, out: Path, seed: int = 0) -> Path:
+def write_family_model(name: str, out: Path, seed: int = 0, overrides: dict | None = None) -> Path:
     """Write an mlx-lm model directory holding family `name`'s tiny random model with SmolLM2's
     tokenizer; `mlx_lm.load(str(out))` gives back exactly these weights."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    model, config = build_family_model(name, seed)
+    model, config = build_family_model(name, seed, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))

@@ -81,3 +81,41 @@ def test_without_kernels_the_hook_passes_through(tiny_loaded):
     outs = run_to_completion(engine, {0: [EngineRequest("a", make_prompt(3, 9), SamplingParams(
         max_tokens=5, temperature=0.0, ignore_eos=True))]})
     assert tokens_of(outs["a"]) == reference_greedy(tiny_loaded, make_prompt(3, 9), 5)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt_oss", "qwen3_next", "mamba2"])
+def test_kernels_step_aside_for_windows_state_and_sinks(family, tmp_path, monkeypatch):
+    """However a config names its windows (Gemma 3 has no layer_types), a model with a sliding
+    window, recurrent state or attention sinks never gets the kernels, even where they would
+    compile (checked on every backend by pretending to be CUDA; nothing is compiled)."""
+    from mlx_lm import load as mlx_lm_load
+
+    from family_configs import write_family_model
+    from parallm.engine import decode_attention
+    from parallm.models.cache_layout import probe_cache_layout
+
+    model, _ = mlx_lm_load(str(write_family_model(family, tmp_path / family)))
+    monkeypatch.setattr(decode_attention, "computing_on_cuda", lambda: True)
+    monkeypatch.setattr(decode_attention.DecodeAttention, "supports", staticmethod(lambda *a: True))
+    monkeypatch.setattr(decode_attention, "DecodeAttention", None)  # constructing it would fail the test
+    assert decode_attention.kernels_for(model, probe_cache_layout(model)) is None
+
+
+@cuda
+@pytest.mark.parametrize("family", ["gemma3", "gpt_oss", "qwen3_next"])
+def test_windowed_and_hybrid_families_on_cuda_match_mlx_lm(family, tmp_path):
+    """Head dims the kernels would take (64): the engine must still match mlx-lm alone."""
+    from family_configs import write_family_model
+
+    loaded = load_tiny(write_family_model(family, tmp_path / family, overrides={"head_dim": 64}))
+    engine = Engine(loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=24))
+    assert engine.runner.cache.kernels is None
+    schedule: dict[int, list] = {}
+    lengths = [5, 29, 13, 41, 2, 20]
+    for i, n in enumerate(lengths):
+        req = EngineRequest(f"r{i}", make_prompt(i, n), SamplingParams(max_tokens=8 + i, temperature=0.0,
+                                                                       ignore_eos=True))
+        schedule.setdefault(i * 5 // 4, []).append(req)
+    outs = run_to_completion(engine, schedule)
+    for i, n in enumerate(lengths):
+        assert tokens_of(outs[f"r{i}"]) == reference_greedy(loaded, make_prompt(i, n), 8 + i), (family, i)

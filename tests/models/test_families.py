@@ -4,6 +4,8 @@ prompt alone, token for token. Each tiny config keeps the family's real features
 sliding windows, sinks, MoE, MLA, linear attention, SSM): see tests/family_configs.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from parallm.engine.engine import Engine, EngineConfig
@@ -16,6 +18,8 @@ from family_configs import FAMILIES, write_family_model
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 # longer than the configs' sliding windows, and mixed, so rows sit at different positions
 PROMPT_LENGTHS = [5, 29, 13, 41, 2, 20]
+# cpu in CI; the GPU check (loadtests/gpu_checks.sh tests) runs these on the device's own backend
+DEVICE = os.environ.get("PARALLM_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -25,7 +29,7 @@ def family(request, tmp_path_factory):
 
     path = write_family_model(request.param, tmp_path_factory.mktemp(request.param))
     reference_model, _ = mlx_lm_load(str(path))
-    return request.param, load(str(path), device="cpu"), reference_model
+    return request.param, load(str(path), device=DEVICE), reference_model
 
 
 class _Reference:
