@@ -67,6 +67,23 @@ class ServerSettings:
     # q/k/v and gate/up of each block as one matmul each (EngineConfig.fuse_projections); off until
     # measured through the engine on a GPU
     fuse_projections: bool = False
+    # --- what a hostile client may cost (docs/reliability.md) ---
+    # a chat template sent in chat_template_kwargs runs only when allowed, in a sandbox with limits
+    allow_client_chat_template: bool = False
+    header_timeout: float = 10.0  # seconds a connection gets to send a request's headers
+    max_header_bytes: int = 32 * 1024  # a request's headers, all together
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    # open connections at most (None: by the process's file limit, raised to its hard limit at start);
+    # past it new connections are refused cheaply and /health still answers
+    max_connections: Optional[int] = None
+    # a stream whose client reads nothing for this long is aborted and its row freed (0: never)
+    stream_stall_timeout: float = 60.0
+    # --- admin routes (model and adapter load/unload) ---
+    # their own key; without one they are off unless the server binds to loopback
+    admin_key: Optional[str] = None
+    models_dir: Optional[str] = None  # run-time model loads must lie under it; None: no local paths
+    allowed_hub_models: Optional[str] = None  # comma-separated repo ids (fnmatch patterns) loadable at run time
+    cors_origin: Optional[str] = None  # comma-separated origins sent CORS headers; None: no CORS headers
 
     def __post_init__(self):
         checks = {
@@ -78,6 +95,11 @@ class ServerSettings:
             "drain_timeout": self.drain_timeout >= 0,
             "max_body_bytes": self.max_body_bytes >= 1024,
             "retry_after": self.retry_after > 0,
+            "header_timeout": self.header_timeout > 0,
+            "max_header_bytes": self.max_header_bytes >= 1024,
+            "keep_alive_timeout": self.keep_alive_timeout > 0,
+            "max_connections": self.max_connections is None or self.max_connections >= 1,
+            "stream_stall_timeout": self.stream_stall_timeout >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -93,6 +115,9 @@ class ServerSettings:
             raise ConfigError(f"event_loop={self.event_loop!r}: use {', '.join(EVENT_LOOPS)}")
         if self.output_handoff not in OUTPUT_HANDOFFS:
             raise ConfigError(f"output_handoff={self.output_handoff!r}: use {', '.join(OUTPUT_HANDOFFS)}")
+        for key in ("api_key", "admin_key"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise ConfigError(f"{key} is empty: give a real key, or leave it out")
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise ConfigError("event_loop='uvloop' but uvloop is not installed (pip install uvloop, or use auto)")
 

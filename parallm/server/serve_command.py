@@ -42,10 +42,25 @@ _OPTIONS = {
     "event_loop": (str, "auto | asyncio | uvloop: the event loop under uvicorn (default auto: uvloop where installed)"),
     "output_handoff": (str, "step | dispatch: when the engine thread hands a step's outputs to the event loop, as "
                             "the step ends (default) or just before the next step's kernels are queued"),
+    "header_timeout": (float, "seconds a connection gets to send a request's headers (default 10)"),
+    "max_header_bytes": (int, "largest request headers accepted, in bytes (default 32768)"),
+    "keep_alive_timeout": (float, "seconds an idle keep-alive connection stays open (default 5)"),
+    "max_connections": (int, "open connections at most; past it new ones are refused and /health still answers "
+                             "(default: below the process's open-files limit)"),
+    "stream_stall_timeout": (float, "abort a stream whose client has read nothing for this many seconds and free "
+                                    "its row; 0 never (default 60)"),
+    "admin_key": (str, "key for the admin routes (model/adapter load and unload); without it they are off unless "
+                       "the server binds to loopback (also PARALLM_ADMIN_KEY)"),
+    "models_dir": (str, "directory that run-time model loads must lie under (default: no local paths)"),
+    "allowed_hub_models": (str, "comma-separated Hugging Face repo ids (fnmatch patterns) loadable at run time "
+                                "(default: none)"),
+    "cors_origin": (str, "comma-separated origins allowed to call the API from a browser (default: no CORS headers)"),
 }
 _REPEATABLE = ("model", "served_model_name")  # append to a list; one value stays a plain string
 # Flags without a value; each maps onto the ServerSettings field of the same name.
 _FLAGS = {"log_prompts": "include prompt text in access-log lines (off by default: prompts may be private)",
+          "allow_client_chat_template": "let requests send their own chat template (chat_template_kwargs."
+                                        "chat_template); it then renders in a sandbox with time and size limits",
           "fuse_projections": "run each block's q/k/v and gate/up projections as one matmul each (experimental: "
                               "fewer kernels per step; not for sharded layers)"}
 
