@@ -127,6 +127,10 @@ FAMILIES: dict[str, dict] = {
                        mamba_d_head=16, mamba_d_state=32, mamba_d_conv=4, mamba_n_groups=1,
                        mamba_expand=2, mamba_proj_bias=False, mamba_conv_bias=True,
                        position_embedding_type="nope", rope_theta=10000.0),
+    "falcon_h1": dict(COMMON, model_type="falcon_h1", hidden_size=64, num_hidden_layers=2,
+                      intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      mamba_d_conv=4, mamba_d_head=16, mamba_d_ssm=128, mamba_d_state=32, mamba_expand=2,
+                      mamba_n_groups=1, mamba_n_heads=8, rope_theta=10000.0),
     "olmo2": dict(COMMON, model_type="olmo2", hidden_size=64, num_hidden_layers=2,
                   intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                   rms_norm_eps=1e-6, rope_theta=500000.0),
@@ -162,6 +166,7 @@ FAMILY_FEATURES: dict[str, str] = {
     "mamba2": "SSM (8 heads, 2 groups, state 32, conv 4), gated RMSNorm",
     "granite4_h": "mamba2 + NoPE attention layers, MoE 4 top-2 + shared MLP, muP multipliers "
                   "(embedding 12, residual 0.22, logits / 4)",
+    "falcon_h1": "parallel Mamba2 + attention in every layer (one CacheList per layer), muP multipliers",
     "olmo2": "q/k norm over full projections, post-norm blocks",
     "smollm3": "NoPE on every other layer (no_rope_layers [1, 0])",
     "glm4": "partial RoPE 0.5 (traditional), qkv bias, post attn/mlp norms, fused gate_up",

@@ -80,14 +80,15 @@ class BatchedKVCache:
         self.capacity = 0  # positions of the full-attention buffers
         self.lengths = [0] * max_slots  # valid positions per slot (host copy)
         self.in_use = [False] * max_slots
-        self._entries: list[tuple[str, int]] = []  # the model's cache entry i -> ("attention"|"state", index)
+        # each layout layer -> ("attention" | "state", its index among those of its kind)
+        self._kinds: list[tuple[str, int]] = []
         a = st = 0
         for layer in layout.layers:
             if isinstance(layer, AttentionLayer):
-                self._entries.append(("attention", a))
+                self._kinds.append(("attention", a))
                 a += 1
             else:
-                self._entries.append(("state", st))
+                self._kinds.append(("state", st))
                 st += 1
         self.layers = [LayerCache(self, i) for i in range(n)]
         self._pass: Optional[PassLayout] = None
@@ -248,7 +249,9 @@ class BatchedKVCache:
         self._pos_index = self._offsets_arr[:, None] + mx.arange(N)[None] if N > 1 else self._offsets_arr
         states = (self.state.begin_pass(self._slots_arr, B, layout.num_real)
                   if self.state is not None else [])
-        return [self.layers[i] if kind == "attention" else states[i] for kind, i in self._entries]
+        leaves = [self.layers[i] if kind == "attention" else states[i] for kind, i in self._kinds]
+        return [tuple(leaves[i] for i in entry) if isinstance(entry, tuple) else leaves[entry]
+                for entry in self.layout.structure]
 
     def end_pass(self, lengths_after: dict[int, int]) -> None:
         """Record the new valid lengths of the rows that really computed tokens."""

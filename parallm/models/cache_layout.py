@@ -6,8 +6,10 @@ and each family mixes three kinds:
 - sliding-window attention (`RotatingKVCache`): K/V of the last `window` positions only;
 - recurrent state (`ArraysCache`: Mamba's conv and SSM state, gated-delta and short-conv layers):
   a few fixed-size arrays per sequence, whatever its length.
-`probe_cache_layout` runs two tokens through the model with those caches and reads the kinds,
-shapes and dtypes back, so the batched cache can lay out the same thing with one row per sequence.
+A `CacheList` groups several of these in one entry (Falcon-H1: a Mamba state and an attention
+layer). `probe_cache_layout` runs two tokens through the model with those caches and reads the
+kinds, shapes and dtypes back, so the batched cache can lay out the same thing with one row per
+sequence.
 """
 from __future__ import annotations
 
@@ -55,7 +57,14 @@ Layer = Union[AttentionLayer, StateLayer]
 
 @dataclass(frozen=True)
 class CacheLayout:
-    layers: tuple[Layer, ...]  # one per entry of the model's cache list, in order
+    layers: tuple[Layer, ...]  # every cache the model holds, in order (a CacheList's members in turn)
+    # the model's cache list: entry i is layer index `entries[i]`, or a tuple of them for a CacheList;
+    # None: one layer per entry
+    entries: Optional[tuple[Union[int, tuple[int, ...]], ...]] = None
+
+    @property
+    def structure(self) -> tuple[Union[int, tuple[int, ...]], ...]:
+        return self.entries if self.entries is not None else tuple(range(len(self.layers)))
 
     @property
     def attention(self) -> list[AttentionLayer]:
@@ -93,30 +102,40 @@ class CacheLayout:
 
 def probe_cache_layout(model) -> CacheLayout:
     """Run two tokens through `model` with mlx-lm's caches and read what each entry holds."""
-    from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
+    from mlx_lm.models.cache import CacheList, make_prompt_cache
 
     caches = make_prompt_cache(model)
     model(mx.array([[0]]), cache=caches)
     model(mx.array([[0]]), cache=caches)  # the second call shows the dtype a state settles to
     layers: list[Layer] = []
-    for i, cache in enumerate(caches):
-        if isinstance(cache, RotatingKVCache):
-            if cache.keep:
-                raise UnsupportedCache(f"cache entry {i} keeps its first {cache.keep} positions "
-                                       "(RotatingKVCache keep > 0), which the batched engine does not hold")
-            layers.append(_attention(cache, window=cache.max_size))
-        elif type(cache) is KVCache:
-            layers.append(_attention(cache, window=None))
-        elif isinstance(cache, ArraysCache):
-            arrays = list(cache.cache)
-            if any(a is None for a in arrays):
-                raise UnsupportedCache(f"cache entry {i} ({type(cache).__name__}) left a state unset")
-            mx.eval(arrays)
-            layers.append(StateLayer(tuple(tuple(a.shape[1:]) for a in arrays), tuple(a.dtype for a in arrays)))
-        else:
-            raise UnsupportedCache(f"cache entry {i} is a {type(cache).__name__}, which the batched engine "
-                                   "does not hold (it holds KVCache, RotatingKVCache and ArraysCache)")
-    return CacheLayout(tuple(layers))
+    entries: list[Union[int, tuple[int, ...]]] = []
+    for i, entry in enumerate(caches):
+        members = list(entry.caches) if isinstance(entry, CacheList) else [entry]
+        indices = tuple(range(len(layers), len(layers) + len(members)))
+        layers.extend(_layer_of(i, cache) for cache in members)
+        entries.append(indices if isinstance(entry, CacheList) else indices[0])
+    grouped = any(isinstance(e, tuple) for e in entries)
+    return CacheLayout(tuple(layers), tuple(entries) if grouped else None)
+
+
+def _layer_of(i: int, cache) -> Layer:
+    from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+
+    if isinstance(cache, RotatingKVCache):
+        if cache.keep:
+            raise UnsupportedCache(f"cache entry {i} keeps its first {cache.keep} positions "
+                                   "(RotatingKVCache keep > 0), which the batched engine does not hold")
+        return _attention(cache, window=cache.max_size)
+    if type(cache) is KVCache:
+        return _attention(cache, window=None)
+    if isinstance(cache, ArraysCache):
+        arrays = list(cache.cache)
+        if any(a is None for a in arrays):
+            raise UnsupportedCache(f"cache entry {i} ({type(cache).__name__}) left a state unset")
+        mx.eval(arrays)
+        return StateLayer(tuple(tuple(a.shape[1:]) for a in arrays), tuple(a.dtype for a in arrays))
+    raise UnsupportedCache(f"cache entry {i} is a {type(cache).__name__}, which the batched engine does not "
+                           "hold (it holds KVCache, RotatingKVCache, ArraysCache and CacheLists of them)")
 
 
 def _attention(cache, window: Optional[int]) -> AttentionLayer:
