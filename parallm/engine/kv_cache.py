@@ -37,6 +37,7 @@ import mlx.core as mx
 
 from parallm.models.cache_layout import AttentionLayer, CacheLayout, StateLayer
 from parallm.engine.pass_shapes import round_up
+from parallm.engine.ring_positions import ring_mask, ring_write_index
 from parallm.engine.state_cache import BatchedStateCache
 
 POS_STEP = 256  # positions added per capacity growth
@@ -311,16 +312,10 @@ class BatchedKVCache:
         return buf[: len(self._pass.slots)] if self._pass.contiguous else buf[self._slots_arr]
 
     def _ring_write_index(self, ring: int) -> mx.array:
-        """Where each new token goes in a ring of `ring` positions: p % ring for the last `ring`
-        real tokens of a row, the trash index `ring` for padding, idle rows and older tokens."""
         key = ("write", ring)
         if key not in self._per_pass:
             p = self._pass
-            k = mx.arange(p.num_new)[None]  # [1, N]
-            real = mx.array(p.num_real, dtype=mx.int32)[:, None]
-            keep = (k < real) & (k >= real - ring)
-            index = mx.where(keep, (self._offsets_arr[:, None] + k) % ring, ring)
-            self._per_pass[key] = index[:, 0] if p.num_new == 1 else index
+            self._per_pass[key] = ring_write_index(self._offsets_arr, p.num_real, p.num_new, ring)
         return self._per_pass[key]
 
     def _attend(self, layer: int, queries: mx.array, scale: float) -> mx.array:
@@ -354,22 +349,9 @@ class BatchedKVCache:
         return self._per_pass[key]
 
     def _ring_mask(self, N: int, window: int, ring: int) -> mx.array:
-        """[B, 1, N, kv] bool over what _update_ring returns. Ring entry j holds the latest
-        position p' <= last with p' % ring == j (last: the row's newest position in the ring),
-        valid if p' >= 0; query q sees it iff p' > q - window. The trash entry is never seen."""
         key = ("ring", N, window, ring)
         if key not in self._per_pass:
-            offsets = self._offsets_arr[:, None]  # [B, 1]
-            j = mx.arange(ring + 1)[None]  # [1, ring + 1]
-            last = offsets if N == 1 else offsets - 1  # decode wrote its token first
-            held = last - (last - j) % ring  # [B, ring + 1]
-            q = offsets + mx.arange(N)[None]  # [B, N]
-            seen = ((held >= 0) & (j < ring))[:, None, :] & (held[:, None, :] > q[:, :, None] - window)
-            if N > 1:  # the new tokens: causal within the window
-                i, k = mx.arange(N)[:, None], mx.arange(N)[None]
-                new = (k <= i) & (i - k < window)
-                seen = mx.concatenate([seen, mx.broadcast_to(new[None], (seen.shape[0], N, N))], axis=2)
-            self._per_pass[key] = seen[:, None]
+            self._per_pass[key] = ring_mask(self._offsets_arr, N, window, ring)
         return self._per_pass[key]
 
 
