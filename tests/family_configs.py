@@ -188,6 +188,11 @@ _EMBED_SCALE = {"gemma2": 0.125, "lfm2": 0.125, "granite4_h": 0.25}
 _SHARPEN = {"glm4": ("q_proj.weight", "k_proj.weight"), "olmo2": ("q_norm.weight", "k_norm.weight")}
 
 
+# Mamba heads start with A = -(1..heads): their state forgets a token within a few steps, so a
+# wrong state after a prefix-cache hit hardly changed the logits. A = -0.05 keeps the past alive.
+_SLOW_DECAY_A_LOG = -3.0
+
+
 def build_family_model(name: str, seed: int = 0, overrides: dict | None = None):
     """The family's mlx-lm model with seeded random float32 weights, as `write_family_model`
     saves it, and its config (with `overrides` applied to the config's top level)."""
@@ -215,6 +220,8 @@ def build_family_model(name: str, seed: int = 0, overrides: dict | None = None):
             v = v * SCALE
         elif k.endswith(_SHARPEN.get(name, ())):
             v = v * 2.0
+        elif k.endswith("A_log"):
+            v = mx.full(v.shape, _SLOW_DECAY_A_LOG)
         weights[k] = v
     model.load_weights(list(weights.items()))
     model.eval()

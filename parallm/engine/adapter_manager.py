@@ -33,7 +33,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import mlx.nn as nn
 
 from parallm.engine.errors import InvalidRequest, UnknownModel
-from parallm.models.adapters import AdapterError, AdapterWeights, check_adapter, read_adapter_files, resolve_under
+from parallm.models.adapters import (AdapterError, AdapterWeights, check_adapter, check_files_inside, read_adapter_files,
+                                     resolve_under)
 from parallm.models.lora import (NO_ADAPTER_SLOT, LoRARowBinding, install_adapter, multi_lora_layers,
                                  uninstall_adapter)
 
@@ -156,6 +157,7 @@ class AdapterManager:
                                    "adapters directory (--adapters-dir).", "path_not_allowed")
             else:
                 adapter_dir = resolve_under(self._adapters_dir, str(path))
+                check_files_inside(self._adapters_dir, adapter_dir, str(path))  # no file links out of the dir
             files = read_adapter_files(adapter_dir)  # slow file I/O: no lock held
             with self._model_lock:  # the worker may be swapping layers in right now
                 weights = check_adapter(files, self._model)

@@ -59,8 +59,8 @@ class RecordingPrefixCache(PrefixCache):
     which entry each match touched and the other ranks `touch` the same ids before the step:
     then every rank evicts the same entries and `load` finds on every rank what rank 0 matched."""
 
-    def __init__(self, budget_bytes: int, block_size: int = 16):
-        super().__init__(budget_bytes, block_size)
+    def __init__(self, budget_bytes: int, block_size: int = 16, exact: bool = False):
+        super().__init__(budget_bytes, block_size, exact)
         self._touches: list[int] = []
 
     def match(self, token_ids, adapter, max_tokens) -> int:
@@ -90,7 +90,7 @@ def use_recording_prefix_cache(engine: Engine) -> Optional[RecordingPrefixCache]
         return None
     if old.nbytes:
         raise RuntimeError("swap the prefix cache before the engine has stored anything")
-    new = RecordingPrefixCache(old.budget_bytes, old.block_size)
+    new = RecordingPrefixCache(old.budget_bytes, old.block_size, old.exact)
     engine.prefix_cache = new
     engine.scheduler.prefix_index = new
     engine.runner.prefix_cache = new

@@ -106,8 +106,7 @@ class Engine:
             log.info("fused %d q/k/v and gate/up projection groups into one matmul each", groups)
         fixes = fix_for_batching(loaded.model)
         self.cache_layout = probe_cache_layout(loaded.model)
-        # What this model runs with, for logs and /v1/models (a model that cannot share its prompt
-        # rows runs without the prefix cache, and n > 1 choices prefill their prompt each).
+        # What this model runs with, for logs and /v1/models.
         self.notes = [self.cache_layout.describe()] + fixes
         budget_bytes = config.kv_budget_bytes
         if budget_bytes is None:
@@ -116,18 +115,23 @@ class Engine:
                                        loaded.context_length)
         shapes = PassShapes.for_device()  # one policy for the step budget and the runner's passes
         self.max_num_batched_tokens = config.max_num_batched_tokens or shapes.step_tokens
+        # Rings and recurrent state keep no earlier positions: such a model's prefix cache holds
+        # exact-length entries only, and its n > 1 choices prefill their prompt each.
         self.shares_prompt_rows = not (self.cache_layout.has_state or self.cache_layout.has_windows)
-        self.prefix_cache = (PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
-                             if config.prefix_cache_bytes > 0 and self.shares_prompt_rows else None)
-        if not self.shares_prompt_rows:
-            self.notes.append("prefix cache off and n > 1 choices prefill their prompt each: "
-                              "sliding-window and recurrent-state layers do not keep every position")
+        exact = not self.shares_prompt_rows
+        self.prefix_cache = (PrefixCache(config.prefix_cache_bytes, config.prefix_block_size, exact=exact)
+                             if config.prefix_cache_bytes > 0 else None)
+        if exact:
+            self.notes.append("sliding-window or recurrent-state layers keep no earlier positions: a prefix-cache "
+                              "hit must match a stored prompt's last full block exactly, and n > 1 choices "
+                              "prefill their prompt each")
         log.info("%s: %s", getattr(loaded, "name", "model"), "; ".join(self.notes))
         if isinstance(getattr(loaded, "notes", None), list):  # shown in /v1/models and `parallm info`
             loaded.notes.extend(self.notes)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, budget_tokens,
-                            prefill_wait_steps=config.prefill_wait_steps),
+                            prefill_wait_steps=config.prefill_wait_steps,
+                            align_prefill_to=config.prefix_block_size if exact and self.prefix_cache else 0),
             self.prefix_cache)
         if sampler is None:
             sampler = BatchSampler(config.max_num_seqs, _vocab_size(loaded))

@@ -198,32 +198,41 @@ class BatchedKVCache:
 
     # ---- row copies (prefix cache, n > 1) -----------------------------------------------------
     def copy_rows(self, src_slot: int, dst_slot: int, num_tokens: int) -> None:
-        """Copy positions [0, num_tokens) of one slot into another (n > 1 shares its prompt)."""
-        self._check_rows_shared()
+        """Copy positions [0, num_tokens) of one slot into another (n > 1 shares its prompt).
+        Only where every position stays (shares_prompt_rows): the source may be further along."""
+        if not self.shares_prompt_rows:
+            raise RuntimeError("rows of sliding-window or recurrent-state layers cannot be copied by position")
         self.ensure(max(src_slot, dst_slot) + 1, num_tokens)
         for i in range(len(self.specs)):
             self.keys[i][dst_slot, :, :num_tokens] = self.keys[i][src_slot, :, :num_tokens]
             self.values[i][dst_slot, :, :num_tokens] = self.values[i][src_slot, :, :num_tokens]
         self.lengths[dst_slot] = num_tokens
 
-    def read_rows(self, slot: int, num_tokens: int) -> tuple[list[mx.array], list[mx.array]]:
-        """Copies of positions [0, num_tokens) of a slot, per layer: ([H, T, Dk]..., [H, T, Dv]...)."""
-        self._check_rows_shared()
-        ks = [mx.contiguous(k[slot, :, :num_tokens]) for k in self.keys]
-        vs = [mx.contiguous(v[slot, :, :num_tokens]) for v in self.values]
-        return ks, vs
+    def read_rows(self, slot: int, num_tokens: int) -> list[mx.array]:
+        """Copies of what a slot holds for its first num_tokens: per full layer K and V [H, T, D];
+        per ring the whole ring and per state layer its arrays, which describe the first
+        num_tokens only while the slot's length is exactly num_tokens."""
+        rows = []
+        for k, v, ring in zip(self.keys, self.values, self.rings):
+            end = ring + 1 if ring is not None else num_tokens
+            rows += [_copy(k[slot, :, :end]), _copy(v[slot, :, :end])]
+        if self.state is not None:
+            rows += [_copy(buf[slot]) for buffers in self.state.buffers for buf in buffers]
+        return rows
 
-    def write_rows(self, slot: int, keys: list[mx.array], values: list[mx.array], num_tokens: int) -> None:
-        self._check_rows_shared()
+    def write_rows(self, slot: int, rows: list[mx.array], num_tokens: int) -> None:
+        """Put read_rows' copies into a slot, whose length becomes num_tokens."""
         self.ensure(slot + 1, num_tokens)
-        for i in range(len(self.specs)):
-            self.keys[i][slot, :, :num_tokens] = keys[i][:, :num_tokens]
-            self.values[i][slot, :, :num_tokens] = values[i][:, :num_tokens]
+        it = iter(rows)
+        for i, ring in enumerate(self.rings):
+            end = ring + 1 if ring is not None else num_tokens
+            self.keys[i][slot, :, :end] = next(it)
+            self.values[i][slot, :, :end] = next(it)
+        if self.state is not None:
+            for buffers in self.state.buffers:
+                for buf in buffers:
+                    buf[slot] = next(it)
         self.lengths[slot] = num_tokens
-
-    def _check_rows_shared(self) -> None:
-        if not self.shares_prompt_rows:
-            raise RuntimeError("rows of sliding-window or recurrent-state layers cannot be copied by position")
 
     # ---- forward passes ----------------------------------------------------------------------
     def begin_pass(self, layout: PassLayout) -> list:
@@ -353,6 +362,12 @@ class BatchedKVCache:
         if key not in self._per_pass:
             self._per_pass[key] = ring_mask(self._offsets_arr, N, window, ring)
         return self._per_pass[key]
+
+
+def _copy(view: mx.array) -> mx.array:
+    """A copy that owns its memory: a stored row must not be a view of a slot buffer, or every
+    later in-place update of that buffer would have to copy it whole."""
+    return view + mx.zeros((), view.dtype)
 
 
 class LayerCache:

@@ -121,8 +121,7 @@ class ModelRunner:
         if n and row.copy_from_slot is not None:
             cache.copy_rows(row.copy_from_slot, row.slot, n)
         elif n:
-            keys, values = self.prefix_cache.load(row.prompt_ids, row.adapter, n)
-            cache.write_rows(row.slot, keys, values, n)
+            cache.write_rows(row.slot, self.prefix_cache.load(row.prompt_ids, row.adapter, n), n)
         self._rows[row.slot] = (row.prompt_ids, row.adapter)
         p = row.params
         seed = None if p.seed is None else choice_seed(p.seed, row.choice_index)
@@ -164,17 +163,23 @@ class ModelRunner:
         self.cache.end_pass({c.slot: c.offset + len(c.token_ids) for c in chunks})
         if self.prefix_cache is not None:
             for c in chunks:
-                if c.prompt_done:
-                    self._store_prefix(c.slot)
+                self._store_prefix(c)
 
-    def _store_prefix(self, slot: int) -> None:
-        prompt_ids, adapter = self._rows[slot]
-        # the last prompt token's K/V is computed by the decode pass; store whole blocks before it
+    def _store_prefix(self, chunk: PrefillChunk) -> None:
+        """Store the whole blocks of a prompt before its last token (whose K/V the decode pass
+        computes): once the prompt is done, or, for exact entries (prefix_cache.py), right when the
+        slot holds exactly those blocks (the scheduler ends a chunk there)."""
+        prompt_ids, adapter = self._rows[chunk.slot]
+        end = chunk.offset + len(chunk.token_ids)
+        exact = self.prefix_cache.exact
+        block = self.prefix_cache.block_size
+        if not (chunk.prompt_done or exact and end == (len(prompt_ids) - 1) // block * block):
+            return
         n = self.prefix_cache.wants(prompt_ids[: len(prompt_ids) - 1], adapter)
-        if n:
-            keys, values = self.cache.read_rows(slot, n)
-            self._async_eval(keys, values)  # copies now, so they do not pin the slot buffers
-            self.prefix_cache.store(prompt_ids, adapter, keys, values)
+        if n and (not exact or n == end):
+            rows = self.cache.read_rows(chunk.slot, n)
+            self._async_eval(*rows)  # copies now, so they do not pin the slot buffers
+            self.prefix_cache.store(prompt_ids, adapter, n, rows)
 
     def _decode(self, out: SchedulerOutput):
         cache = self.cache

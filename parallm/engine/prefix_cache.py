@@ -9,6 +9,14 @@ whose tokens really match (hashes are checked against the stored tokens).
 
 Entries live in LRU order under a byte budget; storing a prefix evicts the least recently used
 entries. Matching is plain Python (the scheduler calls it); K/V copies happen in the runner.
+
+*Exact* mode is for models whose cache does not keep every position (sliding-window rings,
+recurrent state): an entry holds the cache rows as they were after exactly its n tokens, so only
+a hit of exactly n tokens can use it; only its last boundary is registered, and a lookup takes the
+longest registered boundary anywhere in the prompt. The scheduler cuts prompts' prefill at their
+last full block so that such a moment exists (SchedulerConfig.align_prefill_to).
+
+What an entry holds (`rows`) is opaque here: the runner's BatchedKVCache reads and writes it.
 """
 from __future__ import annotations
 
@@ -23,16 +31,16 @@ import mlx.core as mx
 class _Entry:
     tokens: tuple[int, ...]
     adapter: Optional[str]
-    keys: list[mx.array]  # per layer [H, T, Dk]
-    values: list[mx.array]
+    rows: list[mx.array]  # BatchedKVCache.read_rows of the prefix
     nbytes: int
     block_keys: list[int] = field(default_factory=list)
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, block_size: int = 16):
+    def __init__(self, budget_bytes: int, block_size: int = 16, exact: bool = False):
         self.block_size = block_size
         self.budget_bytes = budget_bytes
+        self.exact = exact
         self.nbytes = 0
         self._entries: "OrderedDict[int, _Entry]" = OrderedDict()  # id -> entry, LRU first
         self._by_block: dict[int, tuple[int, int]] = {}  # block key -> (entry id, tokens)
@@ -51,10 +59,14 @@ class PrefixCache:
         for key in self._block_keys(token_ids, adapter, max_tokens):
             hit = self._by_block.get(key)
             if hit is None:
+                if self.exact:  # exact entries register their last boundary only: look further
+                    continue
                 break
             entry_id, n = hit
             entry = self._entries[entry_id]
             if entry.adapter != adapter or entry.tokens[:n] != tuple(token_ids[:n]):
+                if self.exact:
+                    continue
                 break
             best = (entry, n, entry_id)
         return best
@@ -66,12 +78,12 @@ class PrefixCache:
             self._entries.move_to_end(entry_id)
         return n
 
-    def load(self, token_ids: list[int], adapter: Optional[str], num_tokens: int):
-        """(keys, values) per layer for the first num_tokens, which `match` just reported."""
+    def load(self, token_ids: list[int], adapter: Optional[str], num_tokens: int) -> list[mx.array]:
+        """The stored rows of the first num_tokens, which `match` just reported."""
         entry, n, _ = self._find(token_ids, adapter, num_tokens)
         if entry is None or n < num_tokens:
             raise KeyError("prefix entry vanished between match and load")
-        return entry.keys, entry.values
+        return entry.rows
 
     def wants(self, token_ids: list[int], adapter: Optional[str]) -> int:
         """Tokens worth storing for this prompt: its full blocks, if not already all stored."""
@@ -80,20 +92,21 @@ class PrefixCache:
             return 0
         return n
 
-    def store(self, token_ids: list[int], adapter: Optional[str], keys: list[mx.array],
-              values: list[mx.array]) -> None:
-        n = keys[0].shape[1]
-        nbytes = sum(k.nbytes + v.nbytes for k, v in zip(keys, values))
+    def store(self, token_ids: list[int], adapter: Optional[str], num_tokens: int, rows: list[mx.array]) -> None:
+        """Keep `rows` (the cache rows after the first num_tokens, a block multiple) for reuse."""
+        n = num_tokens
+        nbytes = sum(a.nbytes for a in rows)
         if n == 0 or nbytes > self.budget_bytes:
             return
         while self.nbytes + nbytes > self.budget_bytes and self._entries:
             self._evict_oldest()
         entry_id, self._next_id = self._next_id, self._next_id + 1
-        entry = _Entry(tuple(token_ids[:n]), adapter, keys, values, nbytes,
-                       self._block_keys(token_ids, adapter, n))
+        keys = self._block_keys(token_ids, adapter, n)
+        entry = _Entry(tuple(token_ids[:n]), adapter, rows, nbytes, keys[-1:] if self.exact else keys)
         self._entries[entry_id] = entry
-        for i, key in enumerate(entry.block_keys):
-            self._by_block[key] = (entry_id, (i + 1) * self.block_size)
+        for i, key in enumerate(keys):
+            if not self.exact or i == len(keys) - 1:
+                self._by_block[key] = (entry_id, (i + 1) * self.block_size)
         self.nbytes += nbytes
 
     def _evict_oldest(self) -> None:

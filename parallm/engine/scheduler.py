@@ -51,6 +51,10 @@ class SchedulerConfig:
     # it), and while what waits neither fills the step's token budget nor the free rows. 0: admit
     # at once (vLLM V0's scheduler_delay_factor is the same trade, counted in prompt latencies).
     prefill_wait_steps: int = 0
+    # When > 0, a prompt's prefill is cut so that a chunk ends at its last full block of this many
+    # tokens: a model whose cache keeps only a window or a recurrent state can be stored for the
+    # prefix cache only at that exact moment (prefix_cache.py, exact mode). 0: chunks as large as fit.
+    align_prefill_to: int = 0
 
 
 @dataclass(eq=False)  # identity equality: membership tests must not compare token lists
@@ -233,7 +237,7 @@ class Scheduler:
                 continue
             remaining = seq.num_tokens - seq.num_computed
             if remaining > 1:
-                chunk = min(remaining - 1, token_budget)
+                chunk = self._aligned(seq, seq.num_computed, min(remaining - 1, token_budget))
                 if reserve(seq, _chunk_cost(chunk, remaining, token_budget)):
                     token_budget -= self._schedule_chunk(seq, chunk, prefill, decode, token_budget)
         # 3. admit waiting sequences (FIFO; an n > 1 follower waits for its leader's prompt)
@@ -247,7 +251,7 @@ class Scheduler:
                 continue
             reused, copy_from = self._reusable_prefix(seq)
             remaining = seq.num_tokens - reused
-            chunk = min(remaining - 1, token_budget)
+            chunk = self._aligned(seq, reused, min(remaining - 1, token_budget))
             cost = reused + (_chunk_cost(chunk, remaining, token_budget) if chunk > 0 else 1)
             if kv_used + cost > cfg.kv_budget_tokens:
                 skipped.append(seq)
@@ -331,6 +335,14 @@ class Scheduler:
             decode[seq.seq_id] = DecodeRow(seq.seq_id, seq.slot, seq.token_at(start + chunk), start + chunk)
             used += 1
         return used
+
+    def _aligned(self, seq: Sequence, start: int, chunk: int) -> int:
+        """`chunk` cut so it ends at the prompt's last full block if it would cross it."""
+        block = self.config.align_prefill_to
+        if block <= 0:
+            return chunk
+        boundary = (len(seq.prompt_ids) - 1) // block * block
+        return boundary - start if start < boundary < start + chunk else chunk
 
     @staticmethod
     def _decode_row(seq: Sequence) -> DecodeRow:

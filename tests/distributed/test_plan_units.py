@@ -51,7 +51,7 @@ def test_rows_without_a_seed_get_one_from_rank0_and_seeded_rows_keep_theirs():
 
 
 def _kv(n: int):
-    return [mx.zeros((1, n, 4))], [mx.zeros((1, n, 4))]
+    return n, [mx.zeros((1, n, 4)), mx.zeros((1, n, 4))]
 
 
 def test_replayed_touches_make_another_rank_evict_the_same_prefix_entries():

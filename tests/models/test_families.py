@@ -38,7 +38,26 @@ class _Reference:
 
 
 def request(rid: str, prompt: list[int], max_tokens: int, n: int = 1) -> EngineRequest:
-    return EngineRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, n=n, **GREEDY))
+    return EngineRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, n=n, logprobs=True, **GREEDY))
+
+
+def reference_logprobs(model, prompt: list[int], max_tokens: int) -> list[float]:
+    """mlx-lm's log-probability of each greedy token, for the prompt alone."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    return [logprobs[token].item() for token, logprobs in
+            generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, axis=-1))]
+
+
+def assert_same_logprobs(outputs: list, model, prompt: list[int], max_tokens: int, what) -> None:
+    """Closer than greedy tokens: a tiny random model's next token often hangs on the last few
+    tokens only, so a wrong window or state can leave the argmax alone but not the logprobs."""
+    got = [lp.logprob for o in outputs if o.index == 0 for lp in (o.logprobs or [])]
+    expected = reference_logprobs(model, prompt, max_tokens)
+    assert len(got) == len(expected), what
+    worst = max(abs(a - b) for a, b in zip(got, expected))
+    assert worst < 1e-3, (what, worst)
 
 
 def test_batched_greedy_equals_mlx_lm_alone(family):
@@ -51,6 +70,7 @@ def test_batched_greedy_equals_mlx_lm_alone(family):
     for i, n in enumerate(PROMPT_LENGTHS):
         expected = reference_greedy(_Reference(reference), make_prompt(i, n), 8 + i)
         assert tokens_of(outs[f"r{i}"]) == expected, (name, i)
+        assert_same_logprobs(outs[f"r{i}"], reference, make_prompt(i, n), 8 + i, (name, i))
 
 
 def test_n_choices_and_preemption_stay_exact(family):
@@ -69,5 +89,20 @@ def test_n_choices_and_preemption_stay_exact(family):
     assert tokens_of(outs["n2"], 0) == expected and tokens_of(outs["n2"], 1) == expected, name
     for i, p in enumerate(prompts[1:]):
         assert tokens_of(outs[f"p{i}"]) == reference_greedy(_Reference(reference), p, 16), (name, i)
+        assert_same_logprobs(outs[f"p{i}"], reference, p, 16, (name, i))
     if per_token:
         assert engine.stats().num_preemptions > 0, name
+
+
+def test_a_later_turn_reuses_the_earlier_prompt_from_the_prefix_cache(family):
+    """An agent's next turn extends the previous prompt: its K/V (or window, or recurrent state)
+    comes from the prefix cache, and the tokens are still mlx-lm's for the whole prompt alone."""
+    name, loaded, reference = family
+    engine = Engine(loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=24, prefix_block_size=8))
+    first = make_prompt(30, 37)
+    later = first + make_prompt(31, 11)
+    run_to_completion(engine, {0: [request("turn1", first, 4)]})
+    outs = run_to_completion(engine, {0: [request("turn2", later, 10)]})
+    assert tokens_of(outs["turn2"]) == reference_greedy(_Reference(reference), later, 10), name
+    assert_same_logprobs(outs["turn2"], reference, later, 10, name)
+    assert outs["turn2"][-1].usage.cached_tokens == (len(first) - 1) // 8 * 8, name
