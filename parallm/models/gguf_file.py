@@ -1,8 +1,11 @@
-"""Read a GGUF file's header (tensor names, shapes, types and offsets) without reading tensor data.
+"""Read a GGUF file's header (metadata, tensor names, shapes, types and offsets), and the raw bytes
+of one tensor.
 
-`mx.load` reads GGUF tensors, but it does not say which ggml type each tensor had, and what it does
-with types it cannot convert is not something to rely on. This reader is what lets the loader reject
-K-quants and friends by name, and notice a truncated file, before handing the path to `mx.load`.
+Files with types beyond F32/F16/Q4_0/Q4_1/Q8_0 are read with `tensor_bytes` and
+parallm/models/gguf_quants.py rather than `mx.load`, which (mlx 0.32) decodes every second run of
+a Q4_K tensor wrongly without an error, dequantizes Q6_K to float16 and fails on Q5_x. This header
+is also what lets the loader refuse unsupported types by name, and notice a truncated file,
+before reading any tensor data.
 
 Format (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): magic "GGUF", version (u32),
 tensor count, metadata count, metadata key/values, tensor infos, padding to `general.alignment`,
@@ -32,8 +35,11 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
 }
 
-# The tensor types `mx.load` converts correctly, and so the ones parallm accepts.
-SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "F32")
+# The tensor types parallm reads (parallm/models/gguf_quants.py says how each becomes MLX arrays).
+# IQ*, TQ*, MXFP4 and the 8-bit intermediates are refused: they are non-linear codebooks or not
+# used for weights, and requantizing them to MLX's affine grid would lose what the file encodes.
+SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "F32", "BF16", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                   "Q4_K", "Q5_K", "Q6_K")
 
 # general.file_type (llama.cpp's LLAMA_FTYPE) -> name, for messages about the file as a whole.
 FILE_TYPES = {
@@ -94,6 +100,12 @@ class GGUFHeader:
     def unsupported_tensors(self) -> list[GGUFTensorInfo]:
         return [t for t in self.tensors if t.type_name not in SUPPORTED_TYPES]
 
+    def ragged_tensors(self) -> list[GGUFTensorInfo]:
+        """Tensors whose rows are not a whole number of blocks (e.g. a K-quant matrix 64 wide):
+        invalid GGUF, which llama.cpp refuses too."""
+        return [t for t in self.tensors if t.type_id in GGML_TYPES and t.shape
+                and t.shape[0] % GGML_TYPES[t.type_id][1] != 0]
+
     def expected_size(self) -> int:
         """The smallest file size that holds every tensor whose size we can compute."""
         ends = [self.data_offset + t.offset + t.nbytes for t in self.tensors if t.nbytes is not None]
@@ -117,16 +129,19 @@ class _Reader:
         if len(b) != n:
             raise ModelLoadError(
                 f"{self.path}: the GGUF header is cut short (the file is truncated or not a GGUF "
-                f"file). Accepted: a complete GGUF file (F32, F16, Q4_0, Q4_1 or Q8_0 tensors).")
+                f"file). Accepted: a complete GGUF file.")
         return b
 
     def scalar(self, fmt: str):
         return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
 
-    def string(self) -> str:
+    def string(self, keep: bool = True) -> str | None:
         n = self.scalar("<Q")
         if n > 1 << 30:
             raise ModelLoadError(f"{self.path}: corrupt GGUF header (a string of {n} bytes)")
+        if not keep:
+            self.f.seek(n, 1)
+            return None
         return self.read(n).decode("utf-8", errors="replace")
 
     def value(self, type_id: int, keep: bool = True):
@@ -136,9 +151,15 @@ class _Reader:
             return self.string()
         if type_id == _ARRAY:
             item_type, count = self.scalar("<I"), self.scalar("<Q")
-            if item_type in _SCALAR_FORMATS and not keep:
-                self.f.seek(count * struct.calcsize(_SCALAR_FORMATS[item_type]), 1)
-                return None
+            if item_type in _SCALAR_FORMATS:  # one read for the whole array (token types, scores)
+                fmt = _SCALAR_FORMATS[item_type]
+                if not keep:
+                    self.f.seek(count * struct.calcsize(fmt), 1)
+                    return None
+                return list(struct.unpack(f"<{count}{fmt[1]}", self.read(count * struct.calcsize(fmt))))
+            if item_type == _STRING:
+                items = [self.string(keep) for _ in range(count)]
+                return items if keep else None
             items = [self.value(item_type) for _ in range(count)]
             return items if keep else None
         raise ModelLoadError(f"{self.path}: corrupt GGUF header (metadata value type {type_id})")
@@ -152,8 +173,9 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
-def read_gguf_header(path: str | Path) -> GGUFHeader:
-    """Parse the header. Raises ModelLoadError for a file that is not GGUF or is cut short."""
+def read_gguf_header(path: str | Path, *, vocabulary: bool = False) -> GGUFHeader:
+    """Parse the header. Raises ModelLoadError for a file that is not GGUF or is cut short. With
+    `vocabulary`, the tokenizer arrays (tokens, merges, token types, scores) are kept too."""
     path = Path(path)
     file_size = path.stat().st_size
     with open(path, "rb") as f:
@@ -167,7 +189,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         metadata = {}
         for _ in range(n_kv):
             key = r.string()
-            metadata[key] = r.value(r.scalar("<I"), keep=key not in _SKIP_ARRAYS)
+            metadata[key] = r.value(r.scalar("<I"), keep=vocabulary or key not in _SKIP_ARRAYS)
         tensors = []
         for _ in range(n_tensors):
             name = r.string()
@@ -177,3 +199,22 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         alignment = int(metadata.get("general.alignment", 32))
         data_offset = -(-f.tell() // alignment) * alignment
     return GGUFHeader(path, version, metadata, tensors, data_offset, file_size)
+
+
+def tensor_bytes(header: GGUFHeader, info: GGUFTensorInfo):
+    """The tensor's raw data as a read-only uint8 numpy array, (rows, bytes per row) for a matrix;
+    memory-mapped, so only what the caller touches is read."""
+    import numpy as np
+
+    n = info.nbytes
+    if n is None:
+        raise ModelLoadError(f"{header.path}: tensor {info.name} has unknown type {info.type_name}")
+    data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_offset + info.offset, shape=(n,))
+    rows = 1
+    for d in info.shape[1:]:
+        rows *= d
+    return data.reshape(rows, n // rows) if rows else data.reshape(0, 0)
+
+
+def tensor_named(header: GGUFHeader, name: str) -> GGUFTensorInfo | None:
+    return next((t for t in header.tensors if t.name == name), None)

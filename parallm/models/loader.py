@@ -110,11 +110,11 @@ def _load_mlx_dir(path: Path):
 
 
 def _load_gguf_file(path: Path):
-    from parallm.models.gguf import architecture_of, load_gguf
-    from parallm.models.gguf_file import SUPPORTED_TYPES, read_gguf_header
+    from parallm.models.gguf import architecture_of, config_from_metadata, load_gguf
+    from parallm.models.gguf_file import GGML_TYPES, SUPPORTED_TYPES, read_gguf_header
     from parallm.models.gguf_tokenizer import tokenizer_from_gguf_metadata
 
-    header = read_gguf_header(path)
+    header = read_gguf_header(path, vocabulary=True)
     architecture_of(header)
     bad = header.unsupported_tensors()
     if bad:
@@ -123,14 +123,23 @@ def _load_gguf_file(path: Path):
         raise ModelLoadError(
             f"{path}: unsupported GGUF quantization{whole}: {len(bad)} tensors are "
             f"{', '.join(kinds)} (e.g. {bad[0].name}). Supported tensor types: "
-            f"{', '.join(SUPPORTED_TYPES)}. Re-quantize with llama.cpp (e.g. `llama-quantize "
-            f"--pure in.gguf out.gguf Q8_0`) or load an mlx-lm directory instead.")
+            f"{', '.join(SUPPORTED_TYPES)}. Use a Q4_K_M, Q5_K_M, Q6_K or Q8_0 file of the model "
+            f"instead (most GGUF repos offer them), or load an mlx-lm directory.")
+    if ragged := header.ragged_tensors():
+        t = ragged[0]
+        raise ModelLoadError(
+            f"{path}: malformed GGUF: {len(ragged)} tensors have rows that are not whole blocks "
+            f"(e.g. {t.name}: {t.type_name}, rows of {t.shape[0]} values in blocks of "
+            f"{GGML_TYPES[t.type_id][1]}). Supported tensor types: {', '.join(SUPPORTED_TYPES)}, "
+            f"each row a whole number of blocks. Re-download or re-convert the file.")
     if header.file_size < header.expected_size():
         raise ModelLoadError(f"{path}: truncated GGUF file: {header.file_size} bytes, but its "
                              f"tensors need {header.expected_size()}. Re-download the file.")
-    model, config, metadata = load_gguf(header)
-    tokenizer = tokenizer_from_gguf_metadata(metadata, model_max_length=config["max_position_embeddings"],
+    config = config_from_metadata(header)
+    # the tokenizer first: an unsupported one is refused before any weight is converted
+    tokenizer = tokenizer_from_gguf_metadata(header.metadata, model_max_length=config["max_position_embeddings"],
                                              source=str(path))
+    model, config, _ = load_gguf(header, config)
     return model, tokenizer, config, header.weight_bytes()
 
 

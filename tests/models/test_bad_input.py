@@ -58,8 +58,9 @@ def bad_specs(tiny_model_dir, tmp_path_factory):
     header_cut.write_bytes(good.read_bytes()[:5000])
     specs["gguf cut inside its header"] = (str(header_cut), ["cut short"])
 
-    kquant, _ = write_raw_gguf(tmp / "kquant.gguf", tensors, gguf_metadata(cfg, TOKENIZER_DIR, file_type="Q4_K"), "Q4_K")
-    specs["unsupported quant type"] = (str(kquant), ["Q4_K", "Q4_0, Q4_1, Q8_0, F16, F32"])
+    iquant, _ = write_raw_gguf(tmp / "iquant.gguf", tensors, gguf_metadata(cfg, TOKENIZER_DIR, file_type="IQ2_XXS"),
+                               "IQ2_XXS")
+    specs["unsupported quant type"] = (str(iquant), ["IQ2_XXS", "Q4_K", "Q6_K"])
 
     other_arch = save_with_mlx(tmp / "phi.gguf", {"token_embd.weight": np.zeros((4, 32), np.float32)},
                                {"general.architecture": "phi9"})
@@ -98,7 +99,7 @@ def test_python_m_parallm_info_exits_non_zero(bad_specs):
     proc = subprocess.run([sys.executable, "-m", "parallm", "info", spec], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "Q4_K" in proc.stderr and "Traceback" not in proc.stderr
+    assert "IQ2_XXS" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unknown_device_is_rejected():
