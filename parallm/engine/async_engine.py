@@ -219,7 +219,7 @@ class AsyncEngine:
             elif isinstance(item, _Abort):
                 self._emit(self.engine.abort(item.request_id))
                 # a request aborted before it reached the engine still needs its stream closed
-                if item.request_id in self._streams and item.request_id not in self.engine._requests:
+                if item.request_id in self._streams and not self.engine.is_running(item.request_id):
                     self._emit([RequestOutput(item.request_id, finish_reason="abort", finished=True)])
 
     def _flush_pending(self) -> None:

@@ -6,23 +6,20 @@ that calls step(). AsyncEngine wraps this for asyncio.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from parallm.engine.choice_output import ChoiceOutput
-from parallm.engine.detokenizer import TokenDecoder, render_bytes
 from parallm.engine.errors import InvalidRequest, PromptTooLong, UnknownModel
 from parallm.engine.kv_budget import default_kv_budget_bytes
 from parallm.models.cache_layout import probe_cache_layout
 from parallm.engine.model_runner import LaunchedStep, ModelRunner
+from parallm.engine.output_processor import OutputProcessor
 from parallm.engine.pass_shapes import PassShapes
 from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.sampler import BatchSampler
-from parallm.engine.scheduler import (Scheduler, SchedulerConfig, SchedulerOutput, Sequence,
-                                      SampledToken)
-from parallm.engine.types import (OUTPUT_HANDOFFS, STEP_PHASES, EngineRequest, EngineStats, RequestOutput,
-                                  RequestTimes, TokenLogprob, TopLogprob, Usage)
+from parallm.engine.scheduler import RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput, Sequence
+from parallm.engine.step_phases import StepPhases
+from parallm.engine.types import OUTPUT_HANDOFFS, EngineRequest, EngineStats, RequestOutput
 from parallm.models.batching_fixes import fix_for_batching
 from parallm.models.fused_projections import fuse_projections
 from parallm.models.materialize import materialize
@@ -78,16 +75,6 @@ class EngineConfig:
 
 
 @dataclass
-class _Request:
-    request: EngineRequest
-    seqs: list[Sequence]
-    choices: list[ChoiceOutput]
-    times: RequestTimes
-    num_done: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
 class StepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
     num_batched_tokens: int = 0
@@ -139,11 +126,11 @@ class Engine:
                                   prefix_cache=self.prefix_cache, adapters=adapters, shapes=shapes,
                                   decode_kernels=config.decode_kernels,
                                   pass_tokens=self.max_num_batched_tokens)
-        self._eos_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or [])
-        self._requests: dict[str, _Request] = {}
+        release = adapters.release if adapters is not None and hasattr(adapters, "release") else None
+        self.outputs = OutputProcessor(self.tokenizer, set(getattr(self.tokenizer, "eos_token_ids", None) or []),
+                                       self.scheduler.finish, release)
+        self.phases = StepPhases()
         self._steps = 0
-        self._busy_s = 0.0
-        self._phases = dict.fromkeys(STEP_PHASES, 0.0)
         self._decode_rows = 0
         self._batched_tokens = 0
         self._prefill_steps = 0
@@ -180,7 +167,7 @@ class Engine:
             check(p)
         except ValueError as e:
             raise InvalidRequest(f"Invalid sampling parameters: {e}.") from None
-        if req.request_id in self._requests:
+        if req.request_id in self.outputs:
             raise InvalidRequest(f"request_id {req.request_id!r} is already running.", param="request_id")
 
     def add_request(self, req: EngineRequest) -> None:
@@ -192,135 +179,84 @@ class Engine:
             # only stops new requests (AdapterManager's reference count). The key is unique per
             # load, so the prefix cache never mixes K/V of two adapters loaded under one name.
             adapter_key = self.adapters.acquire(req.adapter) or req.adapter
-        seqs, choices = [], []
+        seqs = []
         for i in range(p.n):
             leader = seqs[0] if seqs and self.shares_prompt_rows else None
             seq = Sequence(f"{req.request_id}/{i}", req.request_id, i, list(req.prompt_token_ids), p,
                            adapter_key, leader=leader)
             seqs.append(seq)
-            choices.append(ChoiceOutput(p, self.tokenizer, self._eos_ids))
             self.scheduler.add(seq)
-        self._requests[req.request_id] = _Request(req, seqs, choices, RequestTimes(arrival=req.arrival_time))
+        self.outputs.add(req, seqs)
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Free the request's rows (the runner frees them at the next step). Returns the final
         outputs (finish_reason "abort") for choices that had not finished."""
-        state = self._requests.get(request_id)
-        if state is None:
+        if request_id not in self.outputs:
             return []
         self.scheduler.abort_request(request_id)
-        outs = []
-        for seq, choice in zip(state.seqs, state.choices):
-            if choice.finish_reason is None:
-                choice.finish_reason = "abort"
-                outs.append(self._close_choice(state, seq, RequestOutput(request_id, seq.index,
-                                                                         finish_reason="abort")))
-        return outs
+        return self.outputs.abort(request_id)
+
+    def is_running(self, request_id: str) -> bool:
+        return request_id in self.outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or self.scheduler.has_work() or self._in_flight is not None
+        return bool(len(self.outputs)) or self.scheduler.has_work() or self._in_flight is not None
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> StepResult:
-        """schedule -> run -> update. With `overlap`, "run" launches this step on the device and
-        "update" processes the previous step's results while this one computes."""
-        clock = time.perf_counter
-        started = clock()
-        phases = self._phases
-        dispatched, handed_off = self.runner.dispatch_seconds, self.runner.handoff_seconds
-        previous, self._in_flight = self._in_flight, None
-        previous_result = None
-        if previous is not None and self.runner.cache.nbytes > self._build_ahead_limit:
-            previous_result = self.runner.complete(previous[1])  # wait, so K/V update in place
-        t_wait = clock() - started
-        t = clock()
-        sched = self.scheduler.schedule()
-        t_schedule = clock() - t
-        t = clock()
-        launched = self.runner.launch(sched)
-        t_launch = clock() - t
-        t_update = 0.0
-        outputs = []
-        if previous is not None:  # step t's outputs, while step t+1 computes
-            done, step = previous
-            t = clock()
-            result = previous_result or self.runner.complete(step)
-            t_wait += clock() - t
-            t = clock()
-            outputs = self._update(done, self.scheduler.update(done, result))
-            t_update += clock() - t
-        if self.config.overlap and not sched.is_empty:
-            self._in_flight = (sched, launched)
-        else:  # no overlap (or nothing launched): finish this step now
-            t = clock()
-            result = self.runner.complete(launched)
-            t_wait += clock() - t
-            t = clock()
-            outputs += self._update(sched, self.scheduler.update(sched, result))
-            t_update += clock() - t
+        """schedule -> run -> update (with `overlap`, the pipelined variant below)."""
+        if self.config.overlap:
+            return self._pipelined_step()
+        with self.phases.step():
+            scheduled = self._schedule()
+            result = self._run(scheduled)
+            outputs = self._update(scheduled, result)
+        return StepResult(outputs, scheduled.num_batched_tokens)
+
+    def _pipelined_step(self) -> StepResult:
+        """Step t+1 is scheduled and launched on the device before step t's results are read and
+        turned into outputs, so the host's update of step t overlaps the device's step t+1."""
+        with self.phases.step():
+            previous, self._in_flight = self._in_flight, None
+            early = None
+            if previous is not None and self.runner.cache.nbytes > self._build_ahead_limit:
+                # Building on a step still in flight makes MLX copy every K/V buffer it writes:
+                # past the limit, wait for it first so they update in place.
+                early = self._complete(previous[1])
+            scheduled = self._schedule()
+            launched = self._launch(scheduled)
+            outputs = []
+            if previous is not None:
+                outputs = self._update(previous[0], early or self._complete(previous[1]))
+            if scheduled.is_empty:
+                outputs += self._update(scheduled, self._complete(launched))
+            else:
+                self._in_flight = (scheduled, launched)
+        return StepResult(outputs, scheduled.num_batched_tokens)
+
+    def _schedule(self) -> SchedulerOutput:
+        with self.phases.phase("schedule"):
+            scheduled = self.scheduler.schedule()
         self._steps += 1
-        self._decode_rows += len(sched.decode)
-        self._batched_tokens += sched.num_batched_tokens
-        self._prefill_steps += bool(sched.prefill)
-        dispatch = self.runner.dispatch_seconds - dispatched
-        handoff = self.runner.handoff_seconds - handed_off  # AsyncEngine counts it as "emit"
-        phases["schedule"] += t_schedule
-        phases["build"] += t_launch - dispatch - handoff
-        phases["dispatch"] += dispatch
-        phases["wait"] += t_wait
-        phases["update"] += t_update
-        self._busy_s += clock() - started
-        return StepResult(outputs, sched.num_batched_tokens)
+        self._decode_rows += len(scheduled.decode)
+        self._batched_tokens += scheduled.num_batched_tokens
+        self._prefill_steps += bool(scheduled.prefill)
+        return scheduled
 
-    def _update(self, sched: SchedulerOutput, new_tokens: list[tuple[Sequence, SampledToken]]) -> list[RequestOutput]:
-        now = time.monotonic()
-        for row in sched.new_rows:
-            state = self._requests.get(row.seq_id.rsplit("/", 1)[0])
-            if state is not None and state.times.first_scheduled is None:
-                state.times.first_scheduled = now
-        outs: list[RequestOutput] = []
-        for seq, sampled in new_tokens:
-            state = self._requests.get(seq.request_id)
-            if state is None:
-                continue
-            if state.times.first_token is None:
-                state.times.first_token = now
-            choice = state.choices[seq.index]
-            delta = choice.add(sampled.token_id)
-            state.completion_tokens += 1
-            out = RequestOutput(seq.request_id, seq.index, delta.text, [sampled.token_id],
-                                self._logprobs(seq, sampled), delta.finish_reason, delta.stop_reason)
-            if delta.finish_reason is not None:
-                self.scheduler.finish(seq)
-                out = self._close_choice(state, seq, out)
-            outs.append(out)
-        return outs
+    def _run(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        return self._complete(self._launch(scheduled))
 
-    def _close_choice(self, state: _Request, seq: Sequence, out: RequestOutput) -> RequestOutput:
-        state.num_done += 1
-        if state.num_done == len(state.seqs):
-            state.times.finished = time.monotonic()
-            out.finished = True
-            out.usage = Usage(len(state.request.prompt_token_ids), state.completion_tokens,
-                              max(s.num_cached for s in state.seqs))
-            out.times = state.times
-            del self._requests[seq.request_id]
-            if state.request.adapter is not None and hasattr(self.adapters, "release"):
-                self.adapters.release(state.seqs[0].adapter)
-        return out
+    def _launch(self, scheduled: SchedulerOutput) -> LaunchedStep:
+        with self.phases.launch(self.runner):
+            return self.runner.launch(scheduled)
 
-    def _logprobs(self, seq: Sequence, sampled: SampledToken) -> Optional[list[TokenLogprob]]:
-        if not seq.params.logprobs or sampled.logprob is None:
-            return None
-        # a token's text alone: a partial UTF-8 character (one byte of an emoji) is written
-        # 'bytes:\\xf0\\x9f' as OpenAI does, not decoded to U+FFFD, and its bytes go along as they are
-        decoder = TokenDecoder.for_tokenizer(self.tokenizer)
-        top = []
-        for token_id, logprob in sampled.top or []:
-            raw = decoder.token_raw(token_id)
-            top.append(TopLogprob(token_id, render_bytes(raw), logprob, raw))
-        raw = decoder.token_raw(sampled.token_id)
-        return [TokenLogprob(sampled.token_id, render_bytes(raw), sampled.logprob, top, raw)]
+    def _complete(self, launched: LaunchedStep) -> RunnerOutput:
+        with self.phases.phase("wait"):
+            return self.runner.complete(launched)
+
+    def _update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        with self.phases.phase("update"):
+            return self.outputs.process(scheduled, self.scheduler.update(scheduled, result))
 
     def reset_after_warm_up(self) -> None:
         """Forget what warm-up requests left: prefix-cache entries and counters."""
@@ -329,8 +265,7 @@ class Engine:
         s = self.scheduler
         s.prefix_queries = s.prefix_hits = s.num_preemptions = 0
         self._steps = self._decode_rows = self._batched_tokens = self._prefill_steps = 0
-        self._busy_s = 0.0
-        self._phases = dict.fromkeys(STEP_PHASES, 0.0)
+        self.phases.reset()
 
     def wants_warm_up(self) -> bool:
         if self.config.warm_up is not None:
@@ -349,9 +284,9 @@ class Engine:
             num_running=len(s.running), num_waiting=len(s.waiting),
             kv_cache_usage=used / budget if budget else 0.0, kv_bytes_used=used, kv_bytes_budget=budget,
             prefix_cache_queries=s.prefix_queries, prefix_cache_hits=s.prefix_hits,
-            num_preemptions=s.num_preemptions, steps=self._steps, busy_seconds=self._busy_s,
+            num_preemptions=s.num_preemptions, steps=self._steps, busy_seconds=self.phases.busy_seconds,
             decode_rows=self._decode_rows, batched_tokens=self._batched_tokens,
-            prefill_steps=self._prefill_steps, phase_seconds=dict(self._phases))
+            prefill_steps=self._prefill_steps, phase_seconds=dict(self.phases.seconds))
 
     def kv_bytes_allocated(self) -> int:
         """Bytes the slot buffers hold right now (0 when idle)."""
