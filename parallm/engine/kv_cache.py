@@ -225,9 +225,9 @@ class BatchedKVCache:
         self.ensure(slot + 1, num_tokens)
         it = iter(rows)
         for i, ring in enumerate(self.rings):
-            end = ring + 1 if ring is not None else num_tokens
-            self.keys[i][slot, :, :end] = next(it)
-            self.values[i][slot, :, :end] = next(it)
+            end = ring + 1 if ring is not None else num_tokens  # a stored prefix may be longer
+            self.keys[i][slot, :, :end] = next(it)[:, :end]
+            self.values[i][slot, :, :end] = next(it)[:, :end]
         if self.state is not None:
             for buffers in self.state.buffers:
                 for buf in buffers:

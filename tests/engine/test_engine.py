@@ -58,6 +58,16 @@ def test_prefix_cache_hit_equals_miss(tiny_loaded):
     assert stats.prefix_cache_hits == 64 and stats.prefix_cache_queries == 72 + 71
 
 
+def test_a_hit_shorter_than_the_stored_prefix_uses_its_first_blocks(tiny_loaded):
+    engine = Engine(tiny_loaded, EngineConfig(prefix_block_size=16))
+    stored = make_prompt(6, 60)  # 3 whole blocks before its last token: an entry of 48 tokens
+    later = stored[:40] + make_prompt(7, 9)  # shares 2 of those blocks
+    run_to_completion(engine, {0: [greedy_request("a", stored, 4)]})
+    outs = run_to_completion(engine, {0: [greedy_request("b", later, 8)]})
+    assert outs["b"][-1].usage.cached_tokens == 32
+    assert tokens_of(outs["b"]) == reference_greedy(tiny_loaded, later, 8)
+
+
 def test_prefix_cache_key_includes_adapter(tiny_loaded):
     class NoopAdapters:
         def has_adapter(self, name):

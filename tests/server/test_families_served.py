@@ -27,11 +27,12 @@ MAX_TOKENS = 16
 
 def reference_text(model, tokenizer, prompt_ids: list[int]) -> str:
     """mlx-lm's greedy tokens for the prompt alone, as text (decoded whole: mlx-lm's streaming
-    detokenizer drops the first token's leading space, which OpenAI's API keeps)."""
+    detokenizer drops the first token's leading space, which OpenAI's API keeps; special tokens
+    are skipped, as the server does by default)."""
     from mlx_lm.generate import stream_generate
 
     ids = [r.token for r in stream_generate(model, tokenizer, prompt_ids, max_tokens=MAX_TOKENS)]
-    return tokenizer.decode([t for t in ids if t not in tokenizer.eos_token_ids])
+    return tokenizer.decode([t for t in ids if t not in tokenizer.eos_token_ids], skip_special_tokens=True)
 
 
 @pytest.fixture(params=sorted(FAMILIES))
