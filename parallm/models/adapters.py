@@ -90,10 +90,48 @@ def resolve_under(base_dir: str | os.PathLike, user_path: str) -> Path:
     candidate = Path(user_path) if os.path.isabs(user_path) else base / user_path
     real = candidate.resolve()  # follows symlinks, so a link pointing out is caught below
     if real != base and base not in real.parents:
-        raise AdapterError(f"The adapter path {user_path!r} is outside the adapters directory "
-                           f"{str(base)!r}. Only adapters under that directory can be loaded.",
-                           "path_not_allowed")
+        raise AdapterError(f"The adapter path {user_path!r} is outside the adapters directory. Only "
+                           "adapters under that directory (--adapters-dir) can be loaded.", "path_not_allowed")
     return real
+
+
+def first_outside(base_dir: str | os.PathLike, target: str | os.PathLike) -> Optional[Path]:
+    """The first entry of `target` (itself, or anything under it if a directory) whose real path
+    lies outside `base_dir`, or None. Confining a directory is not enough: a file in it can be a
+    symlink to anywhere. Linked folders that stay inside are walked too; each real folder once."""
+    base = Path(base_dir).resolve()
+
+    def outside(p: Path) -> bool:
+        real = p.resolve()
+        return real != base and base not in real.parents
+
+    target = Path(target)
+    if outside(target):
+        return target
+    pending, seen = [target], set()
+    while pending:
+        folder = pending.pop()
+        if not folder.is_dir() or folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:  # unreadable: nothing in it can be loaded either
+            continue
+        for entry in entries:
+            if outside(entry):
+                return entry
+            pending.append(entry)
+    return None
+
+
+def check_files_inside(base_dir: str | os.PathLike, adapter_dir: Path, user_path: str) -> None:
+    """AdapterError(path_not_allowed) if a file of the adapter directory resolves outside base_dir."""
+    escape = first_outside(base_dir, adapter_dir)
+    if escape is not None:
+        inner = escape.relative_to(adapter_dir) if escape != adapter_dir else Path(".")
+        raise AdapterError(f"The adapter path {user_path!r} holds {str(inner)!r}, a link to a place outside the "
+                           "adapters directory. Only files under that directory can be loaded.", "path_not_allowed")
 
 
 def read_adapter_config(adapter_dir: Path) -> AdapterConfig:
