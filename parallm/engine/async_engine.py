@@ -23,7 +23,6 @@ from typing import Any, AsyncIterator, Optional
 
 from parallm.engine.engine import Engine, EngineConfig
 from parallm.engine.errors import EngineDead, EngineDraining, QueueFull, UnknownModel
-from parallm.engine.model_runner import ModelRunner
 from parallm.engine.output_collector import OutputCollector
 from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
 from parallm.engine.warm_up import warm_up
@@ -62,14 +61,6 @@ class AsyncEngine:
         # spell would show up only when it ended, inside whatever came next).
         self._idle: tuple[float, Optional[float]] = (0.0, None)
         self._emit_s = 0.0  # the worker handing outputs to the loop (call_soon_threadsafe)
-        # outputs held for the next step's dispatch (EngineConfig.output_handoff == "dispatch")
-        self._pending: list[RequestOutput] = []
-        self._handoff_at_dispatch = self.config.output_handoff == "dispatch"
-        if self._handoff_at_dispatch:
-            runner = self.engine.runner
-            if not isinstance(runner, ModelRunner):  # a wrapped runner (distributed) has no such hook
-                raise ValueError("output_handoff='dispatch' needs the engine's own ModelRunner")
-            runner.before_dispatch = self._flush_pending
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,10 +181,7 @@ class AsyncEngine:
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
-                    outputs = self.engine.step().outputs  # (the step may flush _pending: read it after)
-                    self._pending += outputs
-                    if not (self._handoff_at_dispatch and self.engine.has_unfinished()):
-                        self._flush_pending()  # else the next step's launch hands them over
+                    self._hand_over(self.engine.step().outputs)
                 self._stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - every stream must hear about it
             log.error("the engine worker for %s died; every request now gets 503 engine_dead",
@@ -222,10 +210,10 @@ class AsyncEngine:
                 if item.request_id in self._streams and not self.engine.is_running(item.request_id):
                     self._emit([RequestOutput(item.request_id, finish_reason="abort", finished=True)])
 
-    def _flush_pending(self) -> None:
-        if self._pending:
+    def _hand_over(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs to the event loop (timed: the "emit" phase)."""
+        if outputs:
             started = time.perf_counter()
-            outputs, self._pending = self._pending, []
             self._emit(outputs)
             self._emit_s += time.perf_counter() - started
 

@@ -19,9 +19,8 @@ from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.sampler import BatchSampler
 from parallm.engine.scheduler import RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from parallm.engine.step_phases import StepPhases
-from parallm.engine.types import OUTPUT_HANDOFFS, EngineRequest, EngineStats, RequestOutput
+from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
 from parallm.models.batching_fixes import fix_for_batching
-from parallm.models.fused_projections import fuse_projections
 from parallm.models.materialize import materialize
 
 log = logging.getLogger(__name__)
@@ -39,15 +38,7 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 << 20  # 0 turns the prefix cache off
     prefix_block_size: int = 16
     max_queue: int = 1024  # waiting requests before QueueFull (AsyncEngine)
-    # steps a new request may wait while others decode, so that prompts arriving one by one share
-    # a prefill pass (SchedulerConfig.prefill_wait_steps); 0 admits at once
-    prefill_wait_steps: int = 0
     overlap: bool = True  # process step t's outputs while step t+1 runs on the device
-    # When AsyncEngine hands a step's outputs to the event loop: "step", as soon as the step
-    # returns; "dispatch", just before the next step's kernels are queued (mx.async_eval), so that
-    # the loop's share of the GIL falls in the time the engine thread runs without it rather than
-    # in its next graph build. Costs each token that build's time of latency. (OUTPUT_HANDOFFS)
-    output_handoff: str = "step"
     # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
     # step t+1 writes (the pending step still references it, so it cannot be updated in place).
     # Above this many KV bytes the engine waits for step t first. None = by device: 6 GiB on a GPU
@@ -64,14 +55,6 @@ class EngineConfig:
     # The warm-up also runs every prefill (rows, width) bucket once (CUDA; warm_up.py): ~40 s of
     # start-up for a 1B model on an H200, for a gain not yet shown, hence off
     warm_up_buckets: bool = False
-    # q/k/v and gate/up of each block as one matmul each (parallm/models/fused_projections.py):
-    # 1.12x per decode step with mlx-lm's forward on an H200 at the 1B shape; not yet measured
-    # through this engine (its decode kernels), hence off
-    fuse_projections: bool = False
-
-    def __post_init__(self):
-        if self.output_handoff not in OUTPUT_HANDOFFS:
-            raise ValueError(f"output_handoff={self.output_handoff!r}: use one of {OUTPUT_HANDOFFS}")
 
 
 @dataclass
@@ -88,9 +71,6 @@ class Engine:
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.adapters = adapters
-        if config.fuse_projections:  # in place; a layer an adapter wraps later is unfused again (lora.py)
-            groups = fuse_projections(loaded.model)
-            log.info("fused %d q/k/v and gate/up projection groups into one matmul each", groups)
         fixes = fix_for_batching(loaded.model)
         self.cache_layout = probe_cache_layout(loaded.model)
         # What this model runs with, for logs and /v1/models.
@@ -117,7 +97,6 @@ class Engine:
             loaded.notes.extend(self.notes)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, self.max_num_batched_tokens, budget_tokens,
-                            prefill_wait_steps=config.prefill_wait_steps,
                             align_prefill_to=config.prefix_block_size if exact and self.prefix_cache else 0),
             self.prefix_cache)
         if sampler is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 
@@ -67,9 +67,6 @@ class ModelRunner:
         # evaluate now: a lazy array made on this thread cannot be evaluated on the worker thread
         mx.eval(self._slot_tokens)
         self.dispatch_seconds = 0.0  # wall time inside mx.async_eval, cumulative
-        # called just before a step's passes are queued (AsyncEngine's output hand-over, "dispatch")
-        self.before_dispatch: Optional[Callable[[], None]] = None
-        self.handoff_seconds = 0.0  # time inside before_dispatch, cumulative (not the step's own work)
 
     def run(self, out: SchedulerOutput) -> RunnerOutput:
         """launch + complete: one step, synchronously."""
@@ -96,16 +93,8 @@ class ModelRunner:
                 self._prefill(part)
         if out.decode:
             return LaunchedStep(out.decode, self._decode(out))
-        self._dispatch(self.cache.keys, self.cache.values)
+        self._async_eval(self.cache.keys, self.cache.values)
         return LaunchedStep([], None)
-
-    def _dispatch(self, *arrays) -> None:
-        """Queue the step's passes: the last thing a launch does."""
-        if self.before_dispatch is not None:
-            started = time.perf_counter()
-            self.before_dispatch()
-            self.handoff_seconds += time.perf_counter() - started
-        self._async_eval(*arrays)
 
     def _async_eval(self, *arrays) -> None:
         # timed: the engine's step accounting reports this as its "dispatch" phase
@@ -210,7 +199,7 @@ class ModelRunner:
             logits = logits[mx.array(slots, dtype=mx.int32)]
         sample = self.sampler.sample(logits, slots)
         self._slot_tokens[mx.array(slots, dtype=mx.int32)] = sample.token_ids
-        self._dispatch(sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs,
+        self._async_eval(sample.token_ids, sample.logprobs, sample.top_ids, sample.top_logprobs,
                       self._slot_tokens, cache.keys, cache.values)
         cache.end_pass({d.slot: d.offset + 1 for d in out.decode})
         return sample

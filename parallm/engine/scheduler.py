@@ -42,15 +42,6 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # running sequences (slots) at most
     max_num_batched_tokens: int = 512  # tokens computed per step, decode rows included
     kv_budget_tokens: int = 1 << 20  # KV positions all running sequences may hold together
-    # Steps a newly arrived request may wait so that prompts arriving one by one are prefilled
-    # together. A step that prefills runs a whole extra forward pass before its decode pass, and on
-    # a GPU that pass costs about as much host time for one prompt as for sixteen: admitting a burst
-    # that trickles in over the HTTP path (one prompt here, two there) adds a pass to step after
-    # step and slows every running stream. Only ever waits while other rows are decoding (an idle
-    # engine admits at once), while no prefill pass runs this step anyway (then the newcomers join
-    # it), and while what waits neither fills the step's token budget nor the free rows. 0: admit
-    # at once (vLLM V0's scheduler_delay_factor is the same trade, counted in prompt latencies).
-    prefill_wait_steps: int = 0
     # When > 0, a prompt's prefill is cut so that a chunk ends at its last full block of this many
     # tokens: a model whose cache keeps only a window or a recurrent state can be stored for the
     # prefix cache only at that exact moment (prefix_cache.py, exact mode). 0: chunks as large as fit.
@@ -71,7 +62,6 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the slot (== the slot's length)
     num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache (usage)
     slot: Optional[int] = None
-    queued_at_step: int = 0  # the scheduler's step count when the sequence joined `waiting`
     leader: Optional["Sequence"] = None  # n > 1: the choice whose prompt K/V this one copies
     finished: bool = False
     is_running: bool = False  # in Scheduler.running (holds a slot)
@@ -166,11 +156,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
-        self._step_no = 0  # schedule() calls so far
 
     # ---- adding and removing -----------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        seq.queued_at_step = self._step_no
         self.waiting.append(seq)
         self._seqs[seq.seq_id] = seq
 
@@ -241,10 +229,8 @@ class Scheduler:
                 if reserve(seq, _chunk_cost(chunk, remaining, token_budget)):
                     token_budget -= self._schedule_chunk(seq, chunk, prefill, decode, token_budget)
         # 3. admit waiting sequences (FIFO; an n > 1 follower waits for its leader's prompt)
-        self._step_no += 1
         skipped: list[Sequence] = []
-        hold = self._hold_admission(decode, prefill, token_budget)
-        while self.waiting and token_budget > 0 and self._free_slots and not preempted and not hold:
+        while self.waiting and token_budget > 0 and self._free_slots and not preempted:
             seq = self.waiting.popleft()
             if seq.leader is not None and self._leader_pending(seq):
                 skipped.append(seq)
@@ -305,22 +291,6 @@ class Scheduler:
         return new_tokens
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _hold_admission(self, decode: dict, prefill: dict, token_budget: int) -> bool:
-        """True when this step should not admit yet (SchedulerConfig.prefill_wait_steps says why)."""
-        wait = self.config.prefill_wait_steps
-        if wait <= 0 or not self.waiting or not decode or prefill:
-            return False
-        if self._step_no - self.waiting[0].queued_at_step > wait:
-            return False  # the oldest has waited its share
-        if len(self.waiting) >= len(self._free_slots):
-            return False  # enough to fill every free row: no point waiting for more
-        pending = 0
-        for seq in self.waiting:
-            pending += seq.num_tokens - seq.num_computed
-            if pending >= token_budget:
-                return False  # a full prefill pass is already waiting
-        return True
-
     def _schedule_chunk(self, seq, chunk, prefill, decode, token_budget) -> int:
         """Schedule `chunk` prefill tokens; if that completes all but the last token and budget
         is left, the last token decodes in the same step. Returns tokens used."""
@@ -381,7 +351,6 @@ class Scheduler:
         seq.is_running = False
         self._release_slot(seq)
         seq.num_computed = 0
-        seq.queued_at_step = -(1 << 30)  # it was running: never held back again
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

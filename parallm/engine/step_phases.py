@@ -3,7 +3,7 @@
 Phases (types.STEP_PHASES): `schedule` (the scheduler), `build` (the step's graph, Python),
 `dispatch` (inside mx.async_eval: MLX queuing the step's kernels), `wait` (reading results back),
 `update` (outputs: detokenizing, stops). The runner counts its own dispatch and hand-over time;
-a launch's build is what is left of it. The hand-over (AsyncEngine's "emit") is not the step's own.
+a launch's build is what is left of it.
 """
 from __future__ import annotations
 
@@ -40,14 +40,13 @@ class StepPhases:
 
     @contextmanager
     def launch(self, runner) -> Iterator[None]:
-        """A runner launch: its time, less the runner's dispatch and hand-over (its cumulative
-        `dispatch_seconds` and `handoff_seconds`), is `build`."""
-        dispatched, handed_off = runner.dispatch_seconds, runner.handoff_seconds
+        """A runner launch: its time, less the runner's dispatch (its cumulative
+        `dispatch_seconds`), is `build`."""
+        dispatched = runner.dispatch_seconds
         started = time.perf_counter()
         try:
             yield
         finally:
             dispatch = runner.dispatch_seconds - dispatched
-            handoff = runner.handoff_seconds - handed_off
             self.seconds["dispatch"] += dispatch
-            self.seconds["build"] += time.perf_counter() - started - dispatch - handoff
+            self.seconds["build"] += time.perf_counter() - started - dispatch

@@ -110,7 +110,6 @@ class RequestOutput:
 
 
 # when AsyncEngine hands a step's outputs to the event loop (EngineConfig.output_handoff)
-OUTPUT_HANDOFFS = ("step", "dispatch")
 STEP_PHASES = ("schedule", "build", "dispatch", "wait", "update")
 
 

@@ -32,7 +32,6 @@ from mlx.nn.layers.distributed import (AllToShardedLinear, QuantizedAllToSharded
                                        QuantizedShardedToAllLinear, ShardedToAllLinear)
 from mlx.utils import tree_unflatten
 
-from parallm.models.fused_projections import dissolve as dissolve_projection_group
 from parallm.models.lora_group import SHARED_INPUT_SIBLINGS, SharedInputGroup
 from parallm.models.lora_kernel import MAX_RANK, LoRADeltaKernel, fits, shared_kernel
 from parallm.models.lora_sharding import SHARDED_TO_ALL, shard_lora, sharding_style
@@ -319,7 +318,6 @@ def attach_multi_lora(model: nn.Module, module_paths: Iterable[str],
             raise KeyError(f"the model has no module '{path}'")
         if isinstance(module, MultiLoRALinear):
             continue
-        dissolve_projection_group(module)  # a fused q/k/v or gate/up member: plain again first
         if not isinstance(module, ADAPTABLE_LINEARS):
             raise TypeError(f"'{path}' is a {type(module).__name__}; only Linear and QuantizedLinear "
                             "layers (and their sharded versions) can carry per-row adapters")

@@ -12,11 +12,40 @@ from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 
-from parallm.models.fused_projections import concatenable, share_rows
 from parallm.models.lora_kernel import LoRADeltaKernel, fits
 
 if TYPE_CHECKING:
     from parallm.models.lora import MultiLoRALinear
+
+_PARAMETERS = ("weight", "bias")  # a dense linear's parameters, both split along output rows
+
+
+def concatenable(layers: list) -> bool:
+    """Whether these linears' weights can be one matrix: plain dense nn.Linear layers of one dtype
+    and input size, all with or all without bias."""
+    import mlx.nn as nn
+
+    if any(type(m) is not nn.Linear for m in layers):
+        return False
+    first = layers[0]
+    return all(("bias" in m) == ("bias" in first) and m.weight.dtype == first.weight.dtype
+               and m.weight.shape[1] == first.weight.shape[1] for m in layers)
+
+
+def share_rows(layers: list) -> dict[str, mx.array]:
+    """Concatenate the layers' parameters along their output rows, then make each layer's own a
+    view of its rows of the result, so that the group's product is one matmul and the weights are
+    held once. Returns the concatenated ones."""
+    wholes = {name: mx.concatenate([m[name] for m in layers], axis=0) for name in _PARAMETERS if name in layers[0]}
+    mx.eval(*wholes.values())
+    row = 0
+    for m in layers:
+        end = row + m["weight"].shape[0]
+        for name, whole in wholes.items():
+            m[name] = whole[row:end]
+        row = end
+    mx.eval(*[m[name] for m in layers for name in wholes])  # the views hold the buffer; the originals can go
+    return wholes
 
 
 # Linears of one block that mlx-lm's models call on the same input, one right after another.

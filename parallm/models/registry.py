@@ -15,9 +15,11 @@ the known ones. Models here import nothing from engine/ or server/.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Callable, Iterable, Optional
 
 
@@ -45,8 +47,10 @@ class _Slot:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """One entry of /v1/models. Base models have parent None and root = where the weights came
-    from; adapters have parent = their base model and root = their directory (vLLM's shape)."""
+    """One entry of /v1/models. Base models have parent None and root = what the weights are (the
+    repo id, or the base name of their directory or file, "default" for the built-in model);
+    adapters have parent = their base model and root = the base name of their directory. Never a
+    full path: clients have no business with the server's file layout."""
 
     id: str
     created: int
@@ -65,6 +69,18 @@ class ModelCard:
                 "parallm": {"kind": self.kind, "context_length": self.context_length,
                             "memory_bytes": self.memory_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
                             "notes": list(self.notes)}}
+
+
+# a Hugging Face repo id, or one .gguf file of a repo (the loader's hub forms)
+_HUB_SPEC = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+\.gguf)?$")
+
+
+def model_root(spec: Optional[str], source: Optional[str]) -> str:
+    """The `root` of a base model's card: the repo id it came from, else the base name of where its
+    weights are (`source`, the loader's local path; a hub download's ends in a snapshot hash)."""
+    if spec and _HUB_SPEC.match(spec) and source and PurePath(source).name != PurePath(spec).name:
+        return spec
+    return PurePath(source or spec or "").name or "default"
 
 
 def _default_loader(spec: Optional[str], *, name: Optional[str] = None, **kwargs):
@@ -175,7 +191,7 @@ class ModelRegistry:
             mem = getattr(slot.loaded, "memory", None)
             cards.append(ModelCard(
                 id=name, created=slot.loaded_at, owned_by=self._owned_by,
-                root=str(getattr(slot.loaded, "source", None) or slot.spec or name), parent=None,
+                root=model_root(slot.spec, getattr(slot.loaded, "source", None)), parent=None,
                 kind="model", context_length=getattr(slot.loaded, "context_length", None),
                 memory_bytes=self._weight_bytes(slot.loaded),
                 kv_bytes_per_token=getattr(mem, "kv_bytes_per_token", None),
@@ -183,7 +199,7 @@ class ModelRegistry:
         for a in adapters:
             parent = slots.get(a.parent)
             cards.append(ModelCard(
-                id=a.name, created=a.created, owned_by=self._owned_by, root=str(a.path), parent=a.parent,
+                id=a.name, created=a.created, owned_by=self._owned_by, root=PurePath(str(a.path)).name, parent=a.parent,
                 kind="adapter", context_length=getattr(parent.loaded, "context_length", None) if parent else None,
                 memory_bytes=a.memory_bytes))
         return cards

@@ -1,8 +1,9 @@
 """create_app: the FastAPI application. Routes are thin; OpenAIServing does the translating.
 
 Seams for teammates: pass extra APIRouters (`routers`); they see the engine, settings, admission
-and serving objects on `app.state`. Middleware order (outermost first): body limit, draining gate,
-API key, then the app; so a too-big body is refused before anything reads it.
+and serving objects on `app.state`. Middleware order (outermost first): CORS (only with
+--cors-origin), JSON Content-Type, body limit, draining gate, keys, HEAD-as-GET, then the app; so a
+body that is not JSON, or too big, is refused before anything reads it.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from parallm.server.config import ServerSettings
 from parallm.server.errors import install_error_handlers
 from parallm.server.http_metrics import install_observability
 from parallm.server.metrics import MetricsSources, ServingMetrics, primary_model_name
-from parallm.server.middleware import ApiKeyAuth, BodySizeLimit, DrainingGate
+from parallm.server.middleware import (BodySizeLimit, Cors, DrainingGate, HeadAsGet, KeyAuth, RequireJson,
+                                       binds_loopback)
 from parallm.server.observed_engine import ObservedEngine
 from parallm.server.protocol import ChatCompletionRequest, CompletionRequest
 from parallm.server.serving import OpenAIServing
@@ -69,7 +71,10 @@ async def health(request: Request):
     error = getattr(state.engine, "health_error", lambda: None)()
     if error:
         body["status"], body["error"] = "unhealthy", error
-    return JSONResponse(body, status_code=503 if admission.draining or error else 200)
+    elif not body["models"] and not admission.draining:
+        # e.g. the last model was unloaded: up, but every generation would be a 404
+        body["status"], body["error"] = "degraded", "no model is served"
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
 def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence[APIRouter] = ()) -> FastAPI:
@@ -101,11 +106,17 @@ def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence
     for router in routers:
         app.include_router(router)
     # add_middleware wraps: the last added is the outermost.
-    if settings.api_key:
-        app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(KeyAuth, api_key=settings.api_key, admin_key=settings.admin_key,
+                       loopback=binds_loopback(settings.host))
     app.add_middleware(DrainingGate, is_draining=lambda: admission.draining)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
                        streamed_paths={"/v1/files": settings.max_upload_bytes})
+    app.add_middleware(RequireJson, exempt=("/v1/files",))  # the upload is multipart
+    origins = [o.strip() for o in (settings.cors_origin or "").split(",") if o.strip()]
+    if origins:  # no CORS headers at all unless asked for
+        app.add_middleware(Cors, allow_origins=origins, allow_methods=["GET", "HEAD", "POST", "DELETE"],
+                           allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"])
     # Outermost: request id + access log; plus /metrics (no API key, like vLLM's) and HTTP metrics.
     install_observability(app, app.state.metrics, log_prompts=settings.log_prompts)
     return app

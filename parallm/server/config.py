@@ -1,14 +1,12 @@
 """ServerSettings: one dataclass, filled from defaults < TOML file < PARALLM_* env vars < command line."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
-from parallm.engine.types import OUTPUT_HANDOFFS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,7 +18,6 @@ class ConfigError(ValueError):
     """A setting that cannot be read: names the setting, where it came from, and what is accepted."""
 
 
-EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 @dataclass
@@ -36,7 +33,6 @@ class ServerSettings:
     max_num_seqs: int = 64  # rows the engine runs at once
     max_num_batched_tokens: Optional[int] = None  # tokens per engine step; None: by device (2048 CUDA, else 512)
     max_queue: int = 256  # requests that may wait for a row; past it, 429
-    prefill_wait_steps: Optional[int] = None  # engine steps a new prompt may wait to share a prefill pass; None: the engine's
     kv_budget_bytes: Optional[int] = None  # KV of all running sequences; None: the engine's default
     prefix_cache_bytes: Optional[int] = None  # 0 turns the prefix cache off; None: the engine's default
     api_key: Optional[str] = None  # when set, /v1/* needs "Authorization: Bearer <key>"
@@ -55,18 +51,6 @@ class ServerSettings:
     adapters_dir: Optional[str] = None  # run-time /v1/load_lora_adapter paths must lie under it; None: off
     adapters: Optional[str] = None  # startup LoRA adapters, "NAME=PATH[@MODEL][,...]" (--adapter, repeatable)
     memory_budget_bytes: Optional[int] = None  # weights of all base models; past it, LRU idle ones are evicted
-    # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval), in ms.
-    # The event loop and the engine thread share one GIL; None keeps Python's 5 ms (runner.py).
-    gil_switch_interval_ms: Optional[float] = None
-    # The event loop under uvicorn: auto (uvloop where installed), asyncio (the standard library's),
-    # or uvloop. uvloop writes to sockets holding the GIL; asyncio releases it around each send.
-    event_loop: str = "auto"
-    # When the engine thread hands a step's outputs to the event loop: "step" (when the step ends)
-    # or "dispatch" (just before the next step's kernels are queued). EngineConfig.output_handoff.
-    output_handoff: str = "step"
-    # q/k/v and gate/up of each block as one matmul each (EngineConfig.fuse_projections); off until
-    # measured through the engine on a GPU
-    fuse_projections: bool = False
     # --- what a hostile client may cost (docs/reliability.md) ---
     # a chat template sent in chat_template_kwargs runs only when allowed, in a sandbox with limits
     allow_client_chat_template: bool = False
@@ -91,7 +75,6 @@ class ServerSettings:
             "max_num_seqs": self.max_num_seqs >= 1,
             "max_num_batched_tokens": self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
             "max_queue": self.max_queue >= 0,
-            "prefill_wait_steps": self.prefill_wait_steps is None or self.prefill_wait_steps >= 0,
             "drain_timeout": self.drain_timeout >= 0,
             "max_body_bytes": self.max_body_bytes >= 1024,
             "retry_after": self.retry_after > 0,
@@ -108,18 +91,9 @@ class ServerSettings:
             raise ConfigError(f"log_format={self.log_format!r}: use text or json")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"device={self.device!r}: use auto, cpu or gpu")
-        if self.gil_switch_interval_ms is not None and not 0 < self.gil_switch_interval_ms <= 1000:
-            raise ConfigError(f"gil_switch_interval_ms={self.gil_switch_interval_ms!r}: use milliseconds above 0, "
-                              "at most 1000 (Python's own is 5)")
-        if self.event_loop not in EVENT_LOOPS:
-            raise ConfigError(f"event_loop={self.event_loop!r}: use {', '.join(EVENT_LOOPS)}")
-        if self.output_handoff not in OUTPUT_HANDOFFS:
-            raise ConfigError(f"output_handoff={self.output_handoff!r}: use {', '.join(OUTPUT_HANDOFFS)}")
         for key in ("api_key", "admin_key"):
             if getattr(self, key) is not None and not getattr(self, key).strip():
                 raise ConfigError(f"{key} is empty: give a real key, or leave it out")
-        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-            raise ConfigError("event_loop='uvloop' but uvloop is not installed (pip install uvloop, or use auto)")
 
     @property
     def max_in_flight(self) -> int:
@@ -128,6 +102,7 @@ class ServerSettings:
 
 
 _LIST_FIELDS = ("model", "served_model_name")  # a string, or (TOML, command line) a list of strings
+_KEY_FIELDS = ("api_key", "admin_key")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -137,6 +112,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{source}: setting '{name}' must be a string or a non-empty list of strings, "
                               f"got {value!r}")
         return value[0] if len(value) == 1 else list(value)
+    if name in _KEY_FIELDS and isinstance(value, str):
+        # Taken literally: "" (or "none") would otherwise turn auth off without a word.
+        if not value.strip():
+            raise ConfigError(f"{source}: setting '{name}' is empty: give a real key, or leave it out")
+        return value
     hint = get_type_hints(ServerSettings)[name]
     if get_origin(hint) is Union:  # Optional[X]
         inner = [a for a in get_args(hint) if a is not type(None)][0]

@@ -89,10 +89,6 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
     from parallm.server.app import create_app  # noqa: F401 - imported before the group waits on us
     from parallm.server.serve_command import adapter_specs, engine_config
 
-    if settings.output_handoff != "step":  # the leader's runner is wrapped: it has no dispatch hook
-        print("parallm serve --distributed: --output-handoff dispatch is not available with --distributed "
-              "(use step, the default)", file=sys.stderr)
-        return 2
     try:
         group = mx.distributed.init(strict=True, backend=args.distributed_backend)
     except Exception as e:  # noqa: BLE001 - the platform's message plus how to fix it
@@ -143,7 +139,7 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
 
 def _serve_rank0(engine, leader, watchdog: GroupWatchdog, link, settings) -> int:
     from parallm.server.app import create_app
-    from parallm.server.runner import run_server
+    from parallm.server.runner import ConnectionLimits, run_server
     from parallm.server.serve_command import adapter_routers
 
     # Run-time loads (--adapters-dir) go through rank 0's AdapterManager; the LeaderRunner ships
@@ -155,7 +151,7 @@ def _serve_rank0(engine, leader, watchdog: GroupWatchdog, link, settings) -> int
     log.info("serving %s on http://%s:%d (tensor parallel, %d ranks)", ", ".join(engine.model_names()),
              settings.host, settings.port, leader.channel.size)
     run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level,
-               gil_switch_interval_ms=settings.gil_switch_interval_ms, event_loop=settings.event_loop)
+               limits=ConnectionLimits.from_settings(settings))
     if watchdog.failure or engine.health_error():
         log.error("exiting after a group failure: %s", watchdog.failure or engine.health_error())
         return EXIT_GROUP_FAILED

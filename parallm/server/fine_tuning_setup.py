@@ -12,7 +12,9 @@ from fastapi import APIRouter
 
 from parallm.engine.errors import InvalidRequest
 from parallm.engine.finetune.service import FineTuning
+from parallm.engine.finetune.store import default_data_dir
 from parallm.server.config import ServerSettings
+from parallm.server.data_dir_lock import DataDirLock, lock_data_dir
 from parallm.server.ft_http import openai_errors
 from parallm.server.routes_files import files_router
 from parallm.server.routes_fine_tuning import fine_tuning_router
@@ -24,21 +26,36 @@ log = logging.getLogger("parallm.server")
 class FineTuningMount:
     service: FineTuning
     routers: list[APIRouter]
+    lock: Optional[DataDirLock] = None  # this process owns the data directory while it lives
 
     def job_counts(self) -> dict[str, int]:
         """Jobs by status, for the metrics gauge."""
         return self.service.store.count_jobs_by_status()
 
 
-def mount_fine_tuning(engine: Any, settings: ServerSettings) -> Optional[FineTuningMount]:
+def lock_fine_tuning_data(settings: ServerSettings) -> Optional[DataDirLock]:
+    """The data directory's lock, taken before anything else starts (DataDirInUse if another
+    server holds it), or None when fine-tuning is off."""
+    if not settings.fine_tuning:
+        return None
+    return lock_data_dir(Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir())
+
+
+def mount_fine_tuning(engine: Any, settings: ServerSettings,
+                      lock: Optional[DataDirLock] = None) -> Optional[FineTuningMount]:
     """The fine-tuning service for an engine built by build_engine, or None when turned off.
 
     Jobs train the served base model; the worker loads it from the same spec the server loaded
     (`settings.model`, or the default model). A finished job's adapter is hot-loaded into the
     engine's adapter manager; the server keeps priority while requests are running or waiting.
+
+    Holds the data directory's lock (`lock`, or taken here: DataDirInUse if another server holds
+    it), so that nothing here or in the job recovery at start touches another server's jobs.
     """
     if not settings.fine_tuning:
         return None
+    data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else default_data_dir()
+    lock = lock or lock_data_dir(data_dir)
     managers = getattr(engine, "managers", None)  # MultiModelEngine: base name -> AdapterManager, live
     if managers is None:  # a single AsyncEngine
         manager = getattr(getattr(engine, "engine", None), "adapters", None)
@@ -64,17 +81,18 @@ def mount_fine_tuning(engine: Any, settings: ServerSettings) -> Optional[FineTun
         stats = engine.stats()
         return stats.num_running + stats.num_waiting > 0
 
-    service = FineTuning.open(Path(settings.data_dir).expanduser() if settings.data_dir else None,
-                              base_models=base_models, on_adapter_ready=on_adapter_ready,
+    service = FineTuning.open(data_dir, base_models=base_models, on_adapter_ready=on_adapter_ready,
                               serving_busy=serving_busy, max_upload_bytes=settings.max_upload_bytes)
     return FineTuningMount(service, [files_router(service.files), fine_tuning_router(service.jobs),
-                                     model_deletion_router(service, managers)])
+                                     model_deletion_router(service, managers)], lock)
 
 
 def model_deletion_router(service: FineTuning, managers: Mapping[str, Any]) -> APIRouter:
     """DELETE /v1/models/{model} (the SDK's models.delete), for the fine-tuned models this server's
     jobs made: it stops serving the model (requests in flight finish with it) and deletes its
-    adapter files, so a restart does not serve it again. The job and its events stay."""
+    adapter files, so a restart does not serve it again. The job and its events stay. It changes
+    what is served, so it is an admin route (middleware.is_admin_route): the admin key, or the
+    rules that apply without one."""
     router = APIRouter()
 
     @router.delete("/v1/models/{model_id:path}")

@@ -9,13 +9,27 @@ adapter goes on which model, and the MultiModelEngine that serves them.
   explicit `@MODEL` suffix).
 - `--memory-budget-bytes N` bounds the weights of all base models; a run-time load past it evicts
   the least recently used idle models. The startup models alone must fit.
+- Run-time loads (the admin route) are confined (`confine_model_spec`): a model under
+  `--models-dir`, every file of it inside too, or a repo id matching `--allowed-hub-models`.
+  Startup models are the operator's choice and load from anywhere.
 """
 from __future__ import annotations
 
+import logging
+import os
+import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Optional
 
+from parallm.engine.errors import InvalidRequest
 from parallm.server.config import ConfigError, ServerSettings
+
+log = logging.getLogger("parallm.server")
+
+# The loader's hub forms, "org/name" and "org/name/file.gguf", with no segment that climbs.
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)"
+                     r"(?:/(?P<file>[\w-][\w.-]*(?:/[\w-][\w.-]*)*\.gguf))?$")
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,51 @@ def startup_adapters(settings: ServerSettings) -> list[StartupAdapter]:
     return out
 
 
+class ModelNotAllowed(InvalidRequest):
+    """400: a run-time load of something outside --models-dir and --allowed-hub-models. One message
+    whatever is on disk, so the route cannot be used to learn which paths exist."""
+
+    def __init__(self, spec: str, settings: ServerSettings):
+        allowed = []
+        if settings.models_dir:
+            allowed.append("model directories and .gguf files that exist under its models directory (--models-dir)")
+        if settings.allowed_hub_models:
+            allowed.append("Hugging Face repos matching --allowed-hub-models")
+        what = (" and ".join(allowed) if allowed else
+                "no models at run time (start it with --models-dir or --allowed-hub-models to allow some)")
+        super().__init__(f"The model {str(spec)[:200]!r} cannot be loaded: this server loads {what}.", param="model")
+        self.code = "model_not_allowed"
+
+
+def confine_model_spec(spec: Optional[str], settings: ServerSettings) -> str:
+    """What a run-time load of `spec` may hand to the loader: the real path of a model under
+    --models-dir (relative to it, or absolute inside it; symlinks followed, and no file of the
+    model may lead outside), or a repo id matching a pattern of --allowed-hub-models. Anything else
+    raises ModelNotAllowed."""
+    from parallm.models.adapters import AdapterError, first_outside, resolve_under
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelNotAllowed(str(spec), settings)
+    if settings.models_dir:
+        models_dir = os.path.expanduser(settings.models_dir)
+        try:
+            real = resolve_under(models_dir, spec)  # refuses '..', NUL, URL-encoding, anything outside
+        except AdapterError:
+            real = None
+        if real is not None and real.exists():
+            escape = first_outside(models_dir, real)
+            if escape is None:
+                return str(real)
+            log.warning("refused a run-time load of %s: %s leads outside the models directory", real, escape)
+    hub = _HUB_ID.match(spec)
+    patterns = [p.strip() for p in (settings.allowed_hub_models or "").split(",") if p.strip()]
+    # The loader tries a spec as a local path first, so a repo id that names something in the
+    # working directory would load that instead of the repo.
+    if hub and any(fnmatchcase(hub["repo"], p) for p in patterns) and not os.path.lexists(spec):
+        return spec
+    raise ModelNotAllowed(spec, settings)
+
+
 def build_multi_engine(settings: ServerSettings):
     """Load every configured model and wrap each in its own AsyncEngine (with its AdapterManager)
     behind one MultiModelEngine. Raises ModelLoadError, AdapterLoadFailed/AdapterNameInvalid or
@@ -97,8 +156,8 @@ def build_multi_engine(settings: ServerSettings):
                                         startup=startup, reserved_names=lambda: _taken_names(multi, loaded.name))
         return AsyncEngine(loaded, config, adapters=manager)
 
-    def loader(spec, *, name=None, **kwargs):
-        return load(spec, device=settings.device, name=name, **kwargs)
+    def loader(spec, *, name=None, **kwargs):  # the registry's: run-time loads only, so confined
+        return load(confine_model_spec(spec, settings), device=settings.device, name=name, **kwargs)
 
     multi = MultiModelEngine(engine_factory, unload_drain_timeout=settings.drain_timeout, loader=loader)
     for s in specs:

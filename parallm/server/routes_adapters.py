@@ -8,7 +8,9 @@
 
 `lora_path` is resolved under the adapters directory the AdapterManager was given (anything else
 is a 400). Every error is an OpenAI error body {"error": {message, type, param, code}} with one
-status, produced here so the router behaves the same whatever app includes it.
+status, produced here so the router behaves the same whatever app includes it. Answers never
+hold a full server path: error messages and adapter paths are cut down to what a client sends
+(`client_safe`). Who may call these routes is the app's KeyAuth middleware's business (admin key).
 
 `create_adapter_router` takes the live objects it works on: `managers` (base model name ->
 AdapterManager; read at request time, so models added later are seen) and, for the model admin
@@ -19,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from typing import Any, Awaitable, Callable, Mapping, Optional
+import re
+from pathlib import Path, PurePath
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -36,14 +40,54 @@ def _error(status: int, message: str, *, code: Optional[str] = None, param: Opti
                                    "param": param, "code": code}}, status_code=status)
 
 
-def _from_exception(e: Exception) -> JSONResponse:
+_QUOTED_PATH = re.compile(r"(['\"])(/[^'\"]*)\1")
+_BARE_PATH = re.compile(r"(?<![\w:/.~'\"-])/[^\s'\"]+")
+
+
+def client_safe(message: str, bases: Sequence[PurePath] = ()) -> str:
+    """`message` with every absolute path cut down to what a client may see: its part under one of
+    `bases` (the adapters and models directories, which clients name paths relative to), else
+    its base name. Loader and adapter errors name the files they read; the server's console
+    keeps the full paths, clients do not need them."""
+    def shorten(text: str) -> str:
+        path = PurePath(text)
+        for base in bases:
+            if path != base and path.is_relative_to(base):
+                return str(path.relative_to(base))
+        return path.name or "/"
+
+    def bare(m: re.Match) -> str:
+        text = m.group(0)
+        core = text.rstrip(".,:;)!?")
+        return shorten(core) + text[len(core):]
+
+    message = _QUOTED_PATH.sub(lambda m: m.group(1) + shorten(m.group(2)) + m.group(1), message)
+    return _BARE_PATH.sub(bare, message)
+
+
+def _bases(request: Request) -> list[PurePath]:
+    settings = getattr(request.app.state, "settings", None)
+    out: list[PurePath] = []
+    for folder in (getattr(settings, "adapters_dir", None), getattr(settings, "models_dir", None)):
+        if folder:
+            path = Path(folder).expanduser()
+            out += [path.resolve(), path]
+    return out
+
+
+def _from_exception(e: Exception, request: Request) -> JSONResponse:
     if isinstance(e, EngineError):
-        return _error(e.status, e.message, code=e.code, param=e.param)
+        return _error(e.status, client_safe(e.message, _bases(request)), code=e.code, param=e.param)
     if isinstance(e, RegistryError):
-        return _error(e.status, e.message, code=e.code, param="model")
+        return _error(e.status, client_safe(e.message, _bases(request)), code=e.code, param="model")
     if type(e).__name__ == "ModelLoadError":  # parallm.models' loader error: bad spec or files
-        return _error(400, str(e), code="model_load_failed", param="model")
+        return _error(400, client_safe(str(e), _bases(request)), code="model_load_failed", param="model")
     raise e
+
+
+def _adapter_view(info: Any) -> dict:
+    """An adapter for a client: its directory's name, not the server's path to it."""
+    return {**dataclasses.asdict(info), "path": PurePath(str(info.path)).name}
 
 
 class _BadBody(Exception):
@@ -95,9 +139,9 @@ def create_adapter_router(managers: Mapping[str, AdapterManager], registry: Opti
         except _BadBody as e:
             return _error(400, e.message, code="invalid_request", param=e.param)
         except Exception as e:  # typed errors become their status; anything else propagates
-            return _from_exception(e)
+            return _from_exception(e, request)
         return JSONResponse({"message": f"Success: LoRA adapter '{info.name}' added successfully.",
-                             "adapter": dataclasses.asdict(info)})
+                             "adapter": _adapter_view(info)})
 
     @router.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
@@ -112,13 +156,13 @@ def create_adapter_router(managers: Mapping[str, AdapterManager], registry: Opti
         except _BadBody as e:
             return _error(400, e.message, code="invalid_request", param=e.param)
         except Exception as e:
-            return _from_exception(e)
+            return _from_exception(e, request)
         return JSONResponse({"message": f"Success: LoRA adapter '{name}' removed successfully."})
 
     @router.get("/v1/admin/adapters")
     async def list_adapters():
         return JSONResponse({"object": "list",
-                             "data": [dataclasses.asdict(a) for m in managers.values() for a in m.list()]})
+                             "data": [_adapter_view(a) for m in managers.values() for a in m.list()]})
 
     @router.post("/v1/admin/models/load")
     async def load_model(request: Request):
@@ -132,7 +176,7 @@ def create_adapter_router(managers: Mapping[str, AdapterManager], registry: Opti
         except _BadBody as e:
             return _error(400, e.message, code="invalid_request", param=e.param)
         except Exception as e:
-            return _from_exception(e)
+            return _from_exception(e, request)
         card = next(c for c in registry.cards() if c.id == loaded.name)
         return JSONResponse(card.to_openai())
 
@@ -148,13 +192,13 @@ def create_adapter_router(managers: Mapping[str, AdapterManager], registry: Opti
         except _BadBody as e:
             return _error(400, e.message, code="invalid_request", param=e.param)
         except Exception as e:
-            return _from_exception(e)
+            return _from_exception(e, request)
         return JSONResponse({"message": f"Success: model '{body['model']}' unloaded.", "id": body["model"]})
 
     return router
 
 
 def model_list(registry: ModelRegistry, managers: Mapping[str, AdapterManager]) -> dict:
-    """The /v1/models body: base models then adapters (parent = base, root = adapter dir)."""
+    """The /v1/models body: base models then adapters (parent = base, root = the adapter dir's name)."""
     adapters = [a for m in managers.values() for a in m.list() if not a.unloading]
     return {"object": "list", "data": [c.to_openai() for c in registry.cards(adapters)]}

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from typing import Optional
 
 import uvicorn
 from fastapi import FastAPI
 
 from parallm.server.admission import Admission
+from parallm.server.config import ServerSettings
+from parallm.server.connections import (ConnectionLimits, Connections, connection_cap, protocol_class,
+                                        raise_file_limit)
 
 log = logging.getLogger("parallm.server")
 
@@ -99,29 +101,27 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def set_gil_switch_interval(ms: Optional[float]) -> None:
-    """Set how long a thread may keep the GIL while another waits (None: leave Python's 5 ms).
-
-    Why a server cares: right after an engine step hands its tokens over, the event loop wakes
-    to stream them (tens of microseconds of Python per token) just as the engine thread starts
-    building the next step (Python too). Whichever thread holds the GIL keeps it until it blocks
-    or the interval runs out, so the other can wait up to the whole interval, once per step."""
-    if ms is not None:
-        sys.setswitchinterval(ms / 1000)
-        log.info("GIL switch interval: %.3g ms", ms)
-
-
 def run_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info",
-               gil_switch_interval_ms: Optional[float] = None, event_loop: str = "auto",
-               exit_on_engine_death: bool = False) -> Optional[str]:
+               exit_on_engine_death: bool = False, limits: Optional[ConnectionLimits] = None) -> Optional[str]:
     """Serve until told to stop. Returns why the server stopped on its own (a dead engine, with
-    exit_on_engine_death), or None after a normal stop."""
-    set_gil_switch_interval(gil_switch_interval_ms)
+    exit_on_engine_death), or None after a normal stop. `limits`: what a connection may cost
+    (parallm.server.connections); None takes ServerSettings' defaults."""
+    limits = limits or ConnectionLimits.from_settings(ServerSettings())
+    # After the model is loaded: importing mlx_lm.utils set the limit to (2048, 4096).
+    file_limit = raise_file_limit()
+    connections = Connections(limits, connection_cap(limits.max_connections, file_limit))
+    log.info("connections: at most %d (open-files limit %s), header timeout %.3g s, keep-alive %.3g s, "
+             "stream stall timeout %s", connections.cap, file_limit, limits.header_timeout,
+             limits.keep_alive_timeout, f"{limits.stream_stall_timeout:.3g} s" if limits.stream_stall_timeout
+             else "off")
     # log_config=None / access_log=False: logging_setup.configure_logging owns the handlers, and
     # our access log (with request id, route and tokens) replaces uvicorn's.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", loop=event_loop,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             log_config=None, access_log=False,
-                            timeout_graceful_shutdown=_AFTER_ABORT_GRACE_S, backlog=2048)
+                            timeout_graceful_shutdown=_AFTER_ABORT_GRACE_S, backlog=2048,
+                            http=protocol_class(connections), timeout_keep_alive=limits.keep_alive_timeout,
+                            h11_max_incomplete_event_size=limits.max_header_bytes,
+                            ws="none")  # no websocket routes: an upgrade must not take a connection out of the count
     server = DrainingServer(config, app, drain_timeout, exit_on_engine_death)
     server.run()
     return server.engine_failure

@@ -23,8 +23,6 @@ _OPTIONS = {
     "max_num_seqs": (int, "sequences the engine runs at once (default 64)"),
     "max_num_batched_tokens": (int, "tokens per engine step: prefill chunks plus decodes (default 2048 on a CUDA GPU, 512 elsewhere)"),
     "max_queue": (int, "requests that may wait for a free row; past it the server answers 429 (default 256)"),
-    "prefill_wait_steps": (int, "engine steps a new prompt may wait, while other rows decode, so that prompts "
-                                "arriving one by one share a prefill pass; 0 admits at once (default 0)"),
     "kv_budget_bytes": (int, "KV cache budget of all running sequences, in bytes (default: half the GPU memory the model leaves free; 2 GiB on the CPU)"),
     "prefix_cache_bytes": (int, "prefix cache size in bytes; 0 turns it off (default: the engine's, 256 MiB)"),
     "api_key": (str, "require 'Authorization: Bearer KEY' on /v1/* (also PARALLM_API_KEY)"),
@@ -37,11 +35,6 @@ _OPTIONS = {
     "memory_budget_bytes": (int, "bytes of weights all base models may take; a run-time load past it evicts "
                                  "the least recently used idle models (default: no budget)"),
     "adapters_dir": (str, "directory that run-time /v1/load_lora_adapter paths must lie under (default: off)"),
-    "gil_switch_interval_ms": (float, "longest time in ms one thread holds the GIL while another waits for it "
-                                      "(the event loop and the engine thread share it; default: Python's 5)"),
-    "event_loop": (str, "auto | asyncio | uvloop: the event loop under uvicorn (default auto: uvloop where installed)"),
-    "output_handoff": (str, "step | dispatch: when the engine thread hands a step's outputs to the event loop, as "
-                            "the step ends (default) or just before the next step's kernels are queued"),
     "header_timeout": (float, "seconds a connection gets to send a request's headers (default 10)"),
     "max_header_bytes": (int, "largest request headers accepted, in bytes (default 32768)"),
     "keep_alive_timeout": (float, "seconds an idle keep-alive connection stays open (default 5)"),
@@ -60,9 +53,7 @@ _REPEATABLE = ("model", "served_model_name")  # append to a list; one value stay
 # Flags without a value; each maps onto the ServerSettings field of the same name.
 _FLAGS = {"log_prompts": "include prompt text in access-log lines (off by default: prompts may be private)",
           "allow_client_chat_template": "let requests send their own chat template (chat_template_kwargs."
-                                        "chat_template); it then renders in a sandbox with time and size limits",
-          "fuse_projections": "run each block's q/k/v and gate/up projections as one matmul each (experimental: "
-                              "fewer kernels per step; not for sharded layers)"}
+                                        "chat_template); it then renders in a sandbox with time and size limits"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,14 +114,11 @@ def adapter_routers(engine) -> list:
 def engine_config(settings: ServerSettings, config_class):
     """The engine's settings from ours; a setting left unset keeps the engine's default."""
     values = dict(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-                  max_queue=settings.max_queue, output_handoff=settings.output_handoff,
-                  fuse_projections=settings.fuse_projections)
+                  max_queue=settings.max_queue)
     if settings.kv_budget_bytes is not None:
         values["kv_budget_bytes"] = settings.kv_budget_bytes
     if settings.prefix_cache_bytes is not None:
         values["prefix_cache_bytes"] = settings.prefix_cache_bytes
-    if settings.prefill_wait_steps is not None:
-        values["prefill_wait_steps"] = settings.prefill_wait_steps
     return config_class(**values)
 
 
@@ -156,15 +144,28 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"parallm serve: {e}", file=sys.stderr)
         return 2
+    from parallm.server.connections import import_mlx_lm_keeping_file_limit
     from parallm.server.logging_setup import LogSettings, configure_logging
     configure_logging(LogSettings(format=settings.log_format, level=settings.log_level))
+    import_mlx_lm_keeping_file_limit()  # before any model loads: it would lower the hard limit
     if getattr(args, "distributed", False):  # tensor parallel under mlx.launch: its own startup
         from parallm.server.distributed_serve import serve_distributed
 
         return serve_distributed(args, settings)
     from parallm.engine.errors import EngineError
     from parallm.models import ModelLoadError
+    from parallm.server.data_dir_lock import DataDirInUse
+    from parallm.server.fine_tuning_setup import lock_fine_tuning_data, mount_fine_tuning
 
+    try:  # before loading anything: a second server on the same data dir stops at once
+        data_lock = lock_fine_tuning_data(settings)
+    except DataDirInUse as e:
+        print(f"parallm serve: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"parallm serve: cannot open the data directory for fine-tuning: {e} "
+              "(set --data-dir, or --no-fine-tuning)", file=sys.stderr)
+        return 1
     try:
         engine = build_engine(settings)
     except ModelLoadError as e:  # the input's fault: say which model and why
@@ -182,15 +183,14 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     from parallm.server.app import create_app
-    from parallm.server.runner import run_server
+    from parallm.server.runner import ConnectionLimits, run_server
 
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: the server is reachable from the network%s", settings.host,
-                    "" if settings.api_key else " and has no --api-key")
-    from parallm.server.fine_tuning_setup import mount_fine_tuning
-
+        log.warning("binding %s: the server is reachable from the network%s; the admin routes are %s",
+                    settings.host, "" if settings.api_key else " and has no --api-key",
+                    "behind --admin-key" if settings.admin_key else "off (no --admin-key)")
     try:
-        fine_tuning = mount_fine_tuning(engine, settings)
+        fine_tuning = mount_fine_tuning(engine, settings, data_lock)
     except Exception as e:  # e.g. an unwritable data dir: say so, do not serve half a server
         print(f"parallm serve: cannot open the data directory for fine-tuning: {e} "
               "(set --data-dir, or --no-fine-tuning)", file=sys.stderr)
@@ -205,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("serving %s on http://%s:%d", ", ".join(engine.model_names()), settings.host, settings.port)
     try:
         failure = run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level,
-                             gil_switch_interval_ms=settings.gil_switch_interval_ms,
-                             event_loop=settings.event_loop, exit_on_engine_death=settings.exit_on_engine_death)
+                             exit_on_engine_death=settings.exit_on_engine_death,
+                             limits=ConnectionLimits.from_settings(settings))
     finally:
         if fine_tuning:
             fine_tuning.service.shutdown()

@@ -161,11 +161,14 @@ class OpenAIServing:
         model_cards = getattr(self.engine, "model_cards", None)
         if model_cards is not None:  # a model registry: every base model and adapter, with metadata
             return model_cards()
+        from pathlib import PurePath  # local: this method is the only user
+
         cards = [ModelCard(id=name, root=name, created=self.started) for name in self.engine.model_names()]
-        # LoRA adapters are listed as models whose parent is their base model (vLLM's convention).
+        # LoRA adapters are listed as models whose parent is their base model (vLLM's convention);
+        # root is their directory's name, never the server's full path.
         adapter_infos = getattr(self.engine, "adapter_infos", None)
         for a in adapter_infos() if adapter_infos else []:
-            cards.append(ModelCard(id=a.name, created=a.created, root=a.path, parent=a.parent))
+            cards.append(ModelCard(id=a.name, created=a.created, root=PurePath(str(a.path)).name, parent=a.parent))
         return [card.model_dump() for card in cards]
 
     def models(self) -> JSONResponse:

@@ -58,7 +58,8 @@ def served(model_dirs):
     """alpha and beta served at startup; a budget that holds two tiny models but not three."""
     settings = ServerSettings(model=[str(model_dirs["alpha"]), str(model_dirs["beta"])],
                               served_model_name=["alpha", "beta"], device="cpu", max_num_seqs=4,
-                              max_num_batched_tokens=64, fine_tuning=False, drain_timeout=60)
+                              max_num_batched_tokens=64, fine_tuning=False, drain_timeout=60,
+                              models_dir=str(model_dirs["gamma"].parent))
     engine = build_engine(settings)
     one_model = engine.registry.total_weight_bytes() // 2
     engine.registry.memory_budget_bytes = int(one_model * 2.5)
@@ -88,7 +89,7 @@ def test_two_models_answer_with_their_own_tokens(served, model_dirs):
     cards = {m.id: m.model_dump() for m in client.models.list().data}
     assert set(cards) == {"alpha", "beta"}
     for name in ("alpha", "beta"):
-        assert cards[name]["parent"] is None and cards[name]["root"] == str(model_dirs[name])
+        assert cards[name]["parent"] is None and cards[name]["root"] == model_dirs[name].name
         meta = cards[name]["parallm"]
         assert meta["kind"] == "model" and meta["context_length"] == 2048 and meta["memory_bytes"] > 0
 

@@ -72,10 +72,10 @@ def test_load_get_list():
     cards = reg.cards([FakeAdapter("sql", parent="a", path="/adapters/sql")])
     by_id = {c.id: c for c in cards}
     assert [c.id for c in cards] == ["a", "bee", "sql"]
-    assert by_id["a"].parent is None and by_id["a"].root == "/models/a" and by_id["a"].kind == "model"
+    assert by_id["a"].parent is None and by_id["a"].root == "a" and by_id["a"].kind == "model"
     assert by_id["a"].memory_bytes == 10 * MiB and by_id["a"].context_length == 2048
     sql = by_id["sql"].to_openai()
-    assert sql["parent"] == "a" and sql["root"] == "/adapters/sql" and sql["object"] == "model"
+    assert sql["parent"] == "a" and sql["root"] == "sql" and sql["object"] == "model"
     assert sql["parallm"]["kind"] == "adapter" and sql["parallm"]["context_length"] == 2048
 
 

@@ -50,7 +50,7 @@ def test_load_list_unload(setup):
     assert manager.has_adapter("x")
     listing = model_list(registry, {"tiny": manager})["data"]
     assert [(m["id"], m["parent"]) for m in listing] == [("tiny", None), ("x", "tiny")]
-    assert listing[1]["root"].endswith("/adapters/x")
+    assert listing[1]["root"] == "x"
     assert client.get("/v1/admin/adapters").json()["data"][0]["name"] == "x"
     r = client.post("/v1/unload_lora_adapter", json={"lora_name": "x"})
     assert r.status_code == 200 and not manager.has_adapter("x")

@@ -162,16 +162,3 @@ def test_ranks_started_with_different_engine_settings_both_refuse_to_start(tiny_
     for p, out in zip(procs, outs):
         assert p.returncode == 3, out[-2000:]
         assert "rank(s) [1] differ from rank 0 in engine settings" in out
-
-
-def test_distributed_serve_refuses_output_handoff_at_dispatch(capsys):
-    """The leader's runner is wrapped (LeaderRunner) and has no dispatch hook: a clear exit 2 before
-    joining any group, not an error from inside the engine."""
-    import argparse
-
-    from parallm.server.config import ServerSettings
-    from parallm.server.distributed_serve import serve_distributed
-
-    code = serve_distributed(argparse.Namespace(distributed_backend="ring"), ServerSettings(output_handoff="dispatch"))
-    assert code == 2
-    assert "--output-handoff dispatch is not available with --distributed" in capsys.readouterr().err

@@ -268,34 +268,3 @@ def test_idle_time_is_counted_apart_from_steps(tiny_loaded):
     assert after.idle_seconds + after.busy_seconds <= elapsed + 0.01
     # the worker's hand-over of outputs to the loop is counted beside the step's own phases
     assert after.phase_seconds["emit"] > 0 and after.phase_seconds["dispatch"] > 0
-
-
-@pytest.mark.parametrize("handoff", ["step", "dispatch"])
-def test_outputs_handed_over_at_dispatch_are_the_same_and_complete(tiny_loaded, handoff):
-    """output_handoff="dispatch" holds a step's outputs until the next step queues its kernels:
-    every stream still gets all its tokens, in order, the greedy reference, and a final output
-    (the last step hands over at once, since no next step comes)."""
-    prompts = {f"r{i}": make_prompt(i, 5 + 3 * i) for i in range(4)}
-    lengths = {"r0": 3, "r1": 9, "r2": 1, "r3": 6}
-
-    async def main():
-        engine = AsyncEngine(tiny_loaded, EngineConfig(max_num_seqs=4, output_handoff=handoff))
-        await engine.start()
-        got = await asyncio.gather(*(collect(engine, req(r, p, lengths[r])) for r, p in prompts.items()))
-        aborted = await abort_after_two_outputs(engine, "x", make_prompt(9, 8))
-        stats = engine.stats()
-        await engine.shutdown()
-        return dict(zip(prompts, got)), aborted, stats
-
-    got, aborted, stats = asyncio.run(main())
-    for rid, outs in got.items():
-        tokens = [t for o in outs for t in o.token_ids]
-        assert tokens == reference_greedy(tiny_loaded, prompts[rid], lengths[rid]), rid
-        assert outs[-1].finished and [o.finished for o in outs].count(True) == 1
-    assert aborted[-1].finish_reason == "abort" and aborted[-1].finished
-    assert stats.phase_seconds["emit"] > 0
-
-
-def test_output_handoff_must_be_known():
-    with pytest.raises(ValueError, match="output_handoff='later'"):
-        EngineConfig(output_handoff="later")

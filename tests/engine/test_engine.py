@@ -244,17 +244,3 @@ def test_step_accounting_counts_every_row_and_token(tiny_loaded):
     assert set(phases) == {"schedule", "build", "dispatch", "wait", "update"}
     assert all(v > 0 for v in phases.values()), phases
     assert sum(phases.values()) <= stats.busy_seconds
-
-
-def test_prompts_held_to_share_a_prefill_pass_give_the_same_tokens(tiny_loaded):
-    lengths = [5, 9, 14, 22, 31, 8]
-    engine = Engine(tiny_loaded, EngineConfig(max_num_seqs=8, max_num_batched_tokens=256,
-                                              prefix_cache_bytes=0, prefill_wait_steps=3))
-    schedule = {0: [greedy_request("r0", make_prompt(0, lengths[0]), 12)]}
-    for i, n in enumerate(lengths[1:], start=1):  # one newcomer per step while r0 decodes
-        schedule.setdefault(i, []).append(greedy_request(f"r{i}", make_prompt(i, n), 6))
-    outs = run_to_completion(engine, schedule)
-    for i, n in enumerate(lengths):
-        assert tokens_of(outs[f"r{i}"]) == reference_greedy(tiny_loaded, make_prompt(i, n), 12 if i == 0 else 6), i
-    # five newcomers on five steps, each allowed to wait 3 steps: fewer prefill passes than prompts
-    assert engine.stats().prefill_steps < len(lengths)

@@ -1,6 +1,9 @@
 """With an API key set, every route refuses a missing or wrong key with 401, files, fine-tuning
 and adapter routes included. Routes are enumerated from the app itself, so a route added later is
-covered without editing this test; the only open routes are the ones listed in OPEN_ROUTES."""
+covered without editing this test; the only open routes are the ones listed in OPEN_ROUTES. The key
+is read as clients send it (the Bearer scheme in any case, or x-api-key), once: a repeated header
+is a 400, and an empty key in the environment or a config file stops the server rather than
+turning auth off. (The admin key: test_admin_access.py.)"""
 from __future__ import annotations
 
 import re
@@ -56,8 +59,9 @@ def test_route_enumeration_sees_every_router(keyed_server):
 
 
 @pytest.mark.parametrize("credentials", [None, "Bearer wrong-key", f"Bearer {KEY}x", KEY, f"Basic {KEY}",
-                                         "Bearer", f"bearer {KEY}"],
-                         ids=["missing", "wrong", "longer", "no-scheme", "basic", "scheme-only", "lowercase-scheme"])
+                                         "Bearer", f"bearer {KEY}x", f"Bearer {KEY[:-1]}"],
+                         ids=["missing", "wrong", "longer", "no-scheme", "basic", "scheme-only",
+                              "lowercase-scheme-wrong-key", "prefix"])
 def test_every_route_but_the_open_ones_refuses_bad_credentials(keyed_server, credentials):
     headers = {} if credentials is None else {"Authorization": credentials}
     checked = 0
@@ -94,3 +98,42 @@ def test_path_tricks_do_not_bypass_the_key(keyed_server, raw_path):
     status, body = raw_request(keyed_server.url, "GET", raw_path)
     assert status in (401, 404, 400), (status, body[:200])
     assert b'"data"' not in body
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": f"bearer {KEY}"}, {"Authorization": f"BEARER {KEY}"},
+                                     {"Authorization": f"Bearer   {KEY}"}, {"x-api-key": KEY},
+                                     {"X-Api-Key": KEY, "Authorization": "Bearer something-else"}],
+                         ids=["lowercase", "uppercase", "spaces", "x-api-key", "x-api-key-beside-another"])
+def test_the_key_as_clients_send_it(keyed_server, headers):
+    r = httpx.get(keyed_server.url + "/v1/models", headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("headers", [
+    [("Authorization", "Bearer wrong"), ("Authorization", f"Bearer {KEY}")],
+    [("Authorization", f"Bearer {KEY}"), ("Authorization", "Bearer wrong")],
+    [("x-api-key", "wrong"), ("x-api-key", KEY)],
+], ids=["wrong-then-right", "right-then-wrong", "two-x-api-keys"])
+def test_a_repeated_key_header_is_a_400(keyed_server, headers):
+    """Which copy counts differs between proxies and frameworks: the request is refused, whichever
+    copy holds the key."""
+    with httpx.Client(base_url=keyed_server.url, timeout=30) as client:
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions")):
+            r = client.request(method, path, headers=headers, json={"model": "tiny", "prompt": "x"}
+                               if method == "POST" else None)
+            assert assert_openai_error(r, 400)["code"] == "duplicate_credentials", (method, path)
+
+
+@pytest.mark.parametrize("key", ["api_key", "admin_key"])
+def test_an_empty_key_from_the_environment_or_a_file_is_an_error(tmp_path, key):
+    from parallm.server.config import ConfigError, load_settings
+
+    for value in ("", "   "):
+        with pytest.raises(ConfigError, match=key):
+            load_settings({}, environ={f"PARALLM_{key.upper()}": value})
+        toml = tmp_path / "c.toml"
+        toml.write_text(f'[server]\n{key} = "{value}"\n')
+        with pytest.raises(ConfigError, match=key):
+            load_settings({}, config_file=str(toml), environ={})
+    # a real key from either place still works, taken literally
+    assert getattr(load_settings({}, environ={f"PARALLM_{key.upper()}": "none"}), key) == "none"

@@ -4,12 +4,14 @@ answer is a 4xx, nothing outside the server's directories is read (a canary neve
 response; a *valid* adapter placed outside the adapters dir is never loaded), and nothing outside
 them is created, changed or deleted.
 
-Path parameters go over a raw socket so that no client library normalises `..` away."""
+Path parameters go over a raw socket so that no client library normalises `..` away. Files inside
+an adapter directory are confined too (a link out is refused), and no answer holds a server path."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -112,8 +114,8 @@ def test_adapter_names(world, full_server):
             assert_openai_error(r)
             continue
         if r.status_code == 200:
-            path = Path(r.json()["adapter"]["path"]).resolve()
-            assert full_server.adapters_dir.resolve() in path.parents, (bad, path)
+            [info] = [a for a in full_server.manager.list() if a.name == bad]
+            assert full_server.adapters_dir.resolve() in Path(info.path).parents, (bad, info.path)
             assert client.post("/v1/unload_lora_adapter", json={"lora_name": bad}).status_code == 200
         else:
             assert_openai_error(r)
@@ -129,6 +131,48 @@ def test_symlink_out_of_the_adapters_dir(world, full_server):
         assert assert_openai_error(r)["code"] == "path_not_allowed"
     finally:
         link.unlink()
+
+
+def test_a_file_linked_out_of_an_adapter_dir(world, full_server):
+    """The directory lies inside the adapters dir, its weights file is a link to an adapter outside."""
+    half = full_server.adapters_dir / "half-linked"
+    half.mkdir()
+    shutil.copy(world["outside_adapter"] / "adapter_config.json", half / "adapter_config.json")
+    (half / "adapters.safetensors").symlink_to(world["outside_adapter"] / "adapters.safetensors")
+    names = list(full_server.manager.names())
+    try:
+        r = world["client"].post("/v1/load_lora_adapter", json={"lora_name": "half", "lora_path": "half-linked"})
+        error = assert_openai_error(r)
+        assert error["code"] == "path_not_allowed", error
+        assert "adapters.safetensors" in error["message"] and str(world["outside_adapter"]) not in r.text
+        assert list(full_server.manager.names()) == names
+    finally:
+        shutil.rmtree(half)
+
+
+def test_answers_hold_no_server_paths(world, full_server):
+    """Adapter loads, listings and their errors name what the client sent, never where the server
+    keeps it (the same goes for run-time model loads: test_admin_access.py)."""
+    client, root = world["client"], str(full_server.root.resolve())
+    broken = full_server.adapters_dir / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    try:
+        answers = [client.post("/v1/load_lora_adapter", json={"lora_name": "paths-ok", "lora_path": "inside"})]
+        assert answers[0].status_code == 200, answers[0].text
+        answers += [client.get("/v1/models"), client.get("/v1/models/paths-ok"), client.get("/v1/admin/adapters")]
+        for lora_path, code in (("broken", "adapter_invalid"), ("missing", "adapter_not_found"),
+                                (str(full_server.adapters_dir / "missing"), "adapter_not_found"),
+                                (str(world["outside_adapter"]), "path_not_allowed")):
+            r = client.post("/v1/load_lora_adapter", json={"lora_name": "p", "lora_path": lora_path})
+            assert assert_openai_error(r)["code"] == code, (lora_path, r.text)
+            answers.append(r)
+        for r in answers:
+            assert root not in r.text and str(full_server.root) not in r.text, r.text
+        assert {m["id"]: m["root"] for m in answers[1].json()["data"]}["paths-ok"] == "inside"
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "paths-ok"}).status_code == 200
+    finally:
+        shutil.rmtree(broken)
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
