@@ -3,10 +3,12 @@
 {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
 Client-caused errors are 4xx, always: a validation failure is 400 (never FastAPI's 422), an
-unknown route 404, a wrong method 405. Only a fault of ours is a 5xx.
+unknown route 404, a wrong method 405. Only a fault of ours is a 5xx. Messages may quote what the
+client sent, so they are made encodable (a lone surrogate is written as its escape).
 """
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Optional
 
@@ -30,10 +32,17 @@ _STATUS_TYPES = {
 }
 
 
+def printable(text: Optional[str]) -> Optional[str]:
+    """`text` with any lone surrogate (from a client's JSON) written as its escape, so it can be sent."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status: int, message: str, *, type: Optional[str] = None, param: Optional[str] = None,
                    code: Optional[str] = None, headers: Optional[dict[str, str]] = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type or _STATUS_TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
+    body = {"error": {"message": printable(message), "type": type or _STATUS_TYPES.get(status, "server_error"),
+                      "param": printable(param), "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -47,7 +56,17 @@ def engine_error_response(err: EngineError) -> JSONResponse:
 
 def engine_error_payload(err: EngineError) -> dict:
     """The same error as a dict, for an error that happens inside an SSE stream."""
-    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    return {"error": {"message": printable(err.message), "type": err.type, "param": printable(err.param),
+                      "code": err.code}}
+
+
+def stream_error_payload(err: Exception) -> dict:
+    """Any error inside an SSE stream, as an error object: a fault of ours is logged and named only."""
+    if isinstance(err, EngineError):
+        return engine_error_payload(err)
+    log.error("error in a response stream", exc_info=err)
+    return {"error": {"message": f"Internal server error: {type(err).__name__}", "type": "server_error",
+                      "param": None, "code": "internal_error"}}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
@@ -96,6 +115,26 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    # Last resorts for what only a client's input causes, on routes that do not check for it first
+    # (each route should: these name no field). As handlers of their own (not the catch-all below)
+    # they answer without uvicorn closing the keep-alive connection.
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError):
+        return error_response(400, "The request body is nested too deeply.", code="invalid_request")
+
+    @app.exception_handler(UnicodeError)
+    async def _bad_text(request: Request, exc: UnicodeError):
+        return error_response(400, "The request holds text that is not valid Unicode (such as a lone UTF-16 "
+                              "surrogate, \\ud800).", code="invalid_request")
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError):
+        if exc.errno == errno.ENAMETOOLONG:
+            return error_response(400, "A name or path in the request is too long.", code="invalid_request")
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, f"Internal server error: {type(exc).__name__}", type="server_error",
+                              code="internal_error")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from parallm.engine.errors import EngineError
+from parallm.server.errors import printable
 
 
 def error_body(message: str, type: str, param: str | None, code: str | None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    # printable: a message may quote a client's string, lone surrogates and all
+    return {"error": {"message": printable(message), "type": type, "param": printable(param), "code": code}}
 
 
 def error_response(e: EngineError) -> JSONResponse:
@@ -27,7 +29,8 @@ def error_response(e: EngineError) -> JSONResponse:
 def validation_error_response(e: ValidationError) -> JSONResponse:
     first = e.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    return JSONResponse(error_body(f"Invalid request: {param}: {first.get('msg')}" if param else first.get("msg"),
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return JSONResponse(error_body(f"Invalid request: {param}: {message}" if param else f"Invalid request: {message}",
                                    "invalid_request_error", param, "invalid_request"), status_code=400)
 
 

@@ -6,79 +6,66 @@ that the serving layer only ever sees values the engine accepts. Response models
 """
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from parallm.server.errors import printable
+from parallm.server.json_checks import json_value_problem
+
 MAX_N = 16  # choices per request
-MAX_STOP = 16  # stop strings per request
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
+MAX_STOP_CHARS = 1000  # per stop string: the stop matcher holds back up to this much streamed text
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+MAX_INT32 = 2**31 - 1  # token counts and ids: far past any context or vocabulary
+MAX_MESSAGES = 2048  # OpenAI's own limit
+MAX_TOOLS = 128  # OpenAI's own limit
+MAX_LIST_ITEMS = 1024  # logit_bias entries, stop_token_ids
 
 
 class _Request(BaseModel):
     # OpenAI ignores fields it does not know; so do we (clients send vendor extras all the time).
-    model_config = ConfigDict(extra="ignore")
+    # NaN and Infinity (which Python's json reads) are refused: no sampling math or response may see one.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-def lone_surrogate_path(value: Any) -> Optional[str]:
-    """Where the first string holding a lone UTF-16 surrogate is (e.g. "messages[0].content"), or None.
-
-    JSON may spell one ("\\ud800") and Python's parser keeps it, but no UTF-8 encoder (so no
-    tokenizer) accepts it. Walks iteratively: a deeply nested body must not hit the recursion limit.
-    """
-    stack = [("", value)]
-    while stack:
-        path, v = stack.pop()
-        if isinstance(v, str):
-            if not v.isascii():
-                try:
-                    v.encode("utf-8")
-                except UnicodeEncodeError:
-                    return path or "body"
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                stack.append((f"{path}.{k}" if path else str(k), k))  # keys reach templates too
-                stack.append((f"{path}.{k}" if path else str(k), x))
-        elif isinstance(v, list):
-            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
-    return None
-
-
 class SamplingFields(_Request):
     """The fields chat and completions requests share."""
 
     model: str = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=MAX_INT32)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=MAX_LIST_ITEMS)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: Optional[str] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # vLLM extras
-    top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    top_k: int = Field(0, ge=-1, le=MAX_INT32)  # 0 or -1: off
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[int]] = Field(None, max_length=MAX_LIST_ITEMS)
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data):
-        path = lone_surrogate_path(data)
-        if path is not None:
-            raise ValueError(f"{path} holds a lone UTF-16 surrogate (such as \\ud800); text must be valid Unicode")
+    def _valid_json_values(cls, data):
+        rest = {k: v for k, v in data.items() if k != "prompt"} if isinstance(data, dict) else data
+        problem = json_value_problem(rest)  # `prompt` has a validator of its own, faster
+        if problem is not None:
+            raise ValueError(problem)
         return data
 
     @field_validator("stop")
@@ -89,6 +76,9 @@ class SamplingFields(_Request):
             raise ValueError(f"at most {MAX_STOP} stop sequences are accepted, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters long, got one of {longest}")
         return v
 
     @field_validator("logit_bias")
@@ -108,7 +98,7 @@ class SamplingFields(_Request):
     @field_validator("stop_token_ids")
     @classmethod
     def _check_stop_token_ids(cls, v):
-        if v is not None and any(t < 0 for t in v):
+        if v is not None and any(not 0 <= t <= MAX_INT32 for t in v):
             raise ValueError("stop_token_ids must be non-negative token ids")
         return v
 
@@ -170,15 +160,18 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM extra
     chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM extra
+    # vLLM extra, as is chat_template_kwargs["chat_template"]: a client's own template runs only
+    # with --allow-client-chat-template, in a sandbox process (template_sandbox.py)
+    chat_template: Optional[str] = None
     # Tools reach the chat template (a template that knows them tells the model); what the model
     # writes comes back as message content: there is no tool-call parser, so nothing can be forced.
-    tools: Optional[list[ToolSpec]] = None
+    tools: Optional[list[ToolSpec]] = Field(None, max_length=MAX_TOOLS)
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     response_format: Optional[dict[str, Any]] = None
 
@@ -226,16 +219,24 @@ class CompletionRequest(SamplingFields):
     best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
     suffix: Optional[str] = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="plain", json_schema_input_type=Union[str, list[str], list[int], list[list[int]]])
     @classmethod
-    def _non_empty(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("prompt must not be an empty list")
-            if isinstance(v[0], list) and any(not p for p in v):
-                raise ValueError("each token-id prompt must hold at least one token")
-            if isinstance(v[0], int) and any(t < 0 for t in v):
-                raise ValueError("prompt token ids must be non-negative")
+    def _prompt_shape(cls, v):
+        # By hand, with C-speed passes (set, min, max, join): pydantic's union took 3-6 s of the event
+        # loop over an 8 MB body of token ids. (The body walk skips `prompt`: strings are checked here.)
+        if isinstance(v, str) or isinstance(v, list) and v and set(map(type, v)) == {str}:
+            text = v if isinstance(v, str) else "".join(v)
+            if text != printable(text):
+                raise ValueError("the prompt holds a lone UTF-16 surrogate (such as \\ud800); "
+                                 "text must be valid Unicode")
+            return v
+        nested = isinstance(v, list) and bool(v) and set(map(type, v)) == {list}
+        ids = list(itertools.chain.from_iterable(v)) if nested else v
+        if not isinstance(v, list) or not v or (nested and not all(v)) or set(map(type, ids)) != {int}:
+            raise ValueError("prompt must be a string, a list of strings, a non-empty list of token ids, or a list "
+                             "of such lists")
+        if min(ids) < 0 or max(ids) > MAX_INT32:
+            raise ValueError("prompt token ids must be non-negative and below 2^31")
         return v
 
     @model_validator(mode="after")

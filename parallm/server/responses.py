@@ -1,6 +1,7 @@
 """Engine outputs -> OpenAI response objects: choices, logprobs, usage."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,6 +19,17 @@ def usage_info(usages: list[Usage]) -> UsageInfo:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
+LOGPROB_FLOOR = -9999.0  # what OpenAI (and vLLM) send for a token of probability 0
+
+
+def finite_logprob(x: float) -> float:
+    """A logprob JSON can carry: -inf (and NaN, from a broken adapter's logits) become LOGPROB_FLOOR,
+    +inf 0. Python's json would write NaN and Infinity, which no JSON parser reads."""
+    if math.isfinite(x):
+        return x
+    return 0.0 if x > 0 else LOGPROB_FLOOR
+
+
 def _bytes(t) -> list[int]:
     """A token's own bytes (a lone byte of an emoji stays that byte), else its text's UTF-8."""
     return list(t.raw) if t.raw is not None else list(t.token.encode("utf-8", errors="replace"))
@@ -25,8 +37,8 @@ def _bytes(t) -> list[int]:
 
 def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs(content=[
-        ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=_bytes(t),
-                         top_logprobs=[ChatTopLogprob(token=a.token, logprob=a.logprob, bytes=_bytes(a))
+        ChatTokenLogprob(token=t.token, logprob=finite_logprob(t.logprob), bytes=_bytes(t),
+                         top_logprobs=[ChatTopLogprob(token=a.token, logprob=finite_logprob(a.logprob), bytes=_bytes(a))
                                        for a in t.top])
         for t in items])
 
@@ -36,8 +48,8 @@ def completion_logprobs(items: list[TokenLogprob], text_offset: int) -> Completi
     out = CompletionLogprobs()
     for t in items:
         out.tokens.append(t.token)
-        out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append({a.token: a.logprob for a in t.top} or None)
+        out.token_logprobs.append(finite_logprob(t.logprob))
+        out.top_logprobs.append({a.token: finite_logprob(a.logprob) for a in t.top} or None)
         out.text_offset.append(text_offset)
         text_offset += len(t.token)
     return out

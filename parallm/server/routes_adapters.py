@@ -99,7 +99,7 @@ class _BadBody(Exception):
 async def _json_body(request: Request, required: dict[str, type], optional: dict[str, type]) -> dict:
     try:
         body = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5,000-digit number, deep nesting
         raise _BadBody(f"The request body is not valid JSON: {e}.") from None
     if not isinstance(body, dict):
         raise _BadBody("The request body must be a JSON object.")

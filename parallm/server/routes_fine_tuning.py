@@ -8,20 +8,23 @@ import json
 from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Body, Query
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import BaseModel, ConfigDict, StrictInt, model_validator
 from sse_starlette.sse import EventSourceResponse
 
+from parallm.engine.errors import InvalidRequest
 from parallm.engine.finetune.jobs import TERMINAL, JobRequest, JobService
 from parallm.server.ft_http import list_page, openai_errors
+from parallm.server.json_checks import find_json_problem, json_value_problem
 
 STREAM_POLL_S = 0.25
 Auto = Union[str, int, float]
 
 
 class CreateFineTuningJob(BaseModel):
-    """The create body. Values ("auto", ranges, known ids) are checked by the JobService."""
+    """The create body. Values ("auto", ranges, known ids) are checked by the JobService; here the
+    shape, and that the body holds no lone surrogate, NaN or Infinity, or deep nesting anywhere."""
 
-    model_config = ConfigDict(extra="ignore")  # e.g. integrations, metadata: accepted, unused
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # e.g. integrations, metadata: unused
 
     model: str
     training_file: str
@@ -34,6 +37,14 @@ class CreateFineTuningJob(BaseModel):
     n_epochs: Optional[Auto] = None
     batch_size: Optional[Auto] = None
     learning_rate_multiplier: Optional[Auto] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_json_values(cls, data):
+        problem = json_value_problem(data)
+        if problem is not None:
+            raise ValueError(problem)
+        return data
 
     def to_request(self) -> JobRequest:
         hyper = dict(self.hyperparameters or {})
@@ -49,6 +60,9 @@ def fine_tuning_router(jobs: JobService) -> APIRouter:
 
     @openai_errors
     def create_job(body: dict = Body(...)):
+        found = find_json_problem(body)  # first, so that the 400 can name the field
+        if found is not None:
+            raise InvalidRequest(f"{found[0] or 'The body'} {found[1]}", param=found[0] or None)
         return jobs.create(CreateFineTuningJob.model_validate(body).to_request()).as_openai()
 
     @openai_errors

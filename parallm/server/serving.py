@@ -23,13 +23,16 @@ from parallm.engine.protocol import EngineClient
 from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
 from parallm.server.admission import Admission
 from parallm.server.errors import engine_error_payload
-from parallm.server.prompts import Prompt, chat_prompt, check_token_ids, completion_prompt, prompt_text
+from parallm.server.prompts import (Prompt, chat_prompt, check_token_ids, client_template, completion_prompt,
+                                    prompt_text, sandbox_context, text_prompt)
 from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                      CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
                                      SamplingFields)
 from parallm.server.responses import Collected, chat_logprobs, completion_logprobs, usage_info
 from parallm.server.prompt_worker import PromptWorker
-from parallm.server.streaming import ChunkWriter, batches, coalesce, sse
+from parallm.server.streaming import (ChunkWriter, batches, coalesce, framed, opened_stream, sse,
+                                      wait_for_disconnect)
+from parallm.server.template_sandbox import ClientTemplateRefused
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 
@@ -140,12 +143,8 @@ async def one_prompt_batches(stream: AsyncIterator[RequestOutput]) -> AsyncItera
         yield [(0, out)]
 
 
-async def wait_for_disconnect(raw: Request) -> None:
-    """Return when the client goes away. The body has been read, so the next message is a disconnect."""
-    while True:
-        message = await raw.receive()
-        if message["type"] == "http.disconnect":
-            return
+def client_templates_allowed(raw: Request) -> bool:
+    return bool(getattr(getattr(raw.app.state, "settings", None), "allow_client_chat_template", False))
 
 
 class OpenAIServing:
@@ -200,16 +199,23 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
         model, adapter = self._resolve_model(body.model)
         tokenizer = self.engine.tokenizer(model)
-        size = sum(len(m.text()) for m in body.messages)
-        prompt = await self.prompts.run(size, chat_prompt, tokenizer, body, model)
+        context = self.engine.context_length(model)
+        template = client_template(tokenizer, body)
+        if template is None:  # the model's own: rendered in-process on the prompt thread
+            size = sum(len(m.text()) for m in body.messages)
+            prompt = await self.prompts.run(size, chat_prompt, tokenizer, body, model, context)
+        elif not client_templates_allowed(raw):
+            raise ClientTemplateRefused()
+        else:  # the client's: rendered in a sandbox process, then tokenized on the prompt thread
+            text = await self.prompts.render_client_template(template, sandbox_context(tokenizer, body))
+            prompt = await self.prompts.run(len(text), text_prompt, tokenizer, text, context)
         top = body.top_logprobs or 0
-        params = sampling_params(body, prompt, self.engine.context_length(model), len(tokenizer),
-                                 None, body.logprobs, top)
+        params = sampling_params(body, prompt, context, len(tokenizer), None, body.logprobs, top)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [EngineRequest(request_id=response_id, prompt_token_ids=prompt.token_ids, sampling=params,
                                   model=model, adapter=adapter)]
         if body.stream:
-            return self._stream(requests, raw, self._chat_chunks(body, response_id, body.model, requests))
+            return await self._stream(requests, raw, self._chat_chunks(body, response_id, body.model, requests))
         collected = await self._collect(requests, raw, n=body.n)
         if collected is None:
             return Response(status_code=499)
@@ -227,12 +233,12 @@ class OpenAIServing:
             raise InvalidRequest("echo together with logprobs is not supported.", param="echo")
         texts = body.prompts()
         self.admission.check_size(len(texts))  # before tokenizing a batch that could never be admitted
+        context = self.engine.context_length(model)
         if any(isinstance(p, str) for p in texts):
             size = sum(len(p) for p in texts if isinstance(p, str))
-            prompts = await self.prompts.run(size, lambda: [completion_prompt(tokenizer, p) for p in texts])
+            prompts = await self.prompts.run(size, lambda: [completion_prompt(tokenizer, p, context) for p in texts])
         else:  # token ids only: nothing to tokenize, no thread hop
             prompts = [completion_prompt(tokenizer, p) for p in texts]
-        context = self.engine.context_length(model)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         requests = []
         for i, prompt in enumerate(prompts):
@@ -242,7 +248,8 @@ class OpenAIServing:
                                           sampling=params, model=model, adapter=adapter))
         echo = [prompt_text(tokenizer, p) if body.echo else "" for p in prompts]
         if body.stream:
-            return self._stream(requests, raw, self._completion_chunks(body, response_id, body.model, requests, echo))
+            return await self._stream(requests, raw,
+                                      self._completion_chunks(body, response_id, body.model, requests, echo))
         collected = await self._collect(requests, raw, n=body.n)
         if collected is None:
             return Response(status_code=499)
@@ -295,7 +302,7 @@ class OpenAIServing:
                     await self._abort_all(requests)
             ticket.release()
 
-    def _stream(self, requests: list[EngineRequest], raw: Request, chunks: AsyncIterator[bytes]) -> Response:
+    async def _stream(self, requests: list[EngineRequest], raw: Request, chunks: AsyncIterator[bytes]) -> Response:
         ticket = self._admit(requests)
 
         async def close() -> None:
@@ -303,6 +310,9 @@ class OpenAIServing:
             await self._abort_all(requests)
             ticket.release()
 
+        chunks = await opened_stream(chunks, raw, close)  # the headers wait for the first output
+        if chunks is None:  # the client left first
+            return Response(status_code=499)
         return ReleasingEventSource(self._guard_stream(chunks), on_close=close, ping=15)
 
     async def _guard_stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -325,9 +335,9 @@ class OpenAIServing:
     async def _chat_chunks(self, body: ChatCompletionRequest, response_id: str, model: str,
                            requests: list[EngineRequest]) -> AsyncIterator[bytes]:
         writer = ChunkWriter(response_id, model, "chat")
-        yield sse([writer.chunk([writer.choice(i, "", role="assistant")]) for i in range(body.n)])
         usages = []
-        async for batch in self._output_batches(requests):
+
+        def payloads_of(batch: list[tuple[int, RequestOutput]], ended: set[int]) -> list[str]:
             payloads = []
             for index, out in coalesce(batch, body.n):
                 if out.text or out.logprobs or out.finish_reason:
@@ -337,23 +347,27 @@ class OpenAIServing:
                         payloads.append(writer.chunk([writer.choice(index, text, out.finish_reason, logprobs)]))
                     else:
                         payloads.append(writer.text_chunk(index, text, out.finish_reason))
+                if out.finish_reason:
+                    ended.add(index)
                 if out.finished and out.usage is not None:
                     usages.append(out.usage)
-            if payloads:
-                yield sse(payloads)
-        if body.include_usage_in_stream():
-            yield sse([writer.chunk([], usage=usage_info(usages))])
+            return payloads
+
+        def tail() -> list[str]:
+            return [writer.chunk([], usage=usage_info(usages))] if body.include_usage_in_stream() else []
+
+        head = [writer.chunk([writer.choice(i, "", role="assistant")]) for i in range(body.n)]
+        async for chunk in framed(self._output_batches(requests), head, payloads_of, tail, writer, body.n):
+            yield chunk
 
     async def _completion_chunks(self, body: CompletionRequest, response_id: str, model: str,
                                  requests: list[EngineRequest], echo: list[str]) -> AsyncIterator[bytes]:
         writer = ChunkWriter(response_id, model, "completion")
+        choices = len(requests) * body.n
         offsets: dict[int, int] = {}  # choice index -> characters sent so far (for logprobs text_offset)
-        if body.echo:
-            for index in range(len(requests) * body.n):
-                offsets[index] = len(echo[index // body.n])
-            yield sse([writer.chunk([writer.choice(i, echo[i // body.n])]) for i in range(len(requests) * body.n)])
         usages = []
-        async for batch in self._output_batches(requests):
+
+        def payloads_of(batch: list[tuple[int, RequestOutput]], ended: set[int]) -> list[str]:
             payloads = []
             for index, out in coalesce(batch, body.n):
                 if out.text or out.logprobs or out.finish_reason:
@@ -363,9 +377,19 @@ class OpenAIServing:
                     else:
                         payloads.append(writer.text_chunk(index, out.text, out.finish_reason))
                     offsets[index] = offsets.get(index, 0) + len(out.text)
+                if out.finish_reason:
+                    ended.add(index)
                 if out.finished and out.usage is not None:
                     usages.append(out.usage)
-            if payloads:
-                yield sse(payloads)
-        if body.include_usage_in_stream():
-            yield sse([writer.chunk([], usage=usage_info(usages))])
+            return payloads
+
+        def tail() -> list[str]:
+            return [writer.chunk([], usage=usage_info(usages))] if body.include_usage_in_stream() else []
+
+        head = []
+        if body.echo:
+            for index in range(choices):
+                offsets[index] = len(echo[index // body.n])
+            head = [writer.chunk([writer.choice(i, echo[i // body.n])]) for i in range(choices)]
+        async for chunk in framed(self._output_batches(requests), head, payloads_of, tail, writer, choices):
+            yield chunk

@@ -156,8 +156,8 @@ def test_requests_refused_before_routing_are_counted_with_their_status(tiny_load
     app = create_app(AsyncEngine(tiny_loaded), ServerSettings(api_key="k" * 20, max_body_bytes=1024))
     with TestClient(app) as client:
         denied = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
-        too_big = client.post("/v1/completions", headers={"Authorization": "Bearer " + "k" * 20},
-                              content=b"x" * 5000)
+        too_big = client.post("/v1/completions", headers={"Authorization": "Bearer " + "k" * 20,
+                                                          "Content-Type": "application/json"}, content=b"x" * 5000)
         s = samples(client.get("/metrics").text)
     assert denied.status_code == 401 and denied.headers["x-request-id"]
     assert too_big.status_code == 413 and too_big.headers["x-request-id"]

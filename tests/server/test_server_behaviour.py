@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -118,14 +119,19 @@ def test_openai_client_sees_rate_limit_error(small_server):
     streams = [httpx.stream("POST", small_server.base_url + "/completions", timeout=60,
                             json=long_body(prompt="hold", stream=True))
                for _ in range(4)]
-    opened = [s.__enter__() for s in streams]
-    try:
-        assert all(r.status_code == 200 for r in opened)
-        with pytest.raises(openai.RateLimitError):
-            client.completions.create(model=MODEL, prompt="one too many", max_tokens=2)
-    finally:
-        for s in streams:
-            s.__exit__(None, None, None)
+    # opened at once: a stream waiting for a row has its headers only with its first token (or
+    # after streaming.FIRST_OUTPUT_WAIT_S), but it is admitted, and counted, at once
+    with ThreadPoolExecutor(len(streams)) as pool:
+        opening = [pool.submit(s.__enter__) for s in streams]
+        try:
+            assert wait_until(lambda: small_server.app.state.admission.in_flight == 4)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=MODEL, prompt="one too many", max_tokens=2)
+            assert all(f.result().status_code == 200 for f in opening)
+        finally:
+            for s, f in zip(streams, opening):
+                if f.exception() is None:
+                    s.__exit__(None, None, None)
 
 
 def test_api_key_guards_v1_but_not_health(tiny_loaded):

@@ -24,6 +24,7 @@ from parallm.engine.finetune.store import JobRecord, Page, Store
 TERMINAL = ("succeeded", "failed", "cancelled")
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_PAGE = 100
+MAX_SEED = 2**31 - 1  # OpenAI's range; the worker seeds MLX and NumPy with seed + step
 
 # served base model name -> what the loader loads (a directory, hub id or GGUF path)
 BaseModels = Union[Mapping[str, str], Callable[[], Mapping[str, str]]]
@@ -95,8 +96,9 @@ class JobService:
             raise UnknownModel(request.model, list(models))
         if request.suffix is not None and not SUFFIX_PATTERN.match(request.suffix):
             raise InvalidRequest("suffix must be 1-64 characters of letters, digits, '_', '-' or '.'.", param="suffix")
-        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)):
-            raise InvalidRequest("seed must be an integer.", param="seed")
+        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)
+                                         or not 0 <= request.seed <= MAX_SEED):
+            raise InvalidRequest(f"seed must be an integer in 0..{MAX_SEED}.", param="seed")
         train_file = self._training_file(request.training_file, "training_file")
         if request.validation_file is not None:
             self._training_file(request.validation_file, "validation_file")

@@ -8,6 +8,8 @@ its one connection. Rows keep an integer `seq` (insertion order) that cursors pa
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import sqlite3
 import threading
@@ -47,6 +49,20 @@ CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);
 """
 
 JSON_COLUMNS = {"hyperparameters", "method", "error", "result_files", "plan", "data", "metrics"}
+
+log = logging.getLogger("parallm.finetune")
+
+
+def finite(value: Any) -> Any:
+    """`value` with NaN and Infinity replaced by None: what the API sends must be JSON. A job stored
+    before values were checked (a NaN multiplier) must not break every listing that holds it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 def default_data_dir() -> Path:
@@ -97,16 +113,16 @@ class JobRecord:
     seq: int = 0
 
     def as_openai(self) -> dict:
-        return {
+        return finite({
             "id": self.id, "object": "fine_tuning.job", "model": self.model,
             "created_at": self.created_at, "finished_at": self.finished_at, "status": self.status,
             "trained_tokens": self.trained_tokens, "training_file": self.training_file,
-            "validation_file": self.validation_file, "result_files": list(self.result_files),
+            "validation_file": self.validation_file, "result_files": list(self.result_files or []),
             "error": self.error, "fine_tuned_model": self.fine_tuned_model,
             "hyperparameters": self.hyperparameters, "method": self.method, "seed": self.seed,
             "suffix": self.suffix, "estimated_finish": self.estimated_finish,
             "organization_id": "parallm", "integrations": [], "user_provided_suffix": self.suffix,
-        }
+        })
 
 
 @dataclass
@@ -121,8 +137,8 @@ class EventRecord:
     seq: int = 0
 
     def as_openai(self) -> dict:
-        return {"id": self.id, "object": "fine_tuning.job.event", "created_at": self.created_at,
-                "level": self.level, "message": self.message, "type": self.type, "data": self.data or {}}
+        return finite({"id": self.id, "object": "fine_tuning.job.event", "created_at": self.created_at,
+                       "level": self.level, "message": self.message, "type": self.type, "data": self.data or {}})
 
 
 @dataclass
@@ -138,10 +154,10 @@ class CheckpointRecord:
     seq: int = 0
 
     def as_openai(self) -> dict:
-        return {"id": self.id, "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
-                "fine_tuning_job_id": self.job_id, "step_number": self.step,
-                "fine_tuned_model_checkpoint": self.fine_tuned_model_checkpoint,
-                "metrics": dict(self.metrics, step=self.step)}
+        return finite({"id": self.id, "object": "fine_tuning.job.checkpoint", "created_at": self.created_at,
+                       "fine_tuning_job_id": self.job_id, "step_number": self.step,
+                       "fine_tuned_model_checkpoint": self.fine_tuned_model_checkpoint,
+                       "metrics": dict(self.metrics or {}, step=self.step)})
 
 
 @dataclass
@@ -180,7 +196,11 @@ class Store:
         out = dict(row)
         for k in JSON_COLUMNS & out.keys():
             if out[k] is not None:
-                out[k] = json.loads(out[k])
+                try:
+                    out[k] = json.loads(out[k])
+                except (ValueError, RecursionError):  # a damaged row: shown without the column, not a 500
+                    log.error("%s of row %s in the database is not JSON; shown as null", k, out.get("id"))
+                    out[k] = None
         return out
 
     def _insert(self, table: str, values: dict) -> int:

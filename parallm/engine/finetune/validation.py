@@ -5,15 +5,21 @@ Accepted row formats (the ones mlx-lm's tuner datasets read), one format per fil
               with at least one assistant message;
 - completion: {"prompt": "...", "completion": "..."};
 - text:       {"text": "..."}.
-Blank lines are skipped. Line numbers are 1-based, as an editor shows them."""
+Blank lines are skipped. Line numbers are 1-based, as an editor shows them.
+
+Everything training would trip over is refused here, at upload (a 400), never later in the worker:
+bytes that are not UTF-8, a lone surrogate written as a JSON escape ("\\ud800", which no tokenizer
+encodes), NaN or Infinity, nesting deeper than MAX_ROW_DEPTH, a line over MAX_LINE_BYTES."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 MAX_REPORTED_ERRORS = 10
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_LINE_BYTES = 8 << 20  # one example; training cuts it to max_seq_length tokens anyway
+MAX_ROW_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -58,10 +64,36 @@ def _check_chat(row: dict) -> Optional[str]:
         content = m.get("content")
         if not isinstance(content, str) and not (role == "assistant" and m.get("tool_calls")):
             return f"messages[{i}].content must be a string"
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            return f"messages[{i}].tool_calls must be a list"
         has_assistant |= role == "assistant"
     if not has_assistant:
         return "a chat example needs at least one assistant message to learn from"
+    if row.get("tools") is not None and not isinstance(row["tools"], list):
+        return '"tools" must be a list of function specs'
     return None
+
+
+def _value_problem(row: object) -> Optional[str]:
+    """A lone surrogate (in a string or a key) or nesting past MAX_ROW_DEPTH, anywhere in the row."""
+    stack = [(row, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds a lone UTF-16 surrogate (such as \\ud800); text must be valid Unicode"
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_ROW_DEPTH:
+                return f"the row is nested more than {MAX_ROW_DEPTH} levels deep"
+            items = [x for kv in value.items() for x in kv] if isinstance(value, dict) else value
+            stack.extend((x, depth + 1) for x in items)
+    return None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _check_row(row: object) -> tuple[Optional[str], Optional[str]]:
@@ -82,7 +114,7 @@ def _check_row(row: object) -> tuple[Optional[str], Optional[str]]:
     return fmt, None
 
 
-def validate_jsonl_lines(lines: Iterable[bytes]) -> ValidationReport:
+def validate_jsonl_lines(lines: Iterable[Optional[bytes]]) -> ValidationReport:
     report = ValidationReport()
 
     def error(line: int, message: str) -> None:
@@ -91,6 +123,9 @@ def validate_jsonl_lines(lines: Iterable[bytes]) -> ValidationReport:
             report.errors.append(LineError(line, message))
 
     for number, raw in enumerate(lines, start=1):
+        if raw is None:
+            error(number, f"the line is longer than {MAX_LINE_BYTES} bytes")
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -99,11 +134,16 @@ def validate_jsonl_lines(lines: Iterable[bytes]) -> ValidationReport:
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             error(number, f"invalid JSON ({e.msg} at column {e.colno})")
             continue
+        except (ValueError, RecursionError) as e:  # NaN, a number of 5,000 digits, 100k nested arrays
+            why = str(e).split(":")[0][:100] if isinstance(e, ValueError) else "nested too deeply"
+            error(number, f"invalid JSON ({why})")
+            continue
         fmt, problem = _check_row(row)
+        problem = problem or _value_problem(row)
         if problem:
             error(number, problem)
             continue
@@ -118,9 +158,22 @@ def validate_jsonl_lines(lines: Iterable[bytes]) -> ValidationReport:
     return report
 
 
+def bounded_lines(f: BinaryIO, limit: Optional[int] = None) -> Iterator[Optional[bytes]]:
+    """The lines of `f`, each read whole only up to `limit` bytes (MAX_LINE_BYTES); a longer one is
+    skipped and stands as None (a file of one 512 MB line must not be held in memory to be refused)."""
+    limit = MAX_LINE_BYTES if limit is None else limit
+    while line := f.readline(limit + 1):
+        if len(line) <= limit:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):  # the rest of the long line
+            line = f.readline(1 << 20)
+        yield None
+
+
 def validate_jsonl_file(path: str) -> ValidationReport:
     with open(path, "rb") as f:
-        return validate_jsonl_lines(f)
+        return validate_jsonl_lines(bounded_lines(f))
 
 
 def read_rows(path: str) -> list[dict]:

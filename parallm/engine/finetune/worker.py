@@ -12,6 +12,7 @@ See worker_spec.py for the protocol with the parent.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import sys
 import time
@@ -36,6 +37,10 @@ class JobCancelled(Exception):
 
 class ParentGone(Exception):
     pass
+
+
+class TrainingDiverged(Exception):
+    """The loss is NaN or infinite: every later step, and the adapter, would be NaN too."""
 
 
 def load_base_model(source: str):
@@ -86,6 +91,9 @@ class JobCallback:
 
     def on_val_loss_report(self, info: dict) -> None:
         step = self.spec.resume_step + info["iteration"]
+        if not math.isfinite(float(info["val_loss"])):
+            raise TrainingDiverged(f"the validation loss became {info['val_loss']} at step {step}: the training "
+                                   "diverged; try a lower learning_rate_multiplier")
         self.store.add_event(self.spec.job_id, f"Step {step}: validation loss={info['val_loss']:.4f}",
                              type="metrics", data={"step": step, "valid_loss": info["val_loss"]})
 
@@ -96,6 +104,10 @@ class JobCallback:
         it_per_s = info["iterations_per_second"]
         eta = (plan.iters - step) / it_per_s if it_per_s > 0 else None
         self.last_loss = float(info["train_loss"])
+        if not math.isfinite(self.last_loss):  # stop before a NaN reaches an event, a checkpoint or the adapter
+            raise TrainingDiverged(f"the training loss became {self.last_loss} at step {step} (learning rate "
+                                   f"{plan.learning_rate:g}): the training diverged; try a lower "
+                                   "learning_rate_multiplier")
         self.store.add_event(
             spec.job_id, f"Step {step}/{plan.iters}: training loss={self.last_loss:.4f}", type="metrics",
             data={"step": step, "total_steps": plan.iters, "train_loss": self.last_loss,
@@ -212,6 +224,10 @@ def main(argv: list[str]) -> int:
         return EXIT_CANCELLED
     except ParentGone:
         return EXIT_ORPHANED
+    except TrainingDiverged as e:  # the job fails with the reason; no adapter is written
+        store.add_event(spec.job_id, f"Training stopped: {e}", level="error")
+        store.update_job(spec.job_id, worker_error=str(e))
+        return EXIT_FAILED
     except Exception as e:  # reported to the parent through the store; the server stays up
         traceback.print_exc()
         store.update_job(spec.job_id, worker_error=f"{type(e).__name__}: {e}")
