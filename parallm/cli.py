@@ -10,7 +10,6 @@ import sys
 SUBCOMMANDS = {
     "serve": ("parallm.server.serve_command", "serve models over an OpenAI-compatible HTTP API"),
     "info": ("parallm.models.info_command", "load a model and print what it is and what it needs"),
-    "bench": ("parallm.bench_command", "run a benchmark (engine, serving)"),
     "service": ("parallm.server.service_command", "install a launchd/systemd service that runs `parallm serve`"),
     "jobs": ("parallm.engine.finetune.jobs_command", "list fine-tuning jobs and their progress (or one job's events)"),
 }

@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import mlx.nn as nn
 
+from parallm.engine.types import AdapterInfo
 from parallm.engine.errors import InvalidRequest, UnknownModel
 from parallm.models.adapters import (AdapterError, AdapterWeights, check_adapter, check_files_inside, read_adapter_files,
                                      resolve_under)
@@ -59,24 +60,6 @@ class AdapterNameInvalid(InvalidRequest):
     def __init__(self, message: str, code: str):
         super().__init__(message, param="lora_name")
         self.code = code
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What /v1/models and the admin API show for one adapter."""
-
-    name: str
-    parent: str  # the base model it runs on
-    path: str
-    fine_tune_type: str  # "lora" | "dora"
-    rank: int
-    scale: float
-    num_layers: int
-    memory_bytes: int
-    created: int  # unix seconds
-    slot: int
-    active_requests: int
-    unloading: bool  # unloaded; kept only for requests in flight
 
 
 @dataclass

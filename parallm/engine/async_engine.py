@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from parallm.engine.engine import Engine, EngineConfig
-from parallm.engine.errors import EngineDead, EngineDraining, QueueFull, UnknownModel
+from parallm.engine.errors import EngineDead, EngineDraining, ModelAdminError, QueueFull, UnknownModel
 from parallm.engine.output_collector import OutputCollector
-from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
+from parallm.engine.types import AdapterInfo, EngineRequest, EngineStats, RequestOutput
 from parallm.engine.warm_up import warm_up
+from parallm.models.registry import ModelCard, adapter_card
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class AsyncEngine:
         self.engine = engine or Engine(loaded, config, sampler=sampler, adapters=adapters)
         self.config = self.engine.config
         self._name = getattr(loaded, "name", "") or "default"
+        self._created = int(time.time())  # a base model's card: when this server started serving it
         self._inbox: "queue.Queue[object]" = queue.Queue()
         self._streams: dict[str, OutputCollector] = {}  # owned by the worker once queued
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -150,12 +152,49 @@ class AsyncEngine:
             return self._name
         return None
 
-    def adapter_infos(self) -> list:
-        """Servable adapters (AdapterInfo: name, parent, path, ...) for /v1/models."""
-        adapters = self.engine.adapters
-        if adapters is None or not hasattr(adapters, "list"):
-            return []
-        return [a for a in adapters.list() if not a.unloading]
+    def adapters(self) -> list[AdapterInfo]:
+        manager = self.engine.adapters
+        return list(manager.list()) if manager is not None and hasattr(manager, "list") else []
+
+    def adapters_loaded(self) -> dict[str, int]:
+        manager = self.engine.adapters
+        return {self._name: len(manager.names()) if manager is not None and hasattr(manager, "names") else 0}
+
+    def model_cards(self) -> list[dict]:
+        loaded = self.engine.loaded
+        memory = getattr(loaded, "memory", None)
+        base = ModelCard(id=self._name, created=self._created, owned_by="parallm", root=self._name, parent=None,
+                         kind="model", context_length=loaded.context_length,
+                         memory_bytes=getattr(memory, "weight_bytes", None),
+                         kv_bytes_per_token=self.engine.cache_layout.bytes_per_token,
+                         notes=tuple(getattr(loaded, "notes", None) or ()))
+        cards = [base] + [adapter_card(a, "parallm", loaded.context_length)
+                          for a in self.adapters() if not a.unloading]
+        return [c.to_openai() for c in cards]
+
+    async def load_adapter(self, name: str, path: str, base_model: Optional[str] = None) -> AdapterInfo:
+        manager = self._manager()
+        if base_model and base_model != self._name:
+            raise UnknownModel(base_model, [self._name])
+        # reading and checking the tensors is file I/O plus a little math: off the event loop
+        return await asyncio.to_thread(manager.load, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        manager = self._manager()
+        if not manager.has_adapter(name):
+            raise UnknownModel(name, list(manager.names()))
+        manager.unload(name)
+
+    async def load_model(self, spec: str, name: Optional[str] = None) -> dict:
+        raise ModelAdminError("This server does not load models at run time.", "not_supported")
+
+    async def unload_model(self, name: str, force: bool = False) -> None:
+        raise ModelAdminError("This server does not unload models at run time.", "not_supported")
+
+    def _manager(self):
+        if self.engine.adapters is None:
+            raise ModelAdminError("This server serves no adapters.", "not_supported")
+        return self.engine.adapters
 
     def tokenizer(self, model: str) -> Any:
         return self.engine.tokenizer

@@ -75,3 +75,13 @@ class EngineDead(EngineError):
     status = 503
     type = "server_error"
     code = "engine_dead"
+
+
+class ModelAdminError(EngineError):
+    """A run-time model load or unload that cannot be done: not supported by this server, a model
+    that is not there or is busy, a budget or name conflict, files that are not a model."""
+
+    def __init__(self, message: str, code: str, status: int = 400):
+        super().__init__(message, param="model")
+        self.code = code
+        self.status = status

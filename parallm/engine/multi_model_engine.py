@@ -27,8 +27,9 @@ import dataclasses
 import threading
 from typing import Any, AsyncIterator, Callable, Optional
 
-from parallm.engine.errors import UnknownModel
-from parallm.engine.types import EngineRequest, EngineStats, RequestOutput
+from parallm.engine.errors import InvalidRequest, ModelAdminError, UnknownModel
+from parallm.engine.types import AdapterInfo, EngineRequest, EngineStats, RequestOutput
+from parallm.models.errors import ModelLoadError
 from parallm.models.registry import ModelRegistry, RegistryError
 
 _SUMMED = ("num_running", "num_waiting", "kv_bytes_used", "kv_bytes_budget", "prefix_cache_queries",
@@ -64,17 +65,15 @@ class MultiModelEngine:
         self.registry.add(loaded, spec=spec)
         return self._attach(loaded, spec)
 
-    async def load_model(self, spec: Optional[str], *, name: Optional[str] = None) -> Any:
+    async def _load_model(self, spec: Optional[str], *, name: Optional[str] = None) -> Any:
         """Load a model off the event loop, register it and start its engine. Raises RegistryError
         or the loader's ModelLoadError, leaving everything as it was."""
         loaded = await asyncio.to_thread(self.registry.load, spec, name=name)
-        await self.on_model_loaded(loaded, spec)
+        await self._start_engine_for(loaded, spec)
         return loaded
 
-    async def on_model_loaded(self, loaded: Any, spec: Optional[str] = None) -> None:
-        """Hook for create_adapter_router: the registry has `loaded`; build and start its engine."""
-        if spec is None:
-            spec = str(getattr(loaded, "source", "") or "")
+    async def _start_engine_for(self, loaded: Any, spec: Optional[str]) -> None:
+        """The registry has `loaded`: build and start its engine (or drop it again on failure)."""
         try:
             engine = await asyncio.to_thread(self._attach, loaded, spec)
         except BaseException:
@@ -82,16 +81,6 @@ class MultiModelEngine:
             raise
         if self._started:
             await engine.start()
-
-    async def remove_model(self, name: str, *, force: bool = True) -> None:
-        """Unload `name`: new requests 404 at once, requests in flight finish, then its engine
-        stops. force=False refuses (RegistryError model_busy) while requests are in flight."""
-        self.registry.unload(name, force=force)  # calls _on_evict
-        await self.wait_removed(name)
-
-    async def on_model_unloaded(self, name: str) -> None:
-        """Hook for create_adapter_router: the registry already dropped `name` (and so called
-        _on_evict). The answer does not wait for requests in flight; the engine stops after them."""
 
     async def wait_removed(self, name: str) -> None:
         """Wait until a removed model's engine has stopped (returns at once if it has)."""
@@ -248,14 +237,59 @@ class MultiModelEngine:
                 return parent
         return None
 
-    def adapter_infos(self) -> list:
+    def adapters(self) -> list[AdapterInfo]:
         with self._lock:
-            engines = list(self._engines.values())
-        return [a for e in engines for a in e.adapter_infos()]
+            managers = list(self.managers.values())
+        return [a for m in managers for a in m.list()]
+
+    def adapters_loaded(self) -> dict[str, int]:
+        with self._lock:
+            managers = dict(self.managers)
+        return {base: len(m.names()) for base, m in managers.items()}
 
     def model_cards(self) -> list[dict]:
         """/v1/models entries: base models then adapters, with parent/root and metadata."""
-        return [c.to_openai() for c in self.registry.cards(self.adapter_infos())]
+        servable = [a for a in self.adapters() if not a.unloading]
+        return [c.to_openai() for c in self.registry.cards(servable)]
+
+    # ---- run-time admin ----------------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str, base_model: Optional[str] = None) -> AdapterInfo:
+        with self._lock:
+            managers = dict(self.managers)
+        if base_model:
+            if base_model not in managers:
+                raise UnknownModel(base_model, list(managers))
+            manager = managers[base_model]
+        elif len(managers) == 1:
+            manager = next(iter(managers.values()))
+        else:
+            raise InvalidRequest(f"Several base models are served ({', '.join(sorted(managers)) or 'none'}); say "
+                                 "which one the adapter is for with 'base_model_name'.", param="base_model_name")
+        # reading and checking the tensors is file I/O plus a little math: off the event loop
+        return await asyncio.to_thread(manager.load, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            managers = list(self.managers.values())
+        owner = next((m for m in managers if m.has_adapter(name)), None)
+        if owner is None:
+            raise UnknownModel(name, sorted(n for m in managers for n in m.names()))
+        owner.unload(name)
+
+    async def load_model(self, spec: str, name: Optional[str] = None) -> dict:
+        try:
+            loaded = await self._load_model(spec, name=name)
+        except RegistryError as e:
+            raise ModelAdminError(e.message, e.code, e.status) from None
+        except ModelLoadError as e:
+            raise ModelAdminError(str(e), "model_load_failed") from None
+        return next(c.to_openai() for c in self.registry.cards() if c.id == loaded.name)
+
+    async def unload_model(self, name: str, force: bool = False) -> None:
+        try:
+            self.registry.unload(name, force=force)  # calls _on_evict: the engine stops after its requests
+        except RegistryError as e:
+            raise ModelAdminError(e.message, e.code, e.status) from None
 
     def tokenizer(self, model: str) -> Any:
         return self._route(model)[1].tokenizer(model)

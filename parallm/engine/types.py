@@ -142,3 +142,21 @@ class EngineStats:
     # step grew: "dispatch" is the time inside mx.async_eval (the backend encoding the step's
     # kernels, without the GIL, plus getting the GIL back), "wait" the read-back of a step's tokens.
     phase_seconds: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What /v1/models and the admin API show for one adapter."""
+
+    name: str
+    parent: str  # the base model it runs on
+    path: str
+    fine_tune_type: str  # "lora" | "dora"
+    rank: int
+    scale: float
+    num_layers: int
+    memory_bytes: int
+    created: int  # unix seconds
+    slot: int
+    active_requests: int
+    unloading: bool  # unloaded; kept only for requests in flight

@@ -83,6 +83,14 @@ def model_root(spec: Optional[str], source: Optional[str]) -> str:
     return PurePath(source or spec or "").name or "default"
 
 
+def adapter_card(adapter: Any, owned_by: str, context_length: Optional[int]) -> ModelCard:
+    """An adapter's /v1/models entry (`adapter`: .name, .parent, .path, .created, .memory_bytes);
+    root is its directory's name, never the server's path to it."""
+    return ModelCard(id=adapter.name, created=adapter.created, owned_by=owned_by,
+                     root=PurePath(str(adapter.path)).name, parent=adapter.parent, kind="adapter",
+                     context_length=context_length, memory_bytes=adapter.memory_bytes)
+
+
 def _default_loader(spec: Optional[str], *, name: Optional[str] = None, **kwargs):
     from parallm.models.loader import load
 
@@ -198,10 +206,8 @@ class ModelRegistry:
                 notes=tuple(getattr(slot.loaded, "notes", None) or ())))
         for a in adapters:
             parent = slots.get(a.parent)
-            cards.append(ModelCard(
-                id=a.name, created=a.created, owned_by=self._owned_by, root=PurePath(str(a.path)).name, parent=a.parent,
-                kind="adapter", context_length=getattr(parent.loaded, "context_length", None) if parent else None,
-                memory_bytes=a.memory_bytes))
+            cards.append(adapter_card(a, self._owned_by,
+                                      getattr(parent.loaded, "context_length", None) if parent else None))
         return cards
 
     # ---------------- internals ----------------

@@ -15,7 +15,7 @@ from typing import Sequence
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from parallm.engine.protocol import EngineClient
+from parallm.engine.client import EngineClient
 from parallm.server.admission import Admission
 from parallm.server.config import ServerSettings
 from parallm.server.errors import install_error_handlers
@@ -23,8 +23,8 @@ from parallm.server.http_metrics import install_observability
 from parallm.server.metrics import MetricsSources, ServingMetrics, primary_model_name
 from parallm.server.middleware import (BodySizeLimit, Cors, DrainingGate, HeadAsGet, KeyAuth, RequireJson,
                                        binds_loopback)
-from parallm.server.observed_engine import ObservedEngine
 from parallm.server.protocol import ChatCompletionRequest, CompletionRequest
+from parallm.server.routes_adapters import create_adapter_router
 from parallm.server.serving import OpenAIServing
 
 openai_router = APIRouter()
@@ -68,7 +68,7 @@ async def health(request: Request):
         "engine": dataclasses.asdict(state.engine.stats()),
     }
     # An engine may say why it cannot serve (e.g. a distributed group lost a rank).
-    error = getattr(state.engine, "health_error", lambda: None)()
+    error = state.engine.health_error()
     if error:
         body["status"], body["error"] = "unhealthy", error
     elif not body["models"] and not admission.draining:
@@ -98,11 +98,13 @@ def create_app(engine: EngineClient, settings: ServerSettings, routers: Sequence
     app.state.admission = admission
     # Metrics (ops): teammates may add sources later, e.g. app.state.metrics.sources.fine_tuning_jobs.
     app.state.metrics = ServingMetrics(MetricsSources(model_name=lambda: primary_model_name(engine),
-                                                      engine_stats=engine.stats))
-    app.state.serving = OpenAIServing(ObservedEngine(engine, app.state.metrics), admission)
+                                                      engine_stats=engine.stats,
+                                                      adapters_loaded=engine.adapters_loaded))
+    app.state.serving = OpenAIServing(engine, admission, app.state.metrics)
     app.state.started_at = time.monotonic()
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(create_adapter_router(engine))  # the admin routes (middleware: admin key)
     for router in routers:
         app.include_router(router)
     # add_middleware wraps: the last added is the outermost.

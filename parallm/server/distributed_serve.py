@@ -140,14 +140,10 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
 def _serve_rank0(engine, leader, watchdog: GroupWatchdog, link, settings) -> int:
     from parallm.server.app import create_app
     from parallm.server.runner import ConnectionLimits, run_server
-    from parallm.server.serve_command import adapter_routers
 
-    # Run-time loads (--adapters-dir) go through rank 0's AdapterManager; the LeaderRunner ships
-    # them to the other ranks in the step plan.
-    app = create_app(engine, settings, routers=adapter_routers(engine))
-    manager = leader.adapters
-    if manager is not None:
-        app.state.metrics.sources.adapters_loaded = lambda: {manager.base_name: len(manager.names())}
+    # Run-time adapter loads (--adapters-dir) go through rank 0's AdapterManager; the LeaderRunner
+    # ships them to the other ranks in the step plan.
+    app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d (tensor parallel, %d ranks)", ", ".join(engine.model_names()),
              settings.host, settings.port, leader.channel.size)
     run_server(app, settings.host, settings.port, settings.drain_timeout, settings.log_level,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from fastapi import APIRouter
 
@@ -84,10 +84,10 @@ def mount_fine_tuning(engine: Any, settings: ServerSettings,
     service = FineTuning.open(data_dir, base_models=base_models, on_adapter_ready=on_adapter_ready,
                               serving_busy=serving_busy, max_upload_bytes=settings.max_upload_bytes)
     return FineTuningMount(service, [files_router(service.files), fine_tuning_router(service.jobs),
-                                     model_deletion_router(service, managers)], lock)
+                                     model_deletion_router(service, engine)], lock)
 
 
-def model_deletion_router(service: FineTuning, managers: Mapping[str, Any]) -> APIRouter:
+def model_deletion_router(service: FineTuning, engine: Any) -> APIRouter:
     """DELETE /v1/models/{model} (the SDK's models.delete), for the fine-tuned models this server's
     jobs made: it stops serving the model (requests in flight finish with it) and deletes its
     adapter files, so a restart does not serve it again. The job and its events stay. It changes
@@ -99,16 +99,15 @@ def model_deletion_router(service: FineTuning, managers: Mapping[str, Any]) -> A
     @openai_errors
     async def delete_model(model_id: str):
         job = service.jobs.succeeded_job_of(model_id)
-        served_base = model_id in managers
-        served_adapter = any(m is not None and m.has_adapter(model_id) for m in managers.values())
+        served_base = model_id in engine.model_names()
+        served_adapter = engine.adapter_parent(model_id) is not None
         if job is None and (served_base or served_adapter):
             raise InvalidRequest(
                 f"'{model_id}' is not a fine-tuned model of this server, so it cannot be deleted; to stop "
                 "serving it use POST /v1/unload_lora_adapter (an adapter) or /v1/admin/models/unload (a base model).",
                 param="model")
-        manager = managers.get(job.model) if job is not None else None
-        if manager is not None and manager.has_adapter(model_id):
-            manager.unload(model_id)
+        if served_adapter:
+            await engine.unload_adapter(model_id)
         await asyncio.to_thread(service.jobs.delete_model, model_id)  # UnknownModel (404) if unknown or gone
         log.info("fine-tuned model %s deleted", model_id)
         return {"id": model_id, "object": "model", "deleted": True}

@@ -12,25 +12,21 @@ status, produced here so the router behaves the same whatever app includes it. A
 hold a full server path: error messages and adapter paths are cut down to what a client sends
 (`client_safe`). Who may call these routes is the app's KeyAuth middleware's business (admin key).
 
-`create_adapter_router` takes the live objects it works on: `managers` (base model name ->
-AdapterManager; read at request time, so models added later are seen) and, for the model admin
-routes, a ModelRegistry plus optional async hooks the app uses to start/stop a model's engine.
+`create_adapter_router(engine)` works through the EngineClient's admin methods only.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import re
 from pathlib import Path, PurePath
-from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from parallm.engine.adapter_manager import AdapterManager
-from parallm.engine.errors import EngineError, UnknownModel
-from parallm.models.registry import ModelRegistry, RegistryError
+from parallm.engine.client import EngineClient
+from parallm.engine.errors import EngineError
 
 _TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error"}
 
@@ -78,10 +74,6 @@ def _bases(request: Request) -> list[PurePath]:
 def _from_exception(e: Exception, request: Request) -> JSONResponse:
     if isinstance(e, EngineError):
         return _error(e.status, client_safe(e.message, _bases(request)), code=e.code, param=e.param)
-    if isinstance(e, RegistryError):
-        return _error(e.status, client_safe(e.message, _bases(request)), code=e.code, param="model")
-    if type(e).__name__ == "ModelLoadError":  # parallm.models' loader error: bad spec or files
-        return _error(400, client_safe(str(e), _bases(request)), code="model_load_failed", param="model")
     raise e
 
 
@@ -113,29 +105,14 @@ async def _json_body(request: Request, required: dict[str, type], optional: dict
     return body
 
 
-def create_adapter_router(managers: Mapping[str, AdapterManager], registry: Optional[ModelRegistry] = None, *,
-                          on_model_loaded: Optional[Callable[[Any], Awaitable[None]]] = None,
-                          on_model_unloaded: Optional[Callable[[str], Awaitable[None]]] = None) -> APIRouter:
+def create_adapter_router(engine: EngineClient) -> APIRouter:
     router = APIRouter()
-
-    def pick_manager(base_model_name: Optional[str]) -> AdapterManager:
-        if base_model_name:
-            manager = managers.get(base_model_name)
-            if manager is None:
-                raise UnknownModel(base_model_name, list(managers))
-            return manager
-        if len(managers) == 1:
-            return next(iter(managers.values()))
-        raise _BadBody(f"Several base models are served ({', '.join(sorted(managers)) or 'none'}); say which one "
-                       "the adapter is for with 'base_model_name'.", "base_model_name")
 
     @router.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
         try:
             body = await _json_body(request, {"lora_name": str, "lora_path": str}, {"base_model_name": str})
-            manager = pick_manager(body.get("base_model_name"))
-            # Reading and checking the tensors is file I/O plus a little math: off the event loop.
-            info = await asyncio.to_thread(manager.load, body["lora_name"], body["lora_path"])
+            info = await engine.load_adapter(body["lora_name"], body["lora_path"], body.get("base_model_name"))
         except _BadBody as e:
             return _error(400, e.message, code="invalid_request", param=e.param)
         except Exception as e:  # typed errors become their status; anything else propagates
@@ -148,11 +125,7 @@ def create_adapter_router(managers: Mapping[str, AdapterManager], registry: Opti
         try:
             body = await _json_body(request, {"lora_name": str}, {"lora_int_id": int})
             name = body["lora_name"]
-            owner = next((m for m in managers.values() if m.has_adapter(name)), None)
-            if owner is None:
-                known = sorted(n for m in managers.values() for n in m.names())
-                raise UnknownModel(name, known)
-            owner.unload(name)
+            await engine.unload_adapter(name)
         except _BadBody as e:
             return _error(400, e.message, code="invalid_request", param=e.param)
         except Exception as e:
@@ -161,34 +134,24 @@ def create_adapter_router(managers: Mapping[str, AdapterManager], registry: Opti
 
     @router.get("/v1/admin/adapters")
     async def list_adapters():
-        return JSONResponse({"object": "list",
-                             "data": [_adapter_view(a) for m in managers.values() for a in m.list()]})
+        return JSONResponse({"object": "list", "data": [_adapter_view(a) for a in engine.adapters()]})
 
     @router.post("/v1/admin/models/load")
     async def load_model(request: Request):
-        if registry is None:
-            return _error(400, "This server does not load models at run time.", code="not_supported")
         try:
             body = await _json_body(request, {"model": str}, {"name": str})
-            loaded = await asyncio.to_thread(registry.load, body["model"], name=body.get("name"))
-            if on_model_loaded is not None:
-                await on_model_loaded(loaded)
+            card = await engine.load_model(body["model"], body.get("name"))
         except _BadBody as e:
             return _error(400, e.message, code="invalid_request", param=e.param)
         except Exception as e:
             return _from_exception(e, request)
-        card = next(c for c in registry.cards() if c.id == loaded.name)
-        return JSONResponse(card.to_openai())
+        return JSONResponse(card)
 
     @router.post("/v1/admin/models/unload")
     async def unload_model(request: Request):
-        if registry is None:
-            return _error(400, "This server does not unload models at run time.", code="not_supported")
         try:
             body = await _json_body(request, {"model": str}, {"force": bool})
-            registry.unload(body["model"], force=bool(body.get("force")))
-            if on_model_unloaded is not None:
-                await on_model_unloaded(body["model"])
+            await engine.unload_model(body["model"], force=bool(body.get("force")))
         except _BadBody as e:
             return _error(400, e.message, code="invalid_request", param=e.param)
         except Exception as e:
@@ -196,9 +159,3 @@ def create_adapter_router(managers: Mapping[str, AdapterManager], registry: Opti
         return JSONResponse({"message": f"Success: model '{body['model']}' unloaded.", "id": body["model"]})
 
     return router
-
-
-def model_list(registry: ModelRegistry, managers: Mapping[str, AdapterManager]) -> dict:
-    """The /v1/models body: base models then adapters (parent = base, root = the adapter dir's name)."""
-    adapters = [a for m in managers.values() for a in m.list() if not a.unloading]
-    return {"object": "list", "data": [c.to_openai() for c in registry.cards(adapters)]}

@@ -68,9 +68,7 @@ class DrainingServer(uvicorn.Server):
     async def _exit_when_engine_dies(self) -> None:
         """A dead engine cannot come back: keep answering 503s for a grace period, then exit so
         that the supervisor (launchd KeepAlive, systemd Restart=) starts a fresh server."""
-        health_error = getattr(self.app.state.engine, "health_error", None)
-        if health_error is None:
-            return
+        health_error = self.app.state.engine.health_error
         while not self.should_exit:
             await asyncio.sleep(ENGINE_HEALTH_POLL_S)
             reason = health_error()

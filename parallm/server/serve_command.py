@@ -96,21 +96,6 @@ def adapter_specs(settings: ServerSettings) -> list:
     return [AdapterSpec(a.name, a.path) for a in startup_adapters(settings)]
 
 
-def adapter_routers(engine) -> list:
-    """The adapter and model admin routes for an engine built by build_engine (a plain AsyncEngine
-    gets the adapter routes only; other engine clients none)."""
-    from parallm.server.routes_adapters import create_adapter_router
-
-    registry = getattr(engine, "registry", None)
-    if registry is not None:  # MultiModelEngine: live managers, run-time model load/unload
-        return [create_adapter_router(engine.managers, registry, on_model_loaded=engine.on_model_loaded,
-                                      on_model_unloaded=engine.on_model_unloaded)]
-    manager = getattr(getattr(engine, "engine", None), "adapters", None)
-    if manager is None:
-        return []
-    return [create_adapter_router({manager.base_name: manager})]
-
-
 def engine_config(settings: ServerSettings, config_class):
     """The engine's settings from ours; a setting left unset keeps the engine's default."""
     values = dict(max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -195,10 +180,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"parallm serve: cannot open the data directory for fine-tuning: {e} "
               "(set --data-dir, or --no-fine-tuning)", file=sys.stderr)
         return 1
-    routers = adapter_routers(engine) + (fine_tuning.routers if fine_tuning else [])
-    app = create_app(engine, settings, routers=routers)
-    managers = engine.managers  # live: models loaded at run time appear
-    app.state.metrics.sources.adapters_loaded = lambda: {base: len(m.names()) for base, m in list(managers.items())}
+    app = create_app(engine, settings, routers=fine_tuning.routers if fine_tuning else [])
     if fine_tuning:
         app.state.metrics.sources.fine_tuning_jobs = fine_tuning.job_counts
         fine_tuning.service.start()

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import anyio
 from fastapi import Request
@@ -19,17 +19,18 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from parallm.engine.errors import EngineError, InvalidRequest, PromptTooLong, UnknownModel
-from parallm.engine.protocol import EngineClient
+from parallm.engine.client import EngineClient
 from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
 from parallm.server.admission import Admission
 from parallm.server.errors import engine_error_payload
+from parallm.server.metrics import ServingMetrics
 from parallm.server.prompts import (Prompt, chat_prompt, check_token_ids, client_template, completion_prompt,
                                     prompt_text, sandbox_context, text_prompt)
 from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
-                                     CompletionChoice, CompletionRequest, CompletionResponse, ModelCard,
-                                     SamplingFields)
+                                     CompletionChoice, CompletionRequest, CompletionResponse, SamplingFields)
 from parallm.server.responses import Collected, chat_logprobs, completion_logprobs, usage_info
 from parallm.server.prompt_worker import PromptWorker
+from parallm.server.request_observer import observe_stream
 from parallm.server.streaming import (ChunkWriter, batches, coalesce, framed, opened_stream, sse,
                                       wait_for_disconnect)
 from parallm.server.template_sandbox import ClientTemplateRefused
@@ -148,27 +149,17 @@ def client_templates_allowed(raw: Request) -> bool:
 
 
 class OpenAIServing:
-    def __init__(self, engine: EngineClient, admission: Admission):
+    def __init__(self, engine: EngineClient, admission: Admission, metrics: Optional[ServingMetrics] = None):
         self.engine = engine
         self.admission = admission
+        self.metrics = metrics  # every stream is observed for it (request_observer.py)
         self.prompts = PromptWorker()  # templates and tokenization, off the event loop
         self.started = int(time.time())  # a base model's `created` in /v1/models: the same on every call
 
     # ---- models ---------------------------------------------------------------------------------
 
     def _model_cards(self) -> list[dict]:
-        model_cards = getattr(self.engine, "model_cards", None)
-        if model_cards is not None:  # a model registry: every base model and adapter, with metadata
-            return model_cards()
-        from pathlib import PurePath  # local: this method is the only user
-
-        cards = [ModelCard(id=name, root=name, created=self.started) for name in self.engine.model_names()]
-        # LoRA adapters are listed as models whose parent is their base model (vLLM's convention);
-        # root is their directory's name, never the server's full path.
-        adapter_infos = getattr(self.engine, "adapter_infos", None)
-        for a in adapter_infos() if adapter_infos else []:
-            cards.append(ModelCard(id=a.name, created=a.created, root=PurePath(str(a.path)).name, parent=a.parent))
-        return [card.model_dump() for card in cards]
+        return self.engine.model_cards()
 
     def models(self) -> JSONResponse:
         return JSONResponse({"object": "list", "data": self._model_cards()})
@@ -187,12 +178,10 @@ class OpenAIServing:
         names = self.engine.model_names()
         if name in names:
             return name, None
-        adapter_parent = getattr(self.engine, "adapter_parent", None)
-        parent = adapter_parent(name) if adapter_parent else None
+        parent = self.engine.adapter_parent(name)
         if parent is not None:
             return parent, name
-        adapter_infos = getattr(self.engine, "adapter_infos", None)
-        raise UnknownModel(name, names + [a.name for a in (adapter_infos() if adapter_infos else [])])
+        raise UnknownModel(name, names + [a.name for a in self.engine.adapters() if not a.unloading])
 
     # ---- routes ---------------------------------------------------------------------------------
 
@@ -264,6 +253,9 @@ class OpenAIServing:
 
     # ---- running --------------------------------------------------------------------------------
 
+    def _generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        return observe_stream(self.metrics, request.model, self.engine.generate(request))
+
     def _admit(self, requests: list[EngineRequest]):
         for r in requests:
             self.engine.validate(r)
@@ -281,7 +273,7 @@ class OpenAIServing:
 
         async def run() -> None:
             nonlocal finished
-            async for prompt_index, out in merged_outputs([self.engine.generate(r) for r in requests]):
+            async for prompt_index, out in merged_outputs([self._generate(r) for r in requests]):
                 collected.add(prompt_index * n + out.index, out)
             finished = True
 
@@ -325,7 +317,7 @@ class OpenAIServing:
         yield sse(["[DONE]"])
 
     def _output_batches(self, requests: list[EngineRequest]) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
-        streams = [self.engine.generate(r) for r in requests]
+        streams = [self._generate(r) for r in requests]
         if len(streams) == 1:
             # One prompt: the engine already merged whatever piled up while the loop was busy
             # (OutputCollector), so each output is a batch; no pump task, one wake-up per chunk.

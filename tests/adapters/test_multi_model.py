@@ -14,7 +14,7 @@ from live_app import run_app_in_thread
 
 from parallm.server.app import create_app
 from parallm.server.config import ServerSettings
-from parallm.server.serve_command import adapter_routers, build_engine
+from parallm.server.serve_command import build_engine
 from tests.server.conftest import free_port
 from tests.tiny_models import write_tiny_llama
 
@@ -64,7 +64,7 @@ def served(model_dirs):
     one_model = engine.registry.total_weight_bytes() // 2
     engine.registry.memory_budget_bytes = int(one_model * 2.5)
     port = free_port()
-    app = create_app(engine, ServerSettings(port=port), routers=adapter_routers(engine))
+    app = create_app(engine, ServerSettings(port=port))
     srv, thread = run_app_in_thread(app, port)
     yield f"http://127.0.0.1:{port}", engine
     srv.should_exit = True

@@ -10,29 +10,45 @@ from fastapi.testclient import TestClient
 from mlx_lm.utils import load_model
 
 from parallm.engine.adapter_manager import AdapterManager
-from parallm.models.registry import ModelRegistry
-from parallm.server.routes_adapters import create_adapter_router, model_list
+from parallm.engine.multi_model_engine import MultiModelEngine
+from parallm.server.routes_adapters import create_adapter_router
 
 from .test_registry import FakeLoaded, FakeMemory
+
+
+class FakeEngine:
+    """What MultiModelEngine needs of a model's engine here: its adapter manager, start, shutdown."""
+
+    def __init__(self, adapters):
+        self.engine = type("Inner", (), {"adapters": adapters})()
+
+    async def start(self):
+        pass
+
+    async def shutdown(self, drain_timeout: float = 0.0):
+        pass
 
 
 @pytest.fixture
 def setup(tiny_model_dir, tmp_path, make_adapter):
     model, _ = load_model(Path(tiny_model_dir))
-    registry = ModelRegistry(lambda spec, name=None: FakeLoaded(name or spec, FakeMemory(1000), source=f"/m/{spec}"))
-    registry.add(FakeLoaded("tiny", FakeMemory(5000), context_length=2048, source=str(tiny_model_dir)))
     (tmp_path / "adapters").mkdir(exist_ok=True)
-    managers = {"tiny": AdapterManager("tiny", model, adapters_dir=tmp_path / "adapters",
-                                       reserved_names=registry.names)}
-    loaded_hook = []
+    built = []
+    holder = {}
 
-    async def on_loaded(loaded):
-        loaded_hook.append(loaded.name)
+    def factory(loaded):
+        built.append(loaded.name)
+        manager = (AdapterManager("tiny", model, adapters_dir=tmp_path / "adapters",
+                                  reserved_names=holder["multi"].registry.names) if loaded.name == "tiny" else None)
+        return FakeEngine(manager)
 
+    multi = holder["multi"] = MultiModelEngine(factory, loader=lambda spec, name=None: FakeLoaded(
+        name or spec, FakeMemory(1000), source=f"/m/{spec}"))
+    multi.add_model(FakeLoaded("tiny", FakeMemory(5000), context_length=2048, source=str(tiny_model_dir)))
     app = FastAPI()
-    app.include_router(create_adapter_router(managers, registry, on_model_loaded=on_loaded))
+    app.include_router(create_adapter_router(multi))
     make_adapter("x", seed=1)
-    return TestClient(app), managers["tiny"], registry, loaded_hook
+    return TestClient(app), multi.managers["tiny"], multi, built
 
 
 def _err(resp, status, code):
@@ -43,12 +59,12 @@ def _err(resp, status, code):
 
 
 def test_load_list_unload(setup):
-    client, manager, registry, _ = setup
+    client, manager, multi, _ = setup
     r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "x"})
     assert r.status_code == 200, r.text
     assert r.json()["adapter"]["parent"] == "tiny"
     assert manager.has_adapter("x")
-    listing = model_list(registry, {"tiny": manager})["data"]
+    listing = multi.model_cards()
     assert [(m["id"], m["parent"]) for m in listing] == [("tiny", None), ("x", "tiny")]
     assert listing[1]["root"] == "x"
     assert client.get("/v1/admin/adapters").json()["data"][0]["name"] == "x"
@@ -84,10 +100,11 @@ def test_bad_json_and_duplicate(setup):
 
 
 def test_admin_models(setup):
-    client, _, registry, hook = setup
+    client, _, multi, built = setup
+    registry = multi.registry
     r = client.post("/v1/admin/models/load", json={"model": "other"})
     assert r.status_code == 200, r.text
-    assert r.json()["id"] == "other" and r.json()["parallm"]["memory_bytes"] == 1000 and hook == ["other"]
+    assert r.json()["id"] == "other" and r.json()["parallm"]["memory_bytes"] == 1000 and built == ["tiny", "other"]
     _err(client.post("/v1/admin/models/load", json={"model": "other"}), 400, "model_exists")
     registry.acquire("other")
     _err(client.post("/v1/admin/models/unload", json={"model": "other"}), 400, "model_busy")

@@ -8,7 +8,7 @@ import pytest
 
 from parallm.engine.adapter_manager import AdapterLoadFailed
 from parallm.server.config import ConfigError, ServerSettings, load_settings
-from parallm.server.serve_command import adapter_routers, adapter_specs, add_arguments, build_engine
+from parallm.server.serve_command import adapter_specs, add_arguments, build_engine
 
 
 def test_cli_adapter_flags_reach_settings(tmp_path):
@@ -30,9 +30,8 @@ def test_build_engine_serves_startup_adapters(tiny_model_dir, make_adapter, tmp_
                               adapters=f"sql={d}", adapters_dir=str(tmp_path / "adapters"))
     engine = build_engine(settings)
     assert engine.adapter_parent("sql") == "tiny" and engine.adapter_parent("tiny") is None
-    assert [a.name for a in engine.adapter_infos()] == ["sql"]
-    [router] = adapter_routers(engine)
-    assert {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"} <= {r.path for r in router.routes}
+    assert [a.name for a in engine.adapters()] == ["sql"]
+    assert [c["id"] for c in engine.model_cards()] == ["tiny", "sql"]
 
 
 def test_bad_startup_adapter_is_a_typed_error(tiny_model_dir, tmp_path):

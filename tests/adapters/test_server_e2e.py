@@ -18,7 +18,6 @@ from parallm.engine.engine import EngineConfig
 from parallm.models import load
 from parallm.server.app import create_app
 from parallm.server.config import ServerSettings
-from parallm.server.routes_adapters import create_adapter_router
 
 from .test_lora import greedy
 from tests.server.conftest import free_port
@@ -33,7 +32,7 @@ def server(tiny_model_dir, tmp_path, make_adapter):
     manager = AdapterManager("tiny", loaded.model, adapters_dir=tmp_path / "adapters")
     engine = AsyncEngine(loaded, EngineConfig(max_num_seqs=8, max_num_batched_tokens=64), adapters=manager)
     port = free_port()
-    app = create_app(engine, ServerSettings(port=port), routers=[create_adapter_router({"tiny": manager})])
+    app = create_app(engine, ServerSettings(port=port))
     srv, thread = run_app_in_thread(app, port)
     yield f"http://127.0.0.1:{port}", manager
     srv.should_exit = True

@@ -30,7 +30,7 @@ def served(tmp_path):
                           on_adapter_ready=lambda name, path, base: manager.load(name, path, trusted=True),
                           serving_busy=lambda: holder["app"].state.admission.in_flight > 0)
     app = create_app(engine, ServerSettings(), routers=[files_router(ft.files), fine_tuning_router(ft.jobs),
-                                                        model_deletion_router(ft, {"tiny": manager})])
+                                                        model_deletion_router(ft, engine)])
     holder["app"] = app
     with LiveServer(app, lifespan="on") as server:  # the engine starts with the app
         ft.start()

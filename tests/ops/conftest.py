@@ -14,7 +14,7 @@ from fastapi import FastAPI, HTTPException
 from parallm.engine.types import EngineRequest, EngineStats, RequestOutput, RequestTimes, SamplingParams, Usage
 from parallm.server.http_metrics import install_observability
 from parallm.server.metrics import MetricsSources, ServingMetrics
-from parallm.server.observed_engine import ObservedEngine
+from parallm.server.request_observer import observe_stream
 from parallm.server.request_context import note_prompt
 
 MODEL = "tiny-test-model"
@@ -64,7 +64,6 @@ def build_app(engine: FakeEngine, *, with_metrics: bool = True, log_prompts: boo
                                                 adapters_loaded=adapters_loaded,
                                                 fine_tuning_jobs=fine_tuning_jobs),
                                  max_model_len=2048)
-    observed = ObservedEngine(engine, metrics)
     app = FastAPI()
     log = logging.getLogger("parallm.server.testapp")
 
@@ -75,7 +74,7 @@ def build_app(engine: FakeEngine, *, with_metrics: bool = True, log_prompts: boo
         request = EngineRequest(request_id="cmpl-1", prompt_token_ids=[1] * len(prompt.split()),
                                 sampling=SamplingParams(max_tokens=body.get("max_tokens", 4)),
                                 model=body.get("model", MODEL))
-        text = "".join([out.text async for out in observed.generate(request)])
+        text = "".join([out.text async for out in observe_stream(metrics, request.model, engine.generate(request))])
         log.info("completed a request")
         return {"text": text}
 

@@ -137,13 +137,13 @@ def test_client_leaving_a_stream_counts_as_abort(fake_engine):
     import asyncio
 
     from parallm.engine.types import EngineRequest, SamplingParams
-    from parallm.server.observed_engine import ObservedEngine
+    from parallm.server.request_observer import observe_stream
 
     metrics = ServingMetrics(MetricsSources(model_name=lambda: MODEL, engine_stats=fake_engine.stats))
-    engine = ObservedEngine(fake_engine, metrics)
 
     async def take_one():
-        stream = engine.generate(EngineRequest("r", [1, 2], SamplingParams(max_tokens=5), model=MODEL))
+        stream = observe_stream(metrics, MODEL, fake_engine.generate(EngineRequest("r", [1, 2], SamplingParams(max_tokens=5),
+                                                                                     model=MODEL)))
         async for _ in stream:
             break
         await stream.aclose()

@@ -130,7 +130,6 @@ def start_full_server(model_dir: Path, root: Path, **settings) -> FullServer:
     from parallm.models import load
     from parallm.server.app import create_app
     from parallm.server.config import ServerSettings
-    from parallm.server.routes_adapters import create_adapter_router
     from parallm.server.routes_files import files_router
     from parallm.server.routes_fine_tuning import fine_tuning_router
 
@@ -144,8 +143,7 @@ def start_full_server(model_dir: Path, root: Path, **settings) -> FullServer:
                          worker_nice=0)
     port = free_port()
     app = create_app(engine, ServerSettings(port=port, **settings),
-                     routers=[files_router(ft.files), fine_tuning_router(ft.jobs),
-                              create_adapter_router({MODEL: manager})])
+                     routers=[files_router(ft.files), fine_tuning_router(ft.jobs)])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -3,7 +3,7 @@ load/unload, the admin listing, DELETE of a fine-tuned model), run-time model lo
 --models-dir / --allowed-hub-models, /health when nothing is served, HEAD, and one server per data
 directory.
 
-The servers here are `parallm serve`'s own wiring in this process (build_engine, adapter_routers,
+The servers here are `parallm serve`'s own wiring in this process (build_engine,
 mount_fine_tuning, create_app), so the model admin routes are the real ones, not the full
 server's stand-ins; the fine-tuning runner is not started."""
 from __future__ import annotations
@@ -68,7 +68,7 @@ def start_admin_server(model_dir: Path, root: Path, **settings) -> AdminServer:
     from parallm.server.app import create_app
     from parallm.server.config import ServerSettings
     from parallm.server.fine_tuning_setup import mount_fine_tuning
-    from parallm.server.serve_command import adapter_routers, build_engine
+    from parallm.server.serve_command import build_engine
 
     for sub in ("adapters", "models", "data"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def start_admin_server(model_dir: Path, root: Path, **settings) -> AdminServer:
                        models_dir=str(root / "models"), data_dir=str(root / "data"), **settings)
     engine = build_engine(s)
     mount = mount_fine_tuning(engine, s)
-    app = create_app(engine, s, routers=adapter_routers(engine) + mount.routers)
+    app = create_app(engine, s, routers=mount.routers)
     server, thread = run_app_in_thread(app, port)
     return AdminServer(f"http://127.0.0.1:{port}", app, engine, mount, root, server, thread)
 

@@ -85,8 +85,6 @@ def test_engine_baseline_takes_the_servers_engine_settings():
          "--parallm-args", "--max-num-seqs 128 --max-queue=300 --max-num-batched-tokens 2048"])
     assert bench_serving.engine_settings(args) == {"max_num_seqs": 128, "max_queue": 300,
                                                    "max_num_batched_tokens": 2048}
-    waits = _parse(["--compare", "--model", "m", "--concurrency", "8", "--parallm-args", "--prefill-wait-steps 0"])
-    assert bench_serving.engine_settings(waits)["prefill_wait_steps"] == 0
     plain = _parse(["--compare", "--model", "m", "--concurrency", "4,16"])
     assert bench_serving.engine_settings(plain) == {"max_num_seqs": 16, "max_queue": 64,
                                                     "max_num_batched_tokens": None}
@@ -99,27 +97,90 @@ def test_client_procs_is_a_positive_count_or_auto():
         _parse(["--client-procs", "0"])
 
 
-def test_the_gated_engine_baseline_admits_one_request_at_a_time(tiny_model_dir):
+def test_the_engine_baseline_runs_a_level_with_its_accounting(tiny_model_dir):
     import asyncio
 
-    from engine_baseline import load_engine, run_engine_level
-
     async def main():
-        engine = load_engine(str(tiny_model_dir), max_num_seqs=8, max_queue=16)  # named "bench", as it sends
+        engine = bench_serving.load_engine(str(tiny_model_dir), max_num_seqs=8, max_queue=16)  # named "bench"
         try:
             prompts = bench_serving.make_prompts(8, 6, seed=1)
-            return await run_engine_level(engine, engine.tokenizer("bench"), 4, prompts, 2, 60, admission_s=0.05)
+            return await bench_serving.run_engine_level(engine, engine.tokenizer("bench"), 4, prompts, 2, 60)
         finally:
             await engine.shutdown()
 
     level = asyncio.run(main())
     assert level.requests == 8 and level.failures == 0, level.errors
     assert level.output_tokens == 16
-    # eight requests through one gate held 50 ms each cannot all be in before 0.4 s
-    assert level.wall_s >= 8 * 0.05
+    assert level.ttft_p50 > 0 and level.throughput_tok_s > 0
     # the level carries the engine's own accounting: 8 x 2 tokens decoded, each prompt prefilled
     assert level.engine_steps >= 2 and 1 <= level.prefill_steps <= 8
     assert 0 < level.rows_per_step <= 4 and level.ms_per_step > 0
+
+
+def _level(server, concurrency, tok_s):
+    return bench_serving.summarize(server, concurrency, [bench_serving.RequestResult(
+        ok=True, ttft=0.1, e2e=1.0, output_tokens=int(tok_s))], 0, 1.0)
+
+
+def test_repeated_levels_pair_in_order_and_give_a_geometric_mean(capsys):
+    """--reps: the k-th level of the candidate pairs with the k-th of the baseline at the same
+    concurrency, and the pairs' throughput ratios are summed up as a geometric mean with an interval."""
+    levels = [_level("A", 64, 100), _level("B", 64, 110), _level("B", 64, 90), _level("A", 64, 100),
+              _level("A", 64, 200), _level("B", 64, 220)]
+    rows = bench_serving.print_ratios(levels, "B", "A")
+    pairs = [r["throughput"] for r in rows if "throughput" in r]
+    assert pairs == pytest.approx([1.1, 0.9, 1.1])
+    (summary,) = [r for r in rows if "throughput_geomean" in r]
+    assert summary["pairs"] == 3
+    assert summary["throughput_geomean"] == pytest.approx((1.1 * 0.9 * 1.1) ** (1 / 3))
+    assert summary["throughput_low"] < summary["throughput_geomean"] < summary["throughput_high"]
+    assert "95% interval" in capsys.readouterr().out
+
+
+def test_sweep_repeats_each_level_with_new_prompts_and_alternating_order():
+    seen = []
+
+    class Fake(bench_serving.Target):
+        async def run(self, concurrency, prompts, args):
+            seen.append((self.name, concurrency, prompts[0]))
+            return _level(self.name, concurrency, 10)
+
+    import asyncio
+
+    args = _parse(["--concurrency", "2,4", "--reps", "2", "--num-requests", "1"])
+    loop = asyncio.new_event_loop()
+    try:
+        levels = bench_serving.sweep([Fake("A"), Fake("B")], args, loop)
+    finally:
+        loop.close()
+    assert [(lv.server, lv.concurrency) for lv in levels] == [("A", 2), ("B", 2), ("B", 2), ("A", 2),
+                                                              ("A", 4), ("B", 4), ("B", 4), ("A", 4)]
+    prompts = [p for _, _, p in seen]
+    assert prompts[0] == prompts[1] and prompts[1] != prompts[2]  # both targets of a level get the same
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ab", "/a", "/b"], "--ab needs --model"),
+    (["--compare", "--ab", "/a", "/b", "--model", "m"], "not both"),
+    (["--ab", "/a", "/b", "--model", "m", "--engine-baseline"], "not --ab"),
+    (["--url", "http://127.0.0.1:1", "--engine-baseline"], "--engine-baseline needs --model"),
+])
+def test_mode_errors_are_usage_errors(argv, message, capsys):
+    assert bench_serving.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ab_servers_run_from_their_own_checkouts(tmp_path):
+    """--ab starts `parallm serve` twice, each importing parallm from its own checkout root."""
+    args = _parse(["--ab", str(tmp_path / "base"), ".", "--model", "m", "--concurrency", "64",
+                   "--parallm-args", "--max-queue 256", "--b-args", "--log-level warning"])
+    a = bench_serving.parallm_server("A", Path(args.ab[0]), args)
+    b = bench_serving.parallm_server("B", Path(args.ab[1]), args)
+    assert a.cwd == (tmp_path / "base").resolve() and a.env["PYTHONPATH"].split(":")[0] == str(a.cwd)
+    assert b.cwd == Path(".").resolve()
+    assert a.cmd[1:4] == ["-m", "parallm", "serve"] and "--max-queue" in a.cmd and "256" in a.cmd
+    assert "--log-level" in b.cmd and "--log-level" not in a.cmd
+    assert a.url != b.url
 
 
 def test_a_failed_level_keeps_the_first_failures_message():

@@ -1,19 +1,17 @@
-"""An EngineClient wrapper that reports each request's stream to metrics and the access log.
+"""observe_stream: reports a request's stream to metrics and the access log as it goes by.
 
-`ObservedEngine(engine, metrics)` behaves exactly like `engine` (every other attribute is passed
-through), except that `generate()` watches the outputs go by: it stamps when each token arrived,
-and on the final output (the one with `finished=True`, carrying usage and the engine's times) it
-calls `ServingMetrics.on_request_finished` and notes the token counts for the access-log line.
-A stream the consumer leaves early (client disconnect) is counted as `abort`.
-Wrapping the engine keeps the serving layer free of metrics calls.
+OpenAIServing passes every engine stream through it: it stamps when each token arrived, and on
+the final output (the one with `finished=True`, carrying usage and the engine's times) it calls
+`ServingMetrics.on_request_finished` and notes the token counts for the access-log line. A stream
+the consumer leaves early (client disconnect) is counted as `abort`.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
-from parallm.engine.types import EngineRequest, RequestOutput
+from parallm.engine.types import RequestOutput
 from parallm.server.metrics import RequestTokenTimes, ServingMetrics
 from parallm.server.request_context import note_model, note_usage
 
@@ -51,23 +49,3 @@ async def observe_stream(metrics: Optional[ServingMetrics], model: str,
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()  # so the engine sees the consumer leave and aborts the request
-
-
-class ObservedEngine:
-    """Delegates to `engine`; only generate() is observed."""
-
-    def __init__(self, engine: Any, metrics: Optional[ServingMetrics]):
-        self._engine = engine
-        self._metrics = metrics
-
-    @property
-    def inner(self) -> Any:
-        return self._engine
-
-    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        # engine.generate() may raise its typed errors synchronously or on first iteration;
-        # either way they reach the caller unchanged.
-        return observe_stream(self._metrics, request.model, self._engine.generate(request))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
