@@ -5,13 +5,16 @@ mixed lengths, submitted together; generated tok/s = generated tokens / wall tim
 the last token (prefill included). Baseline and candidate are interleaved round by round so the
 ratio survives a noisy machine; the best round of each is kept.
 
-    python loadtests/bench_engine.py --batches 1 8 32 --gen 64 --json out.json
-    parallm bench engine --batches 32
+    python loadtests/bench_engine.py --batches 1 8 32 --gen 32 --json out.json     # the default model
+    python loadtests/bench_engine.py --random-llama 1b --dtype bfloat16 --batches 64 128 --gen 128
+
+The JSON (--json) is what loadtests/plot_bench.py draws.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -191,11 +194,13 @@ def measure(args) -> list[Row]:
 def run(args) -> int:
     import mlx.core as mx
 
+    load_before = os.getloadavg()[0]  # other work on the machine moves CPU figures: keep it with them
     rows = measure(args)
     meta = dict(device=str(mx.default_device()), model=args.random_llama or args.model or "default",
                 dtype=args.dtype if args.random_llama else "as loaded", gen=args.gen, gen_min=args.gen_min,
                 prompt_len=[args.prompt_min, args.prompt_max], rounds=args.rounds,
-                mlx=mx.__version__)
+                mlx=mx.__version__, cpu_count=os.cpu_count(),
+                load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     print("\n| batch | mlx-lm BatchGenerator tok/s | parallm tok/s | ratio |")
     print("|---:|---:|---:|---:|")
     for r in rows:

@@ -1,10 +1,20 @@
-"""Load test for any OpenAI-compatible server: streaming requests at a sweep of concurrencies.
+"""The serving benchmark: streaming requests at a sweep of concurrencies, against any
+OpenAI-compatible server, parallm's own engine without HTTP, or two parallm checkouts.
 
   # one server that is already running
   python loadtests/bench_serving.py --url http://127.0.0.1:8000 --concurrency 1,4,16
 
-  # parallm against mlx_lm.server on the same model dir, the same sweep, ratios printed
-  python loadtests/bench_serving.py --compare --model DIR --concurrency 1,4,16
+  # parallm against mlx_lm.server on the same model dir, the same sweep, ratios printed;
+  # --engine-baseline adds the same load straight into an in-process AsyncEngine (no HTTP)
+  python loadtests/bench_serving.py --compare --engine-baseline --model DIR --concurrency 1,4,16
+
+  # A/B of two checkouts' servers (the code before a change and after it), levels interleaved
+  git archive <base-commit> | tar -x -C /tmp/base
+  python loadtests/bench_serving.py --ab /tmp/base . --model DIR --concurrency 64 --reps 4
+
+  # the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) dequantized to f32 as an mlx-lm dir,
+  # so that mlx_lm.server and parallm serve the very same weights
+  python loadtests/bench_serving.py --export-default-model loadtests/out/smollm2-f32
 
 Per level it reports TTFT (request sent -> first streamed text), TPOT ((end - first text) / (tokens - 1)),
 ITL (gaps between streamed chunks), each at p50 and p99; output throughput (tokens / wall time of the
@@ -13,9 +23,10 @@ counted from the stream's usage chunk when the server sends one, else as streame
 is sent (a vLLM extra; parallm honours it, mlx_lm.server ignores it), so compare tokens received,
 never tokens asked for.
 
-In --compare mode both servers run side by side and each concurrency level runs against both back to
-back (alternating which goes first), so the ratio survives a noisy machine. Bounded: --num-requests per
-level (capped), --level-timeout per level. Loopback URLs only unless --allow-remote.
+Each level runs against every target back to back, alternating which goes first, so the ratio
+survives a noisy machine; `--reps N` runs every level N times and prints the geometric mean of the
+per-pair ratios with a 95% interval. Bounded: --num-requests per level (capped), --level-timeout per
+level. Loopback URLs only unless --allow-remote.
 """
 from __future__ import annotations
 
@@ -24,14 +35,17 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -355,6 +369,108 @@ def summarize(server: str, concurrency: int, results: list[RequestResult], unfin
         error_examples=examples, client_cpu=client_cpu)
 
 
+# ---- the engine baseline: the same load straight into an in-process AsyncEngine -----------------
+# No HTTP, no JSON, no SSE: what the server delivers of its own engine. The prompts go through the
+# same chat-free path as /v1/completions (tokenizer.encode), with the same max_tokens, greedy sampling
+# and ignore_eos; TTFT, TPOT and ITL are taken on the asyncio side as the HTTP client takes them.
+
+def load_engine(model_dir: str, max_num_seqs: int, max_queue: int, max_num_batched_tokens=None):
+    sys.path.insert(0, str(REPO_ROOT))  # this checkout's parallm
+    import parallm  # noqa: F401  (preloads the same BLAS the server gets, before mlx)
+    from parallm.engine.async_engine import AsyncEngine
+    from parallm.engine.engine import EngineConfig
+    from parallm.models import load
+
+    loaded = load(model_dir, device="auto", name="bench")
+    return AsyncEngine(loaded, EngineConfig(max_num_seqs=max_num_seqs, max_queue=max_queue,
+                                            max_num_batched_tokens=max_num_batched_tokens))
+
+
+async def _engine_request(engine, prompt_ids: list[int], output_len: int) -> RequestResult:
+    from parallm.engine.types import EngineRequest, SamplingParams
+
+    request = EngineRequest(request_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, model="bench",
+                            sampling=SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+    start = time.perf_counter()
+    first = last = None
+    itls, tokens, prompt_tokens = [], 0, None
+    try:
+        async for out in engine.generate(request):
+            if out.text:
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    itls.append(now - last)
+                last = now
+            if out.finished and out.usage:
+                tokens, prompt_tokens = out.usage.completion_tokens, out.usage.prompt_tokens
+    except Exception as e:  # a typed engine error (QueueFull...) is a failure of this request
+        return RequestResult.raised(e, start)
+    end = time.perf_counter()
+    return RequestResult(ok=True, ttft=None if first is None else first - start, e2e=end - start, itls=itls,
+                         output_tokens=tokens, prompt_tokens=prompt_tokens)
+
+
+async def run_engine_level(engine, tokenizer, concurrency: int, prompts: list[str], output_len: int,
+                           level_timeout: float) -> LevelResult:
+    """One level into the engine: `concurrency` clients, each sending the next prompt when its last
+    one ended. The result carries the engine's accounting over the level (steps, rows per step)."""
+    await engine.start()
+    pending = list(reversed([list(tokenizer.encode(p)) for p in prompts]))
+    results: list[RequestResult] = []
+
+    async def worker():
+        while pending:
+            results.append(await _engine_request(engine, pending.pop(), output_len))
+
+    before, start = engine_counters(engine.stats()), time.perf_counter()
+    tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+    _, late = await asyncio.wait(tasks, timeout=level_timeout)
+    for t in late:
+        t.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    level = summarize("engine", concurrency, results, len(prompts) - len(results), time.perf_counter() - start)
+    add_engine_accounting(level, before, engine_counters(engine.stats()))
+    return level
+
+
+def engine_settings(args) -> dict:
+    """The engine baseline's settings: those given to parallm in --parallm-args where they are
+    engine settings (rows, step budget, queue), so that "server vs engine" compares like with
+    like; otherwise rows for the largest level."""
+    max_conc = max(args.concurrency)
+    settings = {"max_num_seqs": max_conc, "max_queue": 4 * max_conc, "max_num_batched_tokens": None}
+    words = shlex.split(args.parallm_args or "")
+    for flag, key in (("--max-num-seqs", "max_num_seqs"), ("--max-queue", "max_queue"),
+                      ("--max-num-batched-tokens", "max_num_batched_tokens")):
+        for i, word in enumerate(words):
+            if word == flag and i + 1 < len(words):
+                settings[key] = int(words[i + 1])
+            elif word.startswith(flag + "="):
+                settings[key] = int(word.split("=", 1)[1])
+    return settings
+
+
+def export_default_model(out: Path) -> Path:
+    """The default model, dequantized to float32 as the CPU serves it, written as an mlx-lm dir
+    that mlx_lm.server loads too: both servers then serve the very same weights."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from parallm.models import load
+
+    loaded = load(None, device="cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(nn.utils.tree_flatten(loaded.model.parameters()))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = dict(loaded.config, torch_dtype="float32")
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    getattr(loaded.tokenizer, "_tokenizer", loaded.tokenizer).save_pretrained(str(out))
+    return out
+
+
 # ---- output -------------------------------------------------------------------------------------
 
 def _ms(v: Optional[float]) -> str:
@@ -388,93 +504,86 @@ def print_table(levels: list[LevelResult]) -> None:
 
 
 def print_ratios(levels: list[LevelResult], candidate: str, baseline: str) -> list[dict]:
-    """candidate ÷ baseline throughput, and baseline ÷ candidate latencies (so > 1 means candidate is better)."""
+    """candidate ÷ baseline throughput, and baseline ÷ candidate latencies (> 1: candidate is better),
+    one row per pair (the k-th level of each at one concurrency). Where one concurrency has several
+    pairs (--reps), a row with the geometric mean of their throughput ratios and its 95% interval."""
     rows = []
-    by_key = {(lv.server, lv.concurrency): lv for lv in levels}
     print(f"\nratios ({candidate} vs {baseline}; > 1 means {candidate} is better)")
     print(f"{'conc':>4} {'throughput':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9}")
 
     def ratio(a, b):
         return None if not a or not b else a / b
 
-    for (server, conc), cand in sorted(by_key.items(), key=lambda kv: kv[0][1]):
-        base = by_key.get((baseline, conc))
-        if server != candidate or base is None:
-            continue
-        row = dict(concurrency=conc, throughput=ratio(cand.throughput_tok_s, base.throughput_tok_s),
-                   ttft_p50=ratio(base.ttft_p50, cand.ttft_p50), ttft_p99=ratio(base.ttft_p99, cand.ttft_p99),
-                   tpot_p50=ratio(base.tpot_p50, cand.tpot_p50))
-        rows.append(row)
-        fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
-        print(f"{conc:>4} {fmt(row['throughput']):>10} {fmt(row['ttft_p50']):>9} {fmt(row['ttft_p99']):>9} "
-              f"{fmt(row['tpot_p50']):>9}")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+    for conc in sorted({lv.concurrency for lv in levels}):
+        cands = [lv for lv in levels if lv.server == candidate and lv.concurrency == conc]
+        bases = [lv for lv in levels if lv.server == baseline and lv.concurrency == conc]
+        throughputs = []
+        for cand, base in zip(cands, bases):
+            row = dict(concurrency=conc, throughput=ratio(cand.throughput_tok_s, base.throughput_tok_s),
+                       ttft_p50=ratio(base.ttft_p50, cand.ttft_p50), ttft_p99=ratio(base.ttft_p99, cand.ttft_p99),
+                       tpot_p50=ratio(base.tpot_p50, cand.tpot_p50))
+            rows.append(row)
+            if row["throughput"]:
+                throughputs.append(row["throughput"])
+            print(f"{conc:>4} {fmt(row['throughput']):>10} {fmt(row['ttft_p50']):>9} {fmt(row['ttft_p99']):>9} "
+                  f"{fmt(row['tpot_p50']):>9}")
+        if len(throughputs) > 1:
+            mean, low, high = geomean_interval(throughputs)
+            rows.append(dict(concurrency=conc, pairs=len(throughputs), throughput_geomean=mean,
+                             throughput_low=low, throughput_high=high))
+            print(f"{conc:>4} throughput geometric mean {mean:.3f}x over {len(throughputs)} pairs, "
+                  f"95% interval [{low:.3f}, {high:.3f}]")
     return rows
 
 
-def plot(levels: list[LevelResult], out_dir: Path, stem: str) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
-    servers = sorted({lv.server for lv in levels})
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for server in servers:
-        rows = sorted((lv for lv in levels if lv.server == server), key=lambda lv: lv.concurrency)
-        conc = [lv.concurrency for lv in rows]
-        axes[0].plot(conc, [lv.throughput_tok_s for lv in rows], marker="o", label=server)
-        axes[1].plot(conc, [(lv.ttft_p50 or 0) * 1000 for lv in rows], marker="o", label=f"{server} p50")
-        axes[1].plot(conc, [(lv.ttft_p99 or 0) * 1000 for lv in rows], marker="x", linestyle="--", label=f"{server} p99")
-        axes[2].plot(conc, [(lv.tpot_p50 or 0) * 1000 for lv in rows], marker="o", label=f"{server} p50")
-    for ax, title in zip(axes, ("output tokens/s", "TTFT (ms)", "TPOT (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(title)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def geomean_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """The geometric mean of `ratios` and a 95% interval (Student's t over the log ratios). One
+    pair's ratio moves with the host (+-15% on a lent GPU), so only the interval says whether a
+    target is met."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    half = T95.get(len(logs) - 1, 2.1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def plot(levels: list[LevelResult], out_dir: Path, stem: str) -> list[Path]:
+    from plot_bench import plot_serving  # the figure BENCHMARKS.md shows, drawn from this run
+
     path = out_dir / f"{stem}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_serving([asdict(lv) for lv in levels], path, title=f"bench_serving {stem}")
     return [path]
 
 
-def engine_settings(args) -> dict:
-    """The engine baseline's settings: those given to parallm in --parallm-args where they are
-    engine settings (rows, step budget, queue), so that "server vs engine" compares like with
-    like; otherwise rows for the largest level."""
-    import shlex
+# ---- targets and servers -------------------------------------------------------------------------
 
-    max_conc = max(args.concurrency)
-    settings = {"max_num_seqs": max_conc, "max_queue": 4 * max_conc, "max_num_batched_tokens": None}
-    words = shlex.split(args.parallm_args or "")
-    for flag, key in (("--max-num-seqs", "max_num_seqs"), ("--max-queue", "max_queue"),
-                      ("--max-num-batched-tokens", "max_num_batched_tokens"),
-                      ("--prefill-wait-steps", "prefill_wait_steps")):
-        for i, word in enumerate(words):
-            if word == flag and i + 1 < len(words):
-                settings[key] = int(words[i + 1])
-            elif word.startswith(flag + "="):
-                settings[key] = int(word.split("=", 1)[1])
-    return settings
+@dataclass
+class Target:
+    """One thing to load: an HTTP server (url + model name) or, with --engine-baseline, the engine itself."""
+
+    name: str
+    url: str = ""
+    model: str = ""
+    engine: object = None
+    tokenizer: object = None
+
+    async def run(self, concurrency: int, prompts: list[str], args) -> LevelResult:
+        if self.engine is None:  # the level runner reads the server's counters as its clock starts and stops
+            return await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
+                                   args.endpoint, args.level_timeout, client_procs=args.client_procs)
+        lv = await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
+                                    args.level_timeout)
+        lv.server = self.name
+        return lv
 
 
-def engine_targets(args) -> list[Target]:
-    """The engine baseline, and with --engine-admission-ms the same engine fed through the gate."""
-    if not args.model:
-        raise SystemExit("--engine-baseline needs --model DIR")
-    sys.path.insert(0, str(REPO_ROOT))  # this checkout's parallm
-    import parallm  # noqa: F401  (preloads the same BLAS the server gets, before mlx)
-    from engine_baseline import load_engine
+def engine_target(args) -> Target:
     engine = load_engine(args.model, **engine_settings(args))
-    targets = [Target("engine", engine=engine, tokenizer=engine.tokenizer("bench"))]
-    if args.engine_admission_ms > 0:
-        targets.append(Target("gated", engine=engine, tokenizer=targets[0].tokenizer,
-                              admission_s=args.engine_admission_ms / 1e3))
-    return targets
+    return Target("engine", engine=engine, tokenizer=engine.tokenizer("bench"))
 
-
-# ---- servers for --compare ----------------------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -482,22 +591,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Server:
+    """A server for --compare or --ab: the command, where it listens, and the checkout it runs from."""
+
+    name: str
+    cmd: list[str]
+    url: str
+    model: str
+    cwd: Path = REPO_ROOT
+    env: Optional[dict] = None
+
+
+def parallm_server(name: str, checkout: Path, args) -> Server:
+    """`parallm serve` from `checkout` (PYTHONPATH and cwd: `-m parallm` imports that checkout's package;
+    whatever PYTHONPATH the caller had comes after it, e.g. MLX's CUDA build on a GPU host)."""
+    port, max_conc = free_port(), max(args.concurrency)
+    extra = {"A": args.a_args, "B": args.b_args}.get(name, "")
+    cmd = [sys.executable, "-m", "parallm", "serve", "--model", args.model, "--served-model-name", "bench",
+           "--port", str(port), "--max-num-seqs", str(max(max_conc, 1)), "--max-queue", str(4 * max_conc),
+           *shlex.split(args.parallm_args), *shlex.split(extra)]
+    checkout = checkout.resolve()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(checkout), os.environ.get("PYTHONPATH", "")) if p))
+    return Server(name, cmd, f"http://127.0.0.1:{port}", "bench", cwd=checkout, env=env)
+
+
+def mlx_lm_server(args) -> Server:
+    # By default mlx_lm.server gets the same optimized BLAS that parallm preloads on Linux (importing
+    # parallm loads it before mlx), so the comparison is of the servers, not of the BLAS.
+    port = free_port()
+    launcher = (["-c", "import parallm, runpy; runpy.run_module('mlx_lm.server', run_name='__main__')"]
+                if args.mlx_blas == "parallm" else ["-m", "mlx_lm.server"])
+    cmd = [sys.executable, *launcher, "--model", args.model, "--port", str(port), "--host", "127.0.0.1",
+           *shlex.split(args.mlx_args)]
+    return Server("mlx_lm", cmd, f"http://127.0.0.1:{port}", "default_model")
+
+
 @contextlib.contextmanager
-def running_server(name: str, cmd: list[str], url: str, startup_timeout: float):
-    log_path = OUT_DIR / f"{name}.log"
+def running_server(server: Server, startup_timeout: float):
+    log_path = OUT_DIR / f"{server.name}.log"
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        proc = subprocess.Popen(server.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=server.cwd, env=server.env)
         try:
             deadline = time.monotonic() + startup_timeout
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
+                    raise RuntimeError(f"{server.name} exited with {proc.returncode}; see {log_path}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start within {startup_timeout}s; see {log_path}")
+                    raise RuntimeError(f"{server.name} did not start within {startup_timeout}s; see {log_path}")
                 time.sleep(0.5)
             yield proc
         finally:
@@ -517,37 +663,16 @@ async def warm_up(name: str, url: str, model: str, endpoint: str) -> None:
         raise RuntimeError(f"{name}: warm-up request failed: {r.error}")
 
 
-@dataclass
-class Target:
-    """One thing to load: an HTTP server (url + model name) or, with --engine-baseline, the engine itself."""
-
-    name: str
-    url: str = ""
-    model: str = ""
-    engine: object = None
-    tokenizer: object = None
-    admission_s: float = 0.0  # the engine fed one request at a time, this far apart (run_engine_level)
-
-    async def run(self, concurrency: int, prompts: list[str], args) -> LevelResult:
-        if self.engine is None:  # the level runner reads the server's counters as its clock starts and stops
-            return await run_level(self.name, self.url, self.model, concurrency, prompts, args.output_len,
-                                   args.endpoint, args.level_timeout, client_procs=args.client_procs)
-        from engine_baseline import run_engine_level
-        lv = await run_engine_level(self.engine, self.tokenizer, concurrency, prompts, args.output_len,
-                                    args.level_timeout, admission_s=self.admission_s)
-        lv.server = self.name
-        return lv
-
-
 def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[LevelResult]:
-    """Each level runs on every target back to back, alternating which goes first. One event loop for
-    the whole sweep (an in-process engine is bound to the loop it started on)."""
+    """Each level (every concurrency, --reps times) runs on every target back to back, alternating
+    which goes first. One event loop for the whole sweep (an in-process engine is bound to the loop
+    it started on)."""
     levels = []
-    for i, conc in enumerate(args.concurrency):
+    plan = [conc for conc in args.concurrency for _ in range(args.reps)]
+    for i, conc in enumerate(plan):
         n = min(args.num_requests or conc * args.requests_per_client, MAX_REQUESTS_PER_LEVEL)
-        # new prompts for every level (each target of a level gets the same ones): with one set per
-        # concurrency, a repeated level found every prompt in the prefix cache of both targets and
-        # measured a sweep without prefill (until the fifth session's GPU runs)
+        # new prompts for every level, the same for each target of it: a repeated set would be served
+        # from the prefix caches and measure a sweep without prefill
         prompts = make_prompts(n, args.input_len, seed=args.seed + conc + 1009 * i)
         order = targets if i % 2 == 0 else list(reversed(targets))
         for target in order:
@@ -559,18 +684,23 @@ def sweep(targets: list[Target], args, loop: asyncio.AbstractEventLoop) -> list[
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options, also for `parallm bench serving`."""
     p.add_argument("--url", help="base URL of a running OpenAI-compatible server (no /v1)")
     p.add_argument("--model-name", help="model name to send (default: the first of GET /v1/models)")
     p.add_argument("--compare", action="store_true", help="start parallm and mlx_lm.server on --model and compare")
-    p.add_argument("--model", help="model dir for --compare (an mlx-lm dir both servers can load)")
+    p.add_argument("--ab", nargs=2, metavar=("A", "B"),
+                   help="start `parallm serve` from two checkout roots on --model and compare B with A")
+    p.add_argument("--model", help="model dir for --compare, --ab and --engine-baseline")
     p.add_argument("--engine-baseline", action="store_true",
                    help="also run the sweep straight into an in-process AsyncEngine on --model (no HTTP)")
-    p.add_argument("--parallm-args", default="", help="extra arguments for `parallm serve` in --compare mode")
+    p.add_argument("--parallm-args", default="", help="extra arguments for `parallm serve` (--compare, --ab)")
+    p.add_argument("--a-args", default="", help="with --ab: extra `parallm serve` arguments for A only")
+    p.add_argument("--b-args", default="", help="with --ab: extra `parallm serve` arguments for B only")
     p.add_argument("--mlx-args", default="", help="extra arguments for mlx_lm.server in --compare mode")
     p.add_argument("--mlx-blas", choices=("parallm", "wheel"), default="parallm",
                    help="BLAS for mlx_lm.server on Linux CPU: parallm's preloaded OpenBLAS (fair) or the wheel's")
     p.add_argument("--concurrency", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--reps", type=int, default=1,
+                   help="run every level this many times (pairs for a geometric mean with a 95%% interval)")
     p.add_argument("--requests-per-client", type=int, default=2, help="requests per level = this x concurrency")
     p.add_argument("--num-requests", type=int, default=0, help="fixed requests per level (overrides the above)")
     p.add_argument("--input-len", type=int, default=64, help="prompt length in words (~tokens)")
@@ -580,15 +710,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="load-generator processes per level (the clients are split among them); auto: one per "
                         "4 CPUs, at most 4. One asyncio loop parsing every SSE event saturates near a few "
                         "thousand tokens/s: watch the table's client CPU column and raise this when it nears 100%%")
-    p.add_argument("--engine-admission-ms", type=float, default=0.0,
-                   help="with --engine-baseline: hand requests to the engine one at a time, this far apart "
-                        "(a server's per-request cost), to see what the HTTP path's arrival pattern alone costs")
     p.add_argument("--level-timeout", type=float, default=300.0, help="seconds a level may run")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
     p.add_argument("--out", default=None, help="JSON result path (default loadtests/out/bench_serving-<time>.json)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="no PNG (the plot needs matplotlib)")
+    p.add_argument("--export-default-model", metavar="DIR",
+                   help="write the default model as an f32 mlx-lm dir to DIR (for --compare) and exit")
 
 
 def _client_procs(value: str) -> int:
@@ -612,47 +741,51 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.export_default_model:
+        print(export_default_model(Path(args.export_default_model)))
+        return 0
+    if args.reps < 1:
+        return _usage_error("--reps must be >= 1")
+    if args.engine_baseline and not args.model:
+        return _usage_error("--engine-baseline needs --model DIR")
     stem = f"bench_serving-{time.strftime('%Y%m%d-%H%M%S')}"
-    loop = asyncio.new_event_loop()
     out_json = Path(args.out) if args.out else OUT_DIR / f"{stem}.json"
 
-    if args.compare:
+    if args.compare or args.ab:
+        if args.compare and args.ab:
+            return _usage_error("give --compare or --ab, not both")
         if not args.model:
-            return _usage_error("--compare needs --model DIR")
-        pport, mport = free_port(), free_port()
-        purl, murl = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{mport}"
-        max_conc = max(args.concurrency)
-        pcmd = [sys.executable, "-m", "parallm", "serve", "--model", args.model, "--served-model-name", "bench",
-                "--port", str(pport), "--max-num-seqs", str(max(max_conc, 1)), "--max-queue", str(4 * max_conc),
-                *args.parallm_args.split()]
-        # By default mlx_lm.server gets the same optimized BLAS that parallm preloads on Linux (importing
-        # parallm loads it before mlx), so the comparison is of the servers, not of the BLAS.
-        launcher = (["-c", "import parallm, runpy; runpy.run_module('mlx_lm.server', run_name='__main__')"]
-                    if args.mlx_blas == "parallm" else ["-m", "mlx_lm.server"])
-        mcmd = [sys.executable, *launcher, "--model", args.model, "--port", str(mport),
-                "--host", "127.0.0.1", *args.mlx_args.split()]
-        targets = [Target("parallm", purl, "bench"), Target("mlx_lm", murl, "default_model")]
-        if args.engine_baseline:
-            targets += engine_targets(args)
-        with running_server("parallm", pcmd, purl, args.startup_timeout), \
-                running_server("mlx_lm", mcmd, murl, args.startup_timeout):
-            for t in targets[:2]:
-                loop.run_until_complete(warm_up(t.name, t.url, t.model, args.endpoint))
-            levels = sweep(targets, args, loop)
-        commands = {"parallm": pcmd, "mlx_lm": mcmd}
+            return _usage_error(("--compare" if args.compare else "--ab") + " needs --model DIR")
+        if args.ab and args.engine_baseline:
+            return _usage_error("--engine-baseline goes with --compare or --url, not --ab")
+        if args.compare:
+            servers = [parallm_server("parallm", REPO_ROOT, args), mlx_lm_server(args)]
+            candidate, baseline = "parallm", "mlx_lm"
+        else:
+            servers = [parallm_server("A", Path(args.ab[0]), args), parallm_server("B", Path(args.ab[1]), args)]
+            candidate, baseline = "B", "A"
     else:
         if not args.url:
-            return _usage_error("give --url (a running server) or --compare --model DIR")
+            return _usage_error("give --url (a running server), --compare --model DIR or --ab A B --model DIR")
         if not is_loopback(args.url) and not args.allow_remote:
             return _usage_error(f"{args.url} is not a loopback address; pass --allow-remote to load-test another machine")
-        url = args.url.rstrip("/")
-        model = args.model_name or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        loop.run_until_complete(warm_up("server", url, model, args.endpoint))
-        targets = [Target("server", url, model)]
+        servers, candidate, baseline = [], "server", None
+
+    loop = asyncio.new_event_loop()
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.enter_context(running_server(server, args.startup_timeout))
+        if servers:
+            targets = [Target(s.name, s.url, s.model) for s in servers]
+        else:
+            url = args.url.rstrip("/")
+            model = args.model_name or httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            targets = [Target("server", url, model)]
+        for t in targets:
+            loop.run_until_complete(warm_up(t.name, t.url, t.model, args.endpoint))
         if args.engine_baseline:
-            targets += engine_targets(args)
+            targets.append(engine_target(args))
         levels = sweep(targets, args, loop)
-        commands = {}
 
     for engine in {id(t.engine): t.engine for t in targets if t.engine is not None}.values():
         loop.run_until_complete(engine.shutdown())
@@ -660,20 +793,22 @@ def run(args: argparse.Namespace) -> int:
     loop.close()
     print()
     print_table(levels)
-    ratios = print_ratios(levels, "parallm", "mlx_lm") if args.compare else []
+    ratios = [dict(r, kind=f"{candidate}_vs_{baseline}") for r in print_ratios(levels, candidate, baseline)] \
+        if baseline else []
     if args.engine_baseline:
-        server_name = "parallm" if args.compare else "server"
-        ratios += [dict(r, kind="server_vs_engine") for r in print_ratios(levels, server_name, "engine")]
-        if args.engine_admission_ms > 0:
-            ratios += [dict(r, kind="gated_vs_engine") for r in print_ratios(levels, "gated", "engine")]
+        ratios += [dict(r, kind="server_vs_engine") for r in print_ratios(levels, candidate, "engine")]
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "commands": commands,
+    out_json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
+                                    "commands": {s.name: s.cmd for s in servers},
                                     "cpu_count": os.cpu_count(), "levels": [asdict(lv) for lv in levels],
                                     "ratios": ratios}, indent=1))
     print(f"\nJSON: {out_json}")
     if not args.no_plot:
-        for path in plot(levels, out_json.parent, out_json.stem):
-            print(f"plot: {path}")
+        try:
+            for path in plot(levels, out_json.parent, out_json.stem):
+                print(f"plot: {path}")
+        except ImportError as e:  # the figures are in the JSON: loadtests/plot_bench.py draws them later
+            print(f"no plot ({e}); pip install 'parallm[bench]' for matplotlib, or pass --no-plot")
     return 0
 
 

@@ -3,7 +3,7 @@
 # (~28 MB), so that a measurement needs one call instead of two back to back (the machine goes back
 # after 30 s idle, and a slow turn between two install calls cost whole machine starts).
 #   bash loadtests/gpu/bundle.sh            # here, from the repo root (needs ../shared/gpu)
-#   run: carry [".dev/g"], command: bash .dev/g/run.sh warm fused ...   (install happens on first use)
+#   run: carry [".dev/g"], command: bash .dev/g/run.sh warm serving ...   (install happens on first use)
 set -euo pipefail
 shared=${SHARED_GPU:-../shared/gpu}
 bash "$shared/stage-mlx-cuda.sh" > /dev/null  # downloads the wheels into .dev/dl (and .dev/p1, .dev/p2)
