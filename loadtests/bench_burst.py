@@ -8,7 +8,7 @@ its own; its compiled CUDA kernels it keeps on disk (parallm/_mlx_env.py), so th
 a machine at these shapes also pays the compiles (tens of seconds): run one throwaway process
 before comparing kinds.
 
-    for w in none basic buckets; do
+    for w in none basic; do
         python loadtests/bench_burst.py --model DIR --burst 64 --input-len 128 --output-len 128 --warm-up $w
     done
 
@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--warm-up", default="buckets", choices=["none", "basic", "buckets"],
-                   help="none; the default warm-up (basic requests, and on CUDA a round of every row); those plus a round per prefill bucket")
+    p.add_argument("--warm-up", default="basic", choices=["none", "basic"],
+                   help="none, or the default warm-up (basic requests, and on CUDA a round of every row)")
     args = p.parse_args(argv)
 
     import mlx.core as mx
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     kind = args.warm_up
     engine = Engine(loaded, EngineConfig(max_num_seqs=args.max_num_seqs,
                                          max_num_batched_tokens=args.max_num_batched_tokens))
-    seconds = 0.0 if kind == "none" else warm_up(engine, bucket_rounds=(kind == "buckets"))
+    seconds = 0.0 if kind == "none" else warm_up(engine)
     for r in range(args.rounds):
         row = run_round(engine, args.burst, args.input_len, args.output_len, vocab, f"{kind}-{r}")
         print(json.dumps({"warm_up": kind, "warm_up_s": round(seconds, 2), "round": r + 1,

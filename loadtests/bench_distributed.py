@@ -90,10 +90,10 @@ def _model(shape: str, dtype: str):
 def worker(args) -> None:
     import mlx.core as mx
 
-    from parallm.engine.distributed import (STARTUP_PARTS, Follower, LeaderEngine, shard_model,
+    from parallm.engine.distributed.lockstep import (STARTUP_PARTS, Follower, LeaderEngine, shard_model,
                                             startup_digests)
     from parallm.engine.engine import Engine, EngineConfig
-    from parallm.engine.plan_channel import PlanChannel
+    from parallm.engine.distributed.plan_channel import PlanChannel
     from parallm.engine.types import EngineRequest, SamplingParams
 
     distributed = "MLX_RANK" in os.environ
@@ -137,7 +137,7 @@ def worker(args) -> None:
             engine.shutdown_followers()
     if distributed:  # every rank, after the follow loop: time the activations' all-reduce
         hidden, layers = SHAPES[args.shape][0], SHAPES[args.shape][1]
-        from parallm.engine.plan_channel import FRAME_BYTES
+        from parallm.engine.distributed.plan_channel import FRAME_BYTES
 
         def time_all_sum(x) -> float:
             for _ in range(5):

@@ -52,7 +52,7 @@ def ask(model, tokenizer, question: str) -> str:
 
 
 def run_job(data_dir: Path) -> tuple[float, dict, Path]:
-    from parallm.engine.finetune import FineTuning, JobRequest
+    from parallm.finetune import FineTuning, JobRequest
     from parallm.models import DEFAULT_MODEL_NAME
 
     ft = FineTuning.open(data_dir, base_models={DEFAULT_MODEL_NAME: DEFAULT_MODEL_NAME})

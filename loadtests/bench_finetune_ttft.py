@@ -50,7 +50,7 @@ def main() -> int:
     import uvicorn
     from parallm.engine.async_engine import AsyncEngine
     from parallm.engine.engine import EngineConfig
-    from parallm.engine.finetune import FineTuning, JobRequest
+    from parallm.finetune import FineTuning, JobRequest
     from parallm.models import load
     from parallm.server.app import create_app
     from parallm.server.config import ServerSettings

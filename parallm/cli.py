@@ -8,10 +8,10 @@ import sys
 
 # name -> (module, help). Modules are imported lazily so `parallm --help` stays fast.
 SUBCOMMANDS = {
-    "serve": ("parallm.server.serve_command", "serve models over an OpenAI-compatible HTTP API"),
-    "info": ("parallm.models.info_command", "load a model and print what it is and what it needs"),
-    "service": ("parallm.server.service_command", "install a launchd/systemd service that runs `parallm serve`"),
-    "jobs": ("parallm.engine.finetune.jobs_command", "list fine-tuning jobs and their progress (or one job's events)"),
+    "serve": ("parallm.commands.serve", "serve models over an OpenAI-compatible HTTP API"),
+    "info": ("parallm.commands.info", "load a model and print what it is and what it needs"),
+    "service": ("parallm.commands.system_service", "install a launchd/systemd service that runs `parallm serve`"),
+    "jobs": ("parallm.commands.job_listing", "list fine-tuning jobs and their progress (or one job's events)"),
 }
 
 

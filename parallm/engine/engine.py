@@ -42,7 +42,7 @@ class EngineConfig:
     # Building step t+1's graph before step t has finished makes MLX copy every K/V buffer that
     # step t+1 writes (the pending step still references it, so it cannot be updated in place).
     # Above this many KV bytes the engine waits for step t first. None = by device: 6 GiB on a GPU
-    # (the copy costs ~2x the KV bytes of bandwidth per step, the gap a fixed time; BENCHMARKS.md),
+    # (the copy costs ~2x the KV bytes of bandwidth per step, the gap a fixed time),
     # 32 MiB on the CPU, where copies are slow.
     build_ahead_max_kv_bytes: Optional[int] = None
     # CUDA: decode rows write K/V in place and attend with parallm's kernels (decode_attention.py)
@@ -52,9 +52,6 @@ class EngineConfig:
     # and allocation costs do not land on the first clients. None = by device: on a GPU only (the
     # CPU backend has no such costs worth a start-up delay).
     warm_up: Optional[bool] = None
-    # The warm-up also runs every prefill (rows, width) bucket once (CUDA; warm_up.py): ~40 s of
-    # start-up for a 1B model on an H200, for a gain not yet shown, hence off
-    warm_up_buckets: bool = False
 
 
 @dataclass

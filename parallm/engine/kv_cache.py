@@ -36,6 +36,7 @@ from typing import Optional
 import mlx.core as mx
 
 from parallm.models.cache_layout import AttentionLayer, CacheLayout, StateLayer
+from parallm.engine.layer_cache import LayerCache
 from parallm.engine.pass_shapes import round_up
 from parallm.engine.ring_positions import ring_mask, ring_write_index
 from parallm.engine.state_cache import BatchedStateCache
@@ -368,42 +369,3 @@ def _copy(view: mx.array) -> mx.array:
     """A copy that owns its memory: a stored row must not be a view of a slot buffer, or every
     later in-place update of that buffer would have to copy it whole."""
     return view + mx.zeros((), view.dtype)
-
-
-class LayerCache:
-    """The per-layer face of BatchedKVCache that mlx-lm model code calls."""
-
-    def __init__(self, parent: BatchedKVCache, layer: int):
-        self._parent = parent
-        self._layer = layer
-
-    @property
-    def offset(self) -> mx.array:
-        """Per-row positions of the first new token ([B] int32); RoPE accepts array offsets."""
-        return self._parent._offsets_arr
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        return self._parent._update(self._layer, keys, values)
-
-    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None, **kwargs):
-        return self._parent._mask(self._layer, N, window_size)
-
-    def attend(self, queries: mx.array, scale: float, sinks=None) -> Optional[mx.array]:
-        """The attention output when this pass attends through the kernels, else None (the caller
-        then runs MLX's attention on what update_and_fetch returned)."""
-        parent = self._parent
-        if parent._pass is None or not parent._pass.use_kernels:
-            return None
-        if sinks is not None:
-            raise RuntimeError("attention sinks are not supported by parallm's decode kernels")
-        return parent._attend(self._layer, queries, scale)
-
-    def is_trimmable(self) -> bool:
-        return False
-
-    def empty(self) -> bool:
-        return self._parent.keys[self._layer] is None
-
-    @property
-    def nbytes(self) -> int:
-        return self._parent.nbytes // max(1, len(self._parent.specs))

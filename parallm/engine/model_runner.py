@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from parallm.engine.decode_attention import kernels_for
+from parallm.engine.cuda.decode_attention import kernels_for
 from parallm.models.cache_layout import CacheLayout
 from parallm.engine.kv_cache import BatchedKVCache, PassLayout
 from parallm.engine.pass_shapes import PassShapes, group_by_length, round_up

@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from parallm.engine.errors import InvalidRequest, ModelAdminError, UnknownModel
 from parallm.engine.types import AdapterInfo, EngineRequest, EngineStats, RequestOutput
-from parallm.models.errors import ModelLoadError
+from parallm.models.load_errors import ModelLoadError
 from parallm.models.registry import ModelRegistry, RegistryError
 
 _SUMMED = ("num_running", "num_waiting", "kv_bytes_used", "kv_bytes_budget", "prefix_cache_queries",

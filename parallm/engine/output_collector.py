@@ -18,26 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Optional, Union
 
-from parallm.engine.types import RequestOutput
-
-
-def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
-    """Consecutive outputs of one choice as one. The inputs are not changed; one output is
-    returned as it is."""
-    if len(outputs) == 1:
-        return outputs[0]
-    first = outputs[0]
-    logprobs = [lp for o in outputs for lp in (o.logprobs or ())]
-
-    def latest(field: str):
-        return next((v for o in reversed(outputs) if (v := getattr(o, field)) is not None), None)
-
-    return RequestOutput(
-        request_id=first.request_id, index=first.index, text="".join(o.text for o in outputs),
-        token_ids=[t for o in outputs for t in o.token_ids],
-        logprobs=logprobs if any(o.logprobs is not None for o in outputs) else None,
-        finish_reason=latest("finish_reason"), stop_reason=latest("stop_reason"),
-        finished=any(o.finished for o in outputs), usage=latest("usage"), times=latest("times"))
+from parallm.engine.types import RequestOutput, merge_outputs
 
 
 class OutputCollector:

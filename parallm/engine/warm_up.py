@@ -15,23 +15,15 @@ in the cache or in /metrics.
 
 On CUDA, then a round with every row at once (128-token prompts): the K/V buffers grow through
 each slot count once, so a burst of clients finds them in MLX's buffer cache (see _full_round).
-
-Optionally (EngineConfig.warm_up_buckets, off by default), where prefill passes are bucketed
-(CUDA), every (rows, width) bucket a step can hold is run once too: the first pass of a new shape
-builds cuDNN attention graphs and GEMM plans. Measured on an H200 with a 1B model it costs ~40 s of
-start-up (~100 rounds) and is not needed: the basic rounds plus the full round gave the first
-burst of 64 clients a TTFT p99 of 182 ms against 118 ms for the second (BENCHMARKS.md, "kernel
-cache"). Those figures are with MLX's compiled kernels already on disk: the first process on a
-machine compiles them and its warm-up took 68-91 s (parallm/_mlx_env.py keeps that cache).
+Warming every prefill bucket too cost ~40 s of start-up for a 1B model and was not needed: the
+first burst of 64 clients after these rounds had a TTFT p99 of 182 ms against 118 ms for the
+second (BENCHMARKS.md, "Start-up"), with MLX's compiled kernels on disk (parallm/_mlx_env.py).
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
-
 from parallm.engine.engine import _vocab_size
-from parallm.engine.pass_shapes import bucket_sizes
 from parallm.engine.types import EngineRequest, SamplingParams
 from parallm.models.device import computing_on_cuda
 
@@ -43,10 +35,8 @@ _SAMPLED = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, top_k=20, mi
                           logprobs=True, top_logprobs=2, ignore_eos=True, seed=0)
 
 
-def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
-    """Run the warm-up requests through `engine` (idle, on its own thread); returns seconds taken.
-    `bucket_rounds` (None: EngineConfig.warm_up_buckets) adds a round per prefill bucket where
-    prefill passes are bucketed."""
+def warm_up(engine) -> float:
+    """Run the warm-up requests through `engine` (idle, on its own thread); returns seconds taken."""
     started = time.monotonic()
     vocab = max(2, _vocab_size(engine.loaded))
     limit = max(8, engine.loaded.context_length // 4)
@@ -57,10 +47,6 @@ def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
     rounds = [[EngineRequest("warm-up-0", prompt(16, 3), _GREEDY)],
               [EngineRequest("warm-up-1", prompt(24, 5), _GREEDY),
                EngineRequest("warm-up-2", prompt(40, 11), _SAMPLED)]]
-    if bucket_rounds is None:
-        bucket_rounds = engine.config.warm_up_buckets
-    if bucket_rounds and engine.runner.shapes.bucket_prefill:
-        rounds += _bucket_rounds(engine, prompt, limit)
     if computing_on_cuda():
         rounds.append(_full_round(engine, prompt))
     for requests in rounds:
@@ -75,7 +61,6 @@ def warm_up(engine, bucket_rounds: Optional[bool] = None) -> float:
     return seconds
 
 
-_ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
 def _full_round(engine, prompt) -> list[EngineRequest]:
@@ -83,27 +68,7 @@ def _full_round(engine, prompt) -> list[EngineRequest]:
     through each slot count a burst of clients makes them grow through, and MLX's CUDA allocator
     keeps freed buffers for reuse, so a burst finds them already made. Measured on an H200 (1B
     model, 64 x 128-token prompts, kernels already compiled): the first burst after this
-    warm-up had a TTFT p99 of 182 ms, the second 118 ms. Before this round existed, with every
-    prefill bucket warmed instead, the first burst still had one step of ~260-400 ms (another
-    session, so the two are not a clean A/B)."""
+    warm-up had a TTFT p99 of 182 ms, the second 118 ms."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     rows = min(engine.config.max_num_seqs, max(1, engine.scheduler.config.kv_budget_tokens // (128 + 8)))
     return [EngineRequest(f"warm-up-full-{i}", prompt(128, 50000 + 17 * i), params) for i in range(rows)]
-
-
-def _bucket_rounds(engine, prompt, limit: int) -> list[list[EngineRequest]]:
-    """One round per (width, rows) prefill bucket that fits a step: `rows` fresh prompts of
-    `width` tokens at once, one output token each (so the decode pass at that many rows runs too).
-    Prompts are all different, so no round is shortened by a prefix-cache hit."""
-    budget = engine.max_num_batched_tokens
-    max_rows = engine.config.max_num_seqs
-    rounds, n = [], 0
-    for width in bucket_sizes(engine.runner.shapes.prefill_width(min(budget, limit)), 16):
-        for rows in bucket_sizes(min(max_rows, budget // width), 1):
-            batch = []
-            for _ in range(rows):
-                n += 1
-                batch.append(EngineRequest(f"warm-up-shape-{n}", prompt(width, 1000 + 13 * n), _ONE_TOKEN))
-            rounds.append(batch)
-    return rounds
-

@@ -1,5 +1,5 @@
 """Model loading: `load(spec)` returns a LoadedModel (model, tokenizer, config, memory estimate)."""
-from parallm.models.errors import ModelLoadError
+from parallm.models.load_errors import ModelLoadError
 from parallm.models.loader import DEFAULT_MODEL_NAME, LoadedModel, load
 from parallm.models.memory import MemoryEstimate
 

@@ -1,7 +1,7 @@
 """Choose where MLX computes: `auto` (the GPU when MLX has one: Metal or CUDA), `gpu`, or `cpu`."""
 from __future__ import annotations
 
-from parallm.models.errors import ModelLoadError
+from parallm.models.load_errors import ModelLoadError
 
 DEVICES = ("auto", "gpu", "cpu")
 

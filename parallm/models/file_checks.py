@@ -6,7 +6,7 @@ import json
 import struct
 from pathlib import Path
 
-from parallm.models.errors import ModelLoadError
+from parallm.models.load_errors import ModelLoadError
 
 ACCEPTED = ("Accepted: an mlx-lm model directory (config.json + *.safetensors + tokenizer files), a "
             "Hugging Face repo id (org/name), or a GGUF file (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or "

@@ -25,7 +25,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from parallm.models.errors import ModelLoadError
+from parallm.models.load_errors import ModelLoadError
 from parallm.models.gguf_file import GGUFHeader, tensor_bytes, tensor_named
 
 logger = logging.getLogger("parallm.models")

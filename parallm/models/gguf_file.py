@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from parallm.models.errors import ModelLoadError
+from parallm.models.load_errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 

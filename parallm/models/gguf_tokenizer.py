@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from parallm.models.errors import ModelLoadError
+from parallm.models.load_errors import ModelLoadError
 
 logger = logging.getLogger("parallm.models")
 

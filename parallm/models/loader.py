@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from parallm.models.errors import ModelLoadError
+from parallm.models.load_errors import ModelLoadError
 from parallm.models.file_checks import ACCEPTED, check_safetensors, read_config
 from parallm.models.memory import MemoryEstimate, estimate_before_loading, measure_after_loading
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_TOKENS = 512  # above this a pass is a prefill: gather_mm's matmuls win
 MAX_RANK = 128  # the per-thread register array; larger ranks keep gather_mm
 # Each block recomputes its token's x @ A, so fewer, wider tiles mean less repeated work; measured
-# per launch at Llama-1B shapes, batch 64, on an H200 (BENCHMARKS.md, Adapters, "wider tiles"):
+# per launch at Llama-1B shapes, batch 64, on an H200 (docs/bench-data/h200-lora-kernel-tiles.json):
 # 2048 outputs over 128 threads cost 35 us of eval for a block's four launches, 1024 over 256 55 us.
 THREADS = 128
 TILE = 2048  # outputs per block (16 per thread)

@@ -18,7 +18,7 @@ class Admission:
     retry_after: float = 1.0
     in_flight: int = 0
     draining: bool = False
-    rejected: int = 0  # 429s given, for /health (counted where the answer is made: server/errors.py)
+    rejected: int = 0  # 429s given, for /health (counted where the answer is made: server/error_responses.py)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self):

@@ -18,12 +18,12 @@ from fastapi.responses import JSONResponse
 from parallm.engine.client import EngineClient
 from parallm.server.admission import Admission
 from parallm.server.config import ServerSettings
-from parallm.server.errors import install_error_handlers
+from parallm.server.error_responses import install_error_handlers
 from parallm.server.http_metrics import install_observability
 from parallm.server.metrics import MetricsSources, ServingMetrics, primary_model_name
 from parallm.server.middleware import (BodySizeLimit, Cors, DrainingGate, HeadAsGet, KeyAuth, RequireJson,
                                        binds_loopback)
-from parallm.server.protocol import ChatCompletionRequest, CompletionRequest
+from parallm.server.api_models import ChatCompletionRequest, CompletionRequest
 from parallm.server.routes_adapters import create_adapter_router
 from parallm.server.serving import OpenAIServing
 

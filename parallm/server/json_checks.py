@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from parallm.server.errors import printable
+from parallm.server.error_responses import printable
 
 MAX_JSON_DEPTH = 64  # nesting of a request body, free-form fields (tool schemas, template kwargs) included
 MAX_JSON_VALUES = 100_000  # strings, numbers, objects... in a body (but `prompt`): 2048 messages need ~10k

@@ -3,7 +3,7 @@
 Why not on the event loop, even for a short prompt: a transformers fast tokenizer releases the GIL
 inside encode (its Rust batch path). On the loop thread, taking the GIL back then waits until the
 engine thread, which holds it while it builds a step's graph, lets go, up to the interpreter's
-switch interval (5 ms). Measured (BENCHMARKS.md, "Server overhead"): a 128-word prompt took
+switch interval (5 ms). Measured: a 128-word prompt took
 0.33 ms to encode alone and 5.8 ms beside a thread running Python without pause, and every stream on the loop
 waited with it. On a worker thread that wait is the request's own.
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from parallm.engine.errors import EngineError, InvalidRequest
-from parallm.server.protocol import ChatCompletionRequest
+from parallm.server.api_models import ChatCompletionRequest
 
 
 @dataclass

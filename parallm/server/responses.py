@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from parallm.engine.types import RequestOutput, TokenLogprob, Usage
-from parallm.server.protocol import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
+from parallm.server.api_models import (ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
                                      PromptTokensDetails, UsageInfo)
 
 

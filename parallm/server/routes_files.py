@@ -7,8 +7,8 @@ from typing import Optional
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from parallm.engine.finetune.files import FileStore
-from parallm.server.ft_http import list_page, openai_errors
+from parallm.finetune.files import FileStore
+from parallm.server.fine_tuning_http import list_page, openai_errors
 
 
 def files_router(files: FileStore) -> APIRouter:

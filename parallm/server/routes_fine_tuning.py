@@ -4,6 +4,7 @@ aliases (which answer with the same job objects; their events endpoint streams o
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 from typing import Any, Optional, Union
 
@@ -11,11 +12,13 @@ from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, ConfigDict, StrictInt, model_validator
 from sse_starlette.sse import EventSourceResponse
 
+from parallm.engine.client import EngineClient
 from parallm.engine.errors import InvalidRequest
-from parallm.engine.finetune.jobs import TERMINAL, JobRequest, JobService
-from parallm.server.ft_http import list_page, openai_errors
+from parallm.finetune.jobs import TERMINAL, JobRequest, JobService
+from parallm.server.fine_tuning_http import list_page, openai_errors
 from parallm.server.json_checks import find_json_problem, json_value_problem
 
+log = logging.getLogger("parallm.server")
 STREAM_POLL_S = 0.25
 Auto = Union[str, int, float]
 
@@ -118,3 +121,31 @@ async def _stream_events(jobs: JobService, job_id: str):
             # the final event is written just after the status flips: look once more before [DONE]
             finished_seen = (await asyncio.to_thread(jobs.get, job_id)).status in TERMINAL
             await asyncio.sleep(STREAM_POLL_S)
+
+
+def model_deletion_router(service: Any, engine: EngineClient) -> APIRouter:
+    """DELETE /v1/models/{model} (the SDK's models.delete), for the fine-tuned models this server's
+    jobs made: it stops serving the model (requests in flight finish with it) and deletes its
+    adapter files, so a restart does not serve it again. The job and its events stay. It changes
+    what is served, so it is an admin route (middleware.is_admin_route): the admin key, or the
+    rules that apply without one."""
+    router = APIRouter()
+
+    @router.delete("/v1/models/{model_id:path}")
+    @openai_errors
+    async def delete_model(model_id: str):
+        job = service.jobs.succeeded_job_of(model_id)
+        served_base = model_id in engine.model_names()
+        served_adapter = engine.adapter_parent(model_id) is not None
+        if job is None and (served_base or served_adapter):
+            raise InvalidRequest(
+                f"'{model_id}' is not a fine-tuned model of this server, so it cannot be deleted; to stop "
+                "serving it use POST /v1/unload_lora_adapter (an adapter) or /v1/admin/models/unload (a base model).",
+                param="model")
+        if served_adapter:
+            await engine.unload_adapter(model_id)
+        await asyncio.to_thread(service.jobs.delete_model, model_id)  # UnknownModel (404) if unknown or gone
+        log.info("fine-tuned model %s deleted", model_id)
+        return {"id": model_id, "object": "model", "deleted": True}
+
+    return router

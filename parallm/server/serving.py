@@ -22,11 +22,11 @@ from parallm.engine.errors import EngineError, InvalidRequest, PromptTooLong, Un
 from parallm.engine.client import EngineClient
 from parallm.engine.types import EngineRequest, RequestOutput, SamplingParams
 from parallm.server.admission import Admission
-from parallm.server.errors import engine_error_payload
+from parallm.server.error_responses import engine_error_payload
 from parallm.server.metrics import ServingMetrics
 from parallm.server.prompts import (Prompt, chat_prompt, check_token_ids, client_template, completion_prompt,
                                     prompt_text, sandbox_context, text_prompt)
-from parallm.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
+from parallm.server.api_models import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                      CompletionChoice, CompletionRequest, CompletionResponse, SamplingFields)
 from parallm.server.responses import Collected, chat_logprobs, completion_logprobs, usage_info
 from parallm.server.prompt_worker import PromptWorker

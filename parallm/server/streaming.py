@@ -26,10 +26,10 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
 import anyio
 from starlette.requests import Request
 
-from parallm.engine.output_collector import merge_outputs
+from parallm.engine.types import merge_outputs
 from parallm.engine.types import RequestOutput
-from parallm.server.errors import stream_error_payload
-from parallm.server.protocol import UsageInfo
+from parallm.server.error_responses import stream_error_payload
+from parallm.server.api_models import UsageInfo
 
 T = TypeVar("T")
 

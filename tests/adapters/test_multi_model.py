@@ -14,7 +14,7 @@ from live_app import run_app_in_thread
 
 from parallm.server.app import create_app
 from parallm.server.config import ServerSettings
-from parallm.server.serve_command import build_engine
+from parallm.commands.serve import build_engine
 from tests.server.conftest import free_port
 from tests.tiny_models import write_tiny_llama
 
@@ -143,8 +143,8 @@ def test_model_lists_from_toml_and_cli(tmp_path):
     import argparse
 
     from parallm.server.config import ConfigError, load_settings
-    from parallm.server.multi_model_setup import ModelSpec, StartupAdapter, model_specs, startup_adapters
-    from parallm.server.serve_command import add_arguments
+    from parallm.commands.engines import ModelSpec, StartupAdapter, model_specs, startup_adapters
+    from parallm.commands.serve import add_arguments
 
     toml = tmp_path / "c.toml"
     toml.write_text('model = ["/m/a", "/m/b"]\nserved_model_name = ["a"]\nmemory_budget_bytes = 1000\n')

@@ -8,7 +8,7 @@ import pytest
 
 from parallm.engine.adapter_manager import AdapterLoadFailed
 from parallm.server.config import ConfigError, ServerSettings, load_settings
-from parallm.server.serve_command import adapter_specs, add_arguments, build_engine
+from parallm.commands.serve import adapter_specs, add_arguments, build_engine
 
 
 def test_cli_adapter_flags_reach_settings(tmp_path):

@@ -8,13 +8,13 @@ import time
 import mlx.core as mx
 import pytest
 
-from parallm.engine.distributed import (RecordingPrefixCache, _seed_new_rows, check_shardable,
+from parallm.engine.distributed.lockstep import (RecordingPrefixCache, _seed_new_rows, check_shardable,
                                         startup_digests)
 from parallm.engine.engine import EngineConfig
-from parallm.engine.group_watchdog import GroupFailure, GroupWatchdog
-from parallm.engine.plan_channel import FRAME_BYTES, PlanChannel, digest
+from parallm.engine.distributed.group_watchdog import GroupFailure, GroupWatchdog
+from parallm.engine.distributed.plan_channel import FRAME_BYTES, PlanChannel, digest
 from parallm.engine.scheduler import DecodeRow, NewRow, SchedulerOutput
-from parallm.engine.step_plan import PlanKind, StepPlan
+from parallm.engine.distributed.step_plan import PlanKind, StepPlan
 from parallm.engine.types import SamplingParams
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from parallm.engine.decode_attention import DecodeAttention, install_attention_hook
+from parallm.engine.cuda.decode_attention import DecodeAttention, install_attention_hook
 from parallm.engine.engine import Engine, EngineConfig
 from parallm.engine.types import EngineRequest, SamplingParams
 from tiny_models import load_tiny, write_tiny_llama
@@ -91,7 +91,7 @@ def test_kernels_step_aside_for_windows_state_and_sinks(family, tmp_path, monkey
     from mlx_lm import load as mlx_lm_load
 
     from family_configs import write_family_model
-    from parallm.engine import decode_attention
+    from parallm.engine.cuda import decode_attention
     from parallm.models.cache_layout import probe_cache_layout
 
     model, _ = mlx_lm_load(str(write_family_model(family, tmp_path / family)))

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from parallm.engine.output_collector import OutputCollector, merge_outputs
+from parallm.engine.output_collector import OutputCollector
+from parallm.engine.types import merge_outputs
 from parallm.engine.types import RequestOutput, TokenLogprob, Usage
 
 

@@ -1,5 +1,4 @@
-"""The warm-up's shape rounds (parallm/engine/warm_up.py): where prefill passes are bucketed (CUDA),
-every (rows, width) bucket a step can hold runs once before the first real request."""
+"""The warm-up (parallm/engine/warm_up.py) and the bucket sizes prefill passes round to."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,23 +36,10 @@ def _recording_engine(tiny_loaded, bucket: bool):
     return engine, seen
 
 
-def test_bucketed_warm_up_runs_every_prefill_bucket_a_step_holds(tiny_loaded):
-    engine, seen = _recording_engine(tiny_loaded, bucket=True)
-    warm_up(engine, bucket_rounds=True)
-    want = {(rows, width) for width in bucket_sizes(64, 16) for rows in bucket_sizes(min(8, 64 // width), 1)}
-    assert want <= set(seen), sorted(want - set(seen))
-    assert (4, 16) in want and (1, 64) in want
-    # nothing left behind: no requests, an empty prefix cache, counters at zero
-    assert not engine.has_unfinished()
-    stats = engine.stats()
-    assert stats.num_running == 0 and stats.num_waiting == 0
-    assert engine.prefix_cache is None or engine.prefix_cache.nbytes == 0
-
-
 @pytest.mark.parametrize("cuda", [False, True], ids=["elsewhere", "cuda"])
 def test_default_warm_up_is_the_basic_requests_and_on_cuda_one_full_round(tiny_loaded, monkeypatch, cuda):
-    """Bucket rounds are opt-in (EngineConfig.warm_up_buckets). On CUDA a full round (every row at
-    once) runs too, so the K/V buffers grew through every slot count; elsewhere it does not."""
+    """On CUDA a full round (every row at once) runs too, so the K/V buffers grew through every slot
+    count; elsewhere it does not."""
     from parallm.engine import warm_up as warm_up_module
 
     monkeypatch.setattr(warm_up_module, "computing_on_cuda", lambda: cuda)
@@ -62,7 +48,6 @@ def test_default_warm_up_is_the_basic_requests_and_on_cuda_one_full_round(tiny_l
     original = engine.add_request
     engine.add_request = lambda req: (added.append(req.request_id), original(req))
     warm_up(engine)
-    assert not [r for r in added if r.startswith("warm-up-shape")]
     full = [r for r in added if r.startswith("warm-up-full")]
     assert len(full) == (engine.config.max_num_seqs if cuda else 0)
     assert engine.runner.cache.slot_capacity == 0  # all rows done: the buffers were released

@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tiny_models import write_tiny_llama
-from parallm.engine.finetune import FineTuning
+from parallm.finetune import FineTuning
 from parallm.server.routes_files import files_router
 from parallm.server.routes_fine_tuning import fine_tuning_router
 

@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from parallm.engine.finetune import FineTuning
+from parallm.finetune import FineTuning
 
 data_dir, model_dir, busy_file = sys.argv[1:4]
 ft = FineTuning.open(Path(data_dir), base_models={"tiny": model_dir}, checkpoint_every=1,

@@ -11,7 +11,7 @@ from parallm.engine.async_engine import AsyncEngine
 from parallm.engine.engine import EngineConfig
 from parallm.server.app import create_app
 from parallm.server.config import ServerSettings
-from parallm.server.fine_tuning_setup import model_deletion_router
+from parallm.server.routes_fine_tuning import model_deletion_router
 from parallm.server.routes_files import files_router
 from parallm.server.routes_fine_tuning import fine_tuning_router
 from test_served_after_training import greedy_reference

@@ -7,8 +7,8 @@ import openai
 import pytest
 
 from ft_support import open_fine_tuning, LiveServer, build_app, chat_rows
-from parallm.engine.finetune import FineTuning
-from parallm.engine.finetune.files import FileStore
+from parallm.finetune import FineTuning
+from parallm.finetune.files import FileStore
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_disk_full_during_write_leaves_nothing(served, monkeypatch):
         written.append(len(chunk))
 
     monkeypatch.setattr(FileStore, "_write_chunk", write_then_fail)
-    monkeypatch.setattr("parallm.engine.finetune.files.CHUNK_BYTES", 64)
+    monkeypatch.setattr("parallm.finetune.files.CHUNK_BYTES", 64)
     with pytest.raises(openai.APIStatusError) as info:
         client.files.create(file=("t.jsonl", io.BytesIO(chat_rows(3))), purpose="fine-tune")
     assert info.value.status_code == 507 and "disk is full" in info.value.body["message"]

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from ft_support import open_fine_tuning, TERMINAL, LiveServer, build_app, text_rows, wait_for, write_small_model
-from parallm.engine.finetune import FineTuning, JobRequest, Store
-from parallm.engine.finetune.adapter_files import is_complete_adapter_dir
+from parallm.finetune import FineTuning, JobRequest, Store
+from parallm.finetune.adapter_files import is_complete_adapter_dir
 
 HERE = Path(__file__).resolve().parent
 EIGHT_STEPS = {"n_epochs": 4, "batch_size": 2}  # 4 rows

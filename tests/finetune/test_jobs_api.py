@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from ft_support import open_fine_tuning, TERMINAL, LiveServer, build_app, text_rows, wait_for, write_small_model
-from parallm.engine.finetune import FineTuning
+from parallm.finetune import FineTuning
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ from ft_support import open_fine_tuning, text_rows
 import argparse
 
 from parallm.cli import SUBCOMMANDS
-from parallm.engine.finetune import jobs_command
-from parallm.engine.finetune import FineTuning, JobRequest
+from parallm.commands import job_listing as jobs_command
+from parallm.finetune import FineTuning, JobRequest
 
 
 def main(argv):

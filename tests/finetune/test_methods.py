@@ -6,7 +6,7 @@ import mlx.nn as nn
 import pytest
 
 from ft_support import TERMINAL, open_fine_tuning, text_rows, wait_for, write_small_model
-from parallm.engine.finetune import JobRequest
+from parallm.finetune import JobRequest
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from ft_support import open_fine_tuning, TERMINAL, text_rows, wait_for, write_small_model
 from parallm.engine.adapter_manager import AdapterManager
 from parallm.engine.engine import Engine, EngineConfig
-from parallm.engine.finetune import FineTuning, JobRequest
+from parallm.finetune import FineTuning, JobRequest
 from parallm.engine.types import EngineRequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)

@@ -4,10 +4,10 @@ import json
 import pytest
 
 from parallm.engine.errors import InvalidRequest
-from parallm.engine.finetune.adapter_files import is_complete_adapter_dir, remove_temporaries, write_adapter_dir
-from parallm.engine.finetune.hyperparams import parse_method, resolve_plan
-from parallm.engine.finetune.ids import is_valid_id, new_id, require_path_safe
-from parallm.engine.finetune.validation import MAX_REPORTED_ERRORS, validate_jsonl_lines
+from parallm.finetune.adapter_files import is_complete_adapter_dir, remove_temporaries, write_adapter_dir
+from parallm.finetune.hyperparams import parse_method, resolve_plan
+from parallm.finetune.ids import is_valid_id, new_id, require_path_safe
+from parallm.finetune.validation import MAX_REPORTED_ERRORS, validate_jsonl_lines
 
 
 def lines(*rows):

@@ -144,7 +144,7 @@ def test_configure_twice_does_not_duplicate_lines(log_stream):
 
 def test_serve_flags_reach_the_settings():
     from parallm.server.config import ConfigError, load_settings
-    from parallm.server.serve_command import add_arguments, cli_settings
+    from parallm.commands.serve import add_arguments, cli_settings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from parallm import cli
-from parallm.server import service_command
-from parallm.server.service_command import CommandResult
-from parallm.server.service_files import ServiceSpec, render_systemd_unit, systemd_quote
+from parallm.commands import system_service as service_command
+from parallm.commands.system_service import CommandResult
+from parallm.commands.system_service_files import ServiceSpec, render_systemd_unit, systemd_quote
 
 SERVE_ARGS = ["--model", "/models/my model dir", "--port", "8001", "--drain-timeout", "20",
               "--api-key-file", "it's \"quoted\" 100%$HOME"]

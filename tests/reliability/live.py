@@ -126,7 +126,7 @@ def start_full_server(model_dir: Path, root: Path, **settings) -> FullServer:
     from parallm.engine.adapter_manager import AdapterManager
     from parallm.engine.async_engine import AsyncEngine
     from parallm.engine.engine import EngineConfig
-    from parallm.engine.finetune import FineTuning
+    from parallm.finetune import FineTuning
     from parallm.models import load
     from parallm.server.app import create_app
     from parallm.server.config import ServerSettings

@@ -67,8 +67,8 @@ def start_admin_server(model_dir: Path, root: Path, **settings) -> AdminServer:
     says (host only decides whether the admin routes count as reachable from the network)."""
     from parallm.server.app import create_app
     from parallm.server.config import ServerSettings
-    from parallm.server.fine_tuning_setup import mount_fine_tuning
-    from parallm.server.serve_command import build_engine
+    from parallm.commands.fine_tuning_setup import mount_fine_tuning
+    from parallm.commands.serve import build_engine
 
     for sub in ("adapters", "models", "data"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ def test_run_time_model_loads_stay_in_the_models_dir(world, short_model_dir, tmp
 
 def test_hub_ids_load_only_when_allowed(tmp_path):
     from parallm.server.config import ServerSettings
-    from parallm.server.multi_model_setup import ModelNotAllowed, confine_model_spec
+    from parallm.commands.engines import ModelNotAllowed, confine_model_spec
 
     settings = ServerSettings(allowed_hub_models="acme/*, other/exact")
     for ok in ("acme/tiny", "acme/tiny-2.5", "other/exact", "acme/tiny/model-q4.gguf"):
@@ -252,7 +252,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def test_the_data_dir_lock_is_exclusive(tmp_path):
-    from parallm.server.data_dir_lock import DataDirInUse, lock_data_dir
+    from parallm.commands.data_dir_lock import DataDirInUse, lock_data_dir
 
     lock = lock_data_dir(tmp_path)
     try:
@@ -264,8 +264,8 @@ def test_the_data_dir_lock_is_exclusive(tmp_path):
 
 
 def test_a_second_server_on_the_same_data_dir_exits_and_touches_nothing(short_model_dir, tmp_path):
-    from parallm.engine.finetune.ids import new_id
-    from parallm.engine.finetune.store import JobRecord, Store
+    from parallm.finetune.ids import new_id
+    from parallm.finetune.store import JobRecord, Store
 
     data = tmp_path / "data"
     first = serve(short_model_dir, tmp_path, "--data-dir", str(data))

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import httpx
 import pytest
 
-from parallm.server.protocol import ChatCompletionRequest, CompletionRequest
+from parallm.server.api_models import ChatCompletionRequest, CompletionRequest
 
 from .conftest import SHORT_CONTEXT
 from .live import MODEL, assert_openai_error

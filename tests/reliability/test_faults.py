@@ -88,8 +88,8 @@ def test_disk_full_during_upload_is_a_clean_507_and_leaves_nothing(full_server, 
     """The disk fills after some bytes: the write that hits it is partial, then ENOSPC, as a real
     disk does. Through the whole app (body limit, routes, store): a 507 OpenAI error, no file and
     no temporary left, no record, and the same upload works once there is space again."""
-    from parallm.engine.finetune import files as files_module
-    from parallm.engine.finetune.files import FileStore
+    from parallm.finetune import files as files_module
+    from parallm.finetune.files import FileStore
 
     files_dir = full_server.data_dir / "files"
     before = sorted(p.name for p in files_dir.iterdir())

@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from parallm.engine.errors import InvalidRequest
-from parallm.engine.finetune import validation, worker
-from parallm.engine.finetune.hyperparams import MAX_STEPS, parse_method, resolve_plan
-from parallm.engine.finetune.store import JobRecord, Store
-from parallm.engine.finetune.worker_spec import EXIT_FAILED, WorkerSpec
+from parallm.finetune import validation, worker
+from parallm.finetune.hyperparams import MAX_STEPS, parse_method, resolve_plan
+from parallm.finetune.store import JobRecord, Store
+from parallm.finetune.worker_spec import EXIT_FAILED, WorkerSpec
 
 from .live import MODEL, assert_openai_error
 

@@ -9,7 +9,7 @@ import pytest
 
 from parallm.cli import build_parser
 from parallm.server.config import ConfigError, ServerSettings, load_settings
-from parallm.server.serve_command import _OPTIONS
+from parallm.commands.serve import _OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from parallm.server.protocol import ChatCompletionChunk
+from parallm.server.api_models import ChatCompletionChunk
 from tests.server.conftest import real_engine, start_server
 
 MODEL = "tiny"  # the tiny random Llama of tests/conftest.py; context 2048

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 
 from parallm.server.prompts import chat_prompt
-from parallm.server.protocol import ChatCompletionRequest
+from parallm.server.api_models import ChatCompletionRequest
 
 # renders exactly what reaches it, so the assertions see the template's inputs (a newline after a
 # block tag is trimmed by transformers' Jinja settings, hence the explicit one)

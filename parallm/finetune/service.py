@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from parallm.engine.finetune.files import DEFAULT_MAX_UPLOAD_BYTES, FileStore
-from parallm.engine.finetune.jobs import BaseModels, JobService
-from parallm.engine.finetune.runner import AdapterReadyHook, JobRunner
-from parallm.engine.finetune.store import Store, default_data_dir
+from parallm.finetune.files import DEFAULT_MAX_UPLOAD_BYTES, FileStore
+from parallm.finetune.jobs import BaseModels, JobService
+from parallm.finetune.job_runner import AdapterReadyHook, JobRunner
+from parallm.finetune.store import Store, default_data_dir
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from parallm.server.errors import printable
+from parallm.server.error_responses import printable
 from parallm.server.json_checks import json_value_problem
 
 MAX_N = 16  # choices per request

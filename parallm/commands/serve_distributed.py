@@ -1,7 +1,7 @@
 """`parallm serve --distributed`: tensor-parallel serving under mlx.launch.
 
 Every rank runs this same command. Rank 0 serves HTTP and schedules; the other ranks follow its
-step plans (parallm/engine/distributed.py). Startup on every rank:
+step plans (parallm/engine/distributed/lockstep.py). Startup on every rank:
 1. mx.distributed.init(backend) -> the group (mlx.launch set up MLX_RANK / MLX_HOSTFILE etc.);
 2. load the model; digest config + weights + engine settings; shard it (model.shard(group));
    load the startup adapters (`--adapter NAME=PATH`, the same on every rank: same slots, same keys)
@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Optional
 
-from parallm.engine.group_watchdog import EXIT_GROUP_FAILED, GroupFailure, GroupWatchdog
+from parallm.engine.distributed.group_watchdog import EXIT_GROUP_FAILED, GroupFailure, GroupWatchdog
 
 log = logging.getLogger("parallm.distributed")
 
@@ -79,15 +79,15 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
     import mlx.core as mx
 
     from parallm.engine.adapter_manager import build_adapter_manager
-    from parallm.engine.distributed import (STARTUP_PARTS, Follower, LeaderEngine, adapters_digest, shard_model,
+    from parallm.engine.distributed.lockstep import (STARTUP_PARTS, Follower, LeaderEngine, adapters_digest, shard_model,
                                             startup_digests)
     from parallm.engine.errors import EngineError
     from parallm.engine.engine import Engine, EngineConfig
-    from parallm.engine.liveness import LivenessLink
-    from parallm.engine.plan_channel import PlanChannel
+    from parallm.engine.distributed.liveness import LivenessLink
+    from parallm.engine.distributed.plan_channel import PlanChannel
     from parallm.models import load
     from parallm.server.app import create_app  # noqa: F401 - imported before the group waits on us
-    from parallm.server.serve_command import adapter_specs, engine_config
+    from parallm.commands.serve import adapter_specs, engine_config
 
     try:
         group = mx.distributed.init(strict=True, backend=args.distributed_backend)
@@ -139,7 +139,7 @@ def serve_distributed(args: argparse.Namespace, settings) -> int:
 
 def _serve_rank0(engine, leader, watchdog: GroupWatchdog, link, settings) -> int:
     from parallm.server.app import create_app
-    from parallm.server.runner import ConnectionLimits, run_server
+    from parallm.server.http_server import ConnectionLimits, run_server
 
     # Run-time adapter loads (--adapters-dir) go through rank 0's AdapterManager; the LeaderRunner
     # ships them to the other ranks in the step plan.

@@ -138,7 +138,7 @@ def build_multi_engine(settings: ServerSettings):
     from parallm.engine.engine import EngineConfig
     from parallm.engine.multi_model_engine import MultiModelEngine
     from parallm.models import load
-    from parallm.server.serve_command import engine_config
+    from parallm.commands.serve import engine_config
 
     specs = model_specs(settings)
     adapters = startup_adapters(settings)

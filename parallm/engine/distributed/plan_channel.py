@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from parallm.engine.group_watchdog import GroupFailure, GroupWatchdog
-from parallm.engine.step_plan import StepPlan
+from parallm.engine.distributed.group_watchdog import GroupFailure, GroupWatchdog
+from parallm.engine.distributed.step_plan import StepPlan
 
 FRAME_BYTES = 8192
 _HEADER = 4  # little-endian uint32 payload length

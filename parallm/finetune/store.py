@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from parallm.engine.finetune.ids import new_id
+from parallm.finetune.ids import new_id
 
 DB_NAME = "parallm.db"
 

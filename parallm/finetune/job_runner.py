@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from parallm.engine.finetune.adapter_files import is_complete_adapter_dir
-from parallm.engine.finetune.jobs import JobService, fine_tuned_model_name
-from parallm.engine.finetune.store import JobRecord
-from parallm.engine.finetune.worker_spec import (EXIT_CANCELLED, EXIT_FAILED, EXIT_SUCCEEDED,
+from parallm.finetune.adapter_files import is_complete_adapter_dir
+from parallm.finetune.jobs import JobService, fine_tuned_model_name
+from parallm.finetune.store import JobRecord
+from parallm.finetune.worker_spec import (EXIT_CANCELLED, EXIT_FAILED, EXIT_SUCCEEDED,
                                                   WorkerSpec)
 
 log = logging.getLogger("parallm.finetune")
@@ -190,7 +190,7 @@ class JobRunner:
         self.store.add_event(job.id, "Fine-tuning job started" if not spec.resume_step
                              else f"Fine-tuning job resumed at step {spec.resume_step}")
         with open(job_dir / "worker.log", "ab") as log_file:
-            proc = subprocess.Popen([self.python, "-m", "parallm.engine.finetune.worker", str(job_dir)],
+            proc = subprocess.Popen([self.python, "-m", "parallm.finetune.worker", str(job_dir)],
                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=worker_environment())
         self.current = proc

@@ -1,4 +1,4 @@
-"""The training worker process: `python -m parallm.engine.finetune.worker JOB_DIR`.
+"""The training worker process: `python -m parallm.finetune.worker JOB_DIR`.
 
 It trains with mlx-lm's tuner (`train`, `TrainingArgs`, `TrainingCallback`,
 `linear_to_lora_layers`, its datasets) and adds only what a served job needs, in the callback,
@@ -20,12 +20,12 @@ import traceback
 import types
 from pathlib import Path
 
-from parallm.engine.finetune.adapter_files import remove_temporaries, write_adapter_dir
-from parallm.engine.finetune.hyperparams import TrainingPlan
-from parallm.engine.finetune.ids import new_id
-from parallm.engine.finetune.store import CheckpointRecord, Store
-from parallm.engine.finetune.validation import read_rows
-from parallm.engine.finetune.worker_spec import (EXIT_CANCELLED, EXIT_FAILED, EXIT_ORPHANED,
+from parallm.finetune.adapter_files import remove_temporaries, write_adapter_dir
+from parallm.finetune.hyperparams import TrainingPlan
+from parallm.finetune.ids import new_id
+from parallm.finetune.store import CheckpointRecord, Store
+from parallm.finetune.validation import read_rows
+from parallm.finetune.worker_spec import (EXIT_CANCELLED, EXIT_FAILED, EXIT_ORPHANED,
                                                   EXIT_SUCCEEDED, WorkerSpec)
 
 PAUSE_POLL_S = 0.05

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from parallm.server.service_files import (LAUNCHD_LABEL, SYSTEMD_UNIT_NAME, ServiceSpec,
+from parallm.commands.system_service_files import (LAUNCHD_LABEL, SYSTEMD_UNIT_NAME, ServiceSpec,
                                           render_launchd_plist, render_systemd_unit)
 
 HOME_ENV = "PARALLM_SERVICE_HOME"

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from parallm.engine.errors import EngineError
-from parallm.server.errors import printable
+from parallm.server.error_responses import printable
 
 
 def error_body(message: str, type: str, param: str | None, code: str | None) -> dict:

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
-from parallm.engine.finetune.errors import FileTooLarge, InvalidTrainingFile, NotFound, StorageFull
-from parallm.engine.finetune.ids import is_valid_id, new_id, require_path_safe
-from parallm.engine.finetune.store import FileRecord, Page, Store
-from parallm.engine.finetune.validation import validate_jsonl_file
+from parallm.finetune.job_errors import FileTooLarge, InvalidTrainingFile, NotFound, StorageFull
+from parallm.finetune.ids import is_valid_id, new_id, require_path_safe
+from parallm.finetune.store import FileRecord, Page, Store
+from parallm.finetune.validation import validate_jsonl_file
 from parallm.engine.errors import InvalidRequest
 
 FINE_TUNE_PURPOSE = "fine-tune"

@@ -39,11 +39,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from parallm.engine.engine import Engine, EngineConfig, StepResult
-from parallm.engine.group_watchdog import GroupFailure, GroupWatchdog
-from parallm.engine.plan_channel import PlanChannel, digest
+from parallm.engine.distributed.group_watchdog import GroupFailure, GroupWatchdog
+from parallm.engine.distributed.plan_channel import PlanChannel, digest
 from parallm.engine.prefix_cache import PrefixCache
 from parallm.engine.scheduler import RunnerOutput, SchedulerOutput
-from parallm.engine.step_plan import PlanKind, StepPlan
+from parallm.engine.distributed.step_plan import PlanKind, StepPlan
 
 log = logging.getLogger("parallm.distributed")
 

@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "so a supervisor restarts the server (default on)")
     parser.add_argument("--no-fine-tuning", dest="fine_tuning", action="store_const", const=False, default=None,
                         help="turn off /v1/files and /v1/fine_tuning/jobs")
-    from parallm.server.distributed_serve import add_arguments as add_distributed_arguments
+    from parallm.commands.serve_distributed import add_arguments as add_distributed_arguments
 
     add_distributed_arguments(parser)  # --distributed and its tuning flags
     parser.add_argument("--adapter", dest="adapters", action="append", default=None, metavar="NAME=PATH",
@@ -81,9 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_engine(settings: ServerSettings):
     """Load the model(s), each in its own AsyncEngine with its adapter manager, behind one
-    MultiModelEngine (parallm.server.multi_model_setup). Raises ModelLoadError, a startup adapter's
+    MultiModelEngine (parallm.commands.engines). Raises ModelLoadError, a startup adapter's
     EngineError, or ConfigError, each with a readable message."""
-    from parallm.server.multi_model_setup import build_multi_engine
+    from parallm.commands.engines import build_multi_engine
 
     return build_multi_engine(settings)
 
@@ -91,7 +91,7 @@ def build_engine(settings: ServerSettings):
 def adapter_specs(settings: ServerSettings) -> list:
     """The startup adapters of `settings.adapters` ("NAME=PATH[@MODEL][,...]"); ConfigError if malformed."""
     from parallm.engine.adapter_manager import AdapterSpec
-    from parallm.server.multi_model_setup import startup_adapters
+    from parallm.commands.engines import startup_adapters
 
     return [AdapterSpec(a.name, a.path) for a in startup_adapters(settings)]
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(cli_settings(args), config_file=args.config)
         adapter_specs(settings)  # a malformed --adapter is a usage error, before any loading
-        from parallm.server.multi_model_setup import model_specs
+        from parallm.commands.engines import model_specs
 
         if len(model_specs(settings)) > 1 and getattr(args, "distributed", False):
             raise ConfigError("--distributed serves one model; give --model once")
@@ -134,13 +134,13 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(LogSettings(format=settings.log_format, level=settings.log_level))
     import_mlx_lm_keeping_file_limit()  # before any model loads: it would lower the hard limit
     if getattr(args, "distributed", False):  # tensor parallel under mlx.launch: its own startup
-        from parallm.server.distributed_serve import serve_distributed
+        from parallm.commands.serve_distributed import serve_distributed
 
         return serve_distributed(args, settings)
     from parallm.engine.errors import EngineError
     from parallm.models import ModelLoadError
-    from parallm.server.data_dir_lock import DataDirInUse
-    from parallm.server.fine_tuning_setup import lock_fine_tuning_data, mount_fine_tuning
+    from parallm.commands.data_dir_lock import DataDirInUse
+    from parallm.commands.fine_tuning_setup import lock_fine_tuning_data, mount_fine_tuning
 
     try:  # before loading anything: a second server on the same data dir stops at once
         data_lock = lock_fine_tuning_data(settings)
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     from parallm.server.app import create_app
-    from parallm.server.runner import ConnectionLimits, run_server
+    from parallm.server.http_server import ConnectionLimits, run_server
 
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the server is reachable from the network%s; the admin routes are %s",

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from parallm.engine.errors import EngineError, InvalidRequest
 
 if TYPE_CHECKING:
-    from parallm.engine.finetune.validation import LineError
+    from parallm.finetune.validation import LineError
 
 
 class NotFound(EngineError):

@@ -14,9 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parallm.engine.finetune.jobs import adapter_dir_of
-    from parallm.engine.finetune.runner import progress_line
-    from parallm.engine.finetune.store import DB_NAME, Store, default_data_dir
+    from parallm.finetune.jobs import adapter_dir_of
+    from parallm.finetune.job_runner import progress_line
+    from parallm.finetune.store import DB_NAME, Store, default_data_dir
 
     data_dir = args.data_dir or default_data_dir()
     if not (data_dir / DB_NAME).exists():

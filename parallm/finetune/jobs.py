@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
 from parallm.engine.errors import InvalidRequest, UnknownModel
-from parallm.engine.finetune.errors import JobNotCancellable, NotFound
-from parallm.engine.finetune.files import FINE_TUNE_PURPOSE, FileStore
-from parallm.engine.finetune.hyperparams import parse_method, resolve_plan
-from parallm.engine.finetune.ids import is_valid_id, new_id
-from parallm.engine.finetune.store import JobRecord, Page, Store
+from parallm.finetune.job_errors import JobNotCancellable, NotFound
+from parallm.finetune.files import FINE_TUNE_PURPOSE, FileStore
+from parallm.finetune.hyperparams import parse_method, resolve_plan
+from parallm.finetune.ids import is_valid_id, new_id
+from parallm.finetune.store import JobRecord, Page, Store
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -1,5 +1,5 @@
 """What the parent tells a training worker process: written as JSON into the job directory
-(`<data_dir>/fine_tuning/<job-id>/spec.json`) before `python -m parallm.engine.finetune.worker DIR`.
+(`<data_dir>/fine_tuning/<job-id>/spec.json`) before `python -m parallm.finetune.worker DIR`.
 
 Protocol between the two processes (the only channels):
 - SQLite (the shared Store, WAL): the worker appends events and checkpoints, updates

@@ -2,7 +2,6 @@
 finished adapter to the running engine's adapter manager (so `model=ft:...` works at once)."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,14 +9,12 @@ from typing import Any, Optional
 
 from fastapi import APIRouter
 
-from parallm.engine.errors import InvalidRequest
-from parallm.engine.finetune.service import FineTuning
-from parallm.engine.finetune.store import default_data_dir
+from parallm.finetune.service import FineTuning
+from parallm.finetune.store import default_data_dir
 from parallm.server.config import ServerSettings
-from parallm.server.data_dir_lock import DataDirLock, lock_data_dir
-from parallm.server.ft_http import openai_errors
+from parallm.commands.data_dir_lock import DataDirLock, lock_data_dir
 from parallm.server.routes_files import files_router
-from parallm.server.routes_fine_tuning import fine_tuning_router
+from parallm.server.routes_fine_tuning import fine_tuning_router, model_deletion_router
 
 log = logging.getLogger("parallm.server")
 
@@ -85,31 +82,3 @@ def mount_fine_tuning(engine: Any, settings: ServerSettings,
                               serving_busy=serving_busy, max_upload_bytes=settings.max_upload_bytes)
     return FineTuningMount(service, [files_router(service.files), fine_tuning_router(service.jobs),
                                      model_deletion_router(service, engine)], lock)
-
-
-def model_deletion_router(service: FineTuning, engine: Any) -> APIRouter:
-    """DELETE /v1/models/{model} (the SDK's models.delete), for the fine-tuned models this server's
-    jobs made: it stops serving the model (requests in flight finish with it) and deletes its
-    adapter files, so a restart does not serve it again. The job and its events stay. It changes
-    what is served, so it is an admin route (middleware.is_admin_route): the admin key, or the
-    rules that apply without one."""
-    router = APIRouter()
-
-    @router.delete("/v1/models/{model_id:path}")
-    @openai_errors
-    async def delete_model(model_id: str):
-        job = service.jobs.succeeded_job_of(model_id)
-        served_base = model_id in engine.model_names()
-        served_adapter = engine.adapter_parent(model_id) is not None
-        if job is None and (served_base or served_adapter):
-            raise InvalidRequest(
-                f"'{model_id}' is not a fine-tuned model of this server, so it cannot be deleted; to stop "
-                "serving it use POST /v1/unload_lora_adapter (an adapter) or /v1/admin/models/unload (a base model).",
-                param="model")
-        if served_adapter:
-            await engine.unload_adapter(model_id)
-        await asyncio.to_thread(service.jobs.delete_model, model_id)  # UnknownModel (404) if unknown or gone
-        log.info("fine-tuned model %s deleted", model_id)
-        return {"id": model_id, "object": "model", "deleted": True}
-
-    return router
