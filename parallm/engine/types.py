@@ -10,6 +10,24 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a row's output must match, enforced by masking the logits at every step (the engine
+    compiles it with llguidance; engine/constraints.py). `spec` by kind: "json_schema" the schema
+    as JSON text; "json_object" unused (any JSON object); "regex" the pattern; "grammar" a Lark
+    grammar in llguidance's dialect (which may embed JSON schemas with %json); "choice" a JSON
+    list of the allowed strings."""
+
+    kind: str
+    spec: str = ""
+    # The constraint starts once the output so far ends with this text (a reasoning model's
+    # "</think>"); None: from the first generated token.
+    start_after: Optional[str] = None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples. Defaults follow the OpenAI API where it has one."""
@@ -30,6 +48,7 @@ class SamplingParams:
     top_logprobs: int = 0  # how many alternatives per position (needs logprobs)
     n: int = 1  # choices that share the prompt's prefill
     seed: Optional[int] = None  # a seeded choice gives the same tokens whatever the batch holds
+    constraint: Optional[Constraint] = None  # structured output / forced tool calls; None: free text
 
 
 @dataclass
