@@ -111,14 +111,6 @@ class BatchedKVCache:
         return self.state is None and not any(self.rings)
 
     # ---- slots -------------------------------------------------------------------------------
-    def allocate_slot(self) -> Optional[int]:
-        """The lowest free slot (so holes fill first), or None when all max_slots are taken."""
-        for i, used in enumerate(self.in_use):
-            if not used:
-                self.admit(i)
-                return i
-        return None
-
     def admit(self, slot: int) -> None:
         """A sequence takes `slot`: no valid positions, and its recurrent state starts at zero."""
         self.in_use[slot] = True
@@ -142,9 +134,6 @@ class BatchedKVCache:
         self.slot_capacity = 0
         self.capacity = 0
 
-    def num_active(self) -> int:
-        return sum(self.in_use)
-
     def highest_active_slot(self) -> int:
         """-1 when empty. The decode pass runs over slots [0, highest + 1)."""
         for i in range(self.max_slots - 1, -1, -1):
@@ -159,9 +148,6 @@ class BatchedKVCache:
         for spec, ring in zip(self.specs, self.rings):
             total += self.slot_capacity * self._positions(ring) * spec.bytes_per_position
         return total + (self.state.nbytes if self.state is not None else 0)
-
-    def used_tokens(self) -> int:
-        return sum(l for l, u in zip(self.lengths, self.in_use) if u)
 
     def _positions(self, ring: Optional[int]) -> int:
         """Positions a layer's buffer holds per slot: the ring and its trash index, or capacity."""
